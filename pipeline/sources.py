@@ -1,0 +1,401 @@
+"""Input datasets, read into one flat, ordered list of `Record`s.
+
+Five formats are understood (auto-detected, `--source-format` overrides): ARRA/Lumina-mGPT
+conversation JSON, image folders, tables (CSV/TSV/JSONL/Parquet), img2dataset output folders and
+Fashion-MNIST idx files. Reading a source never decodes an image; records that are already known
+to be bad (duplicate key, caption that is not UTF-8, ...) carry a `reject` reason and flow through
+extraction like the others, so that every input row ends up either in a shard or in rejects.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import gzip
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.images import Rejected, decode_rgb
+
+FORMATS = ("conversations", "imagefolder", "table", "img2dataset", "fashion-mnist")
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat",
+                         "sandal", "shirt", "sneaker", "bag", "ankle boot")
+FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k"}
+
+
+class SourceError(ValueError):
+    """The source as a whole cannot be read (wrong path, missing column, bad header...)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input row. `ref` says how to load its image: ("file", path), ("tar", path, offset,
+    size) or ("idx", path, index)."""
+
+    key: str
+    caption: str
+    label: int
+    ref: tuple
+    origin: str
+    reject: str | None = None
+
+
+@dataclass
+class SourceOptions:
+    """Flags that only some formats use; each reader takes what it needs."""
+
+    image_column: str | None = None
+    caption_column: str | None = None
+    caption_template: str | None = None
+    label_column: str | None = None
+    key_column: str | None = None
+    image_root: str | None = None
+    split: str = "train"
+
+
+@dataclass
+class Source:
+    format: str
+    path: str
+    records: list[Record]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over every record's key, caption, label and image reference."""
+        h = hashlib.sha256()
+        for r in self.records:
+            h.update(json.dumps([r.key, r.caption, r.label, list(r.ref), r.reject]).encode("utf-8", "surrogatepass"))
+        return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# detection and entry point
+
+
+def detect_format(path: Path) -> str:
+    if path.is_file():
+        name = path.name.lower()
+        if name.endswith(".json"):
+            return "conversations"
+        if name.endswith(TABLE_SUFFIXES):
+            return "table"
+        if "-images-idx3-ubyte" in name:
+            return "fashion-mnist"
+        raise SourceError(f"{path}: cannot tell the source format from the file name; "
+                          f"pass --source-format (one of {', '.join(FORMATS)})")
+    if not path.is_dir():
+        raise SourceError(f"{path}: no such file or directory")
+    names = {p.name for p in path.iterdir()}
+    if any("-images-idx3-ubyte" in n for n in names):
+        return "fashion-mnist"
+    if any(n.endswith(".tar") and n[:-4] + ".parquet" in names for n in names):
+        return "img2dataset"
+    return "imagefolder"
+
+
+def read_source(path: str | os.PathLike, fmt: str | None = None, options: SourceOptions | None = None) -> Source:
+    """Enumerate a dataset into records (cheap: no image is decoded)."""
+    path = Path(path)
+    options = options or SourceOptions()
+    fmt = fmt or detect_format(path)
+    if fmt not in FORMATS:
+        raise SourceError(f"unknown --source-format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not path.exists():
+        raise SourceError(f"{path}: no such file or directory")
+    reader = {"conversations": _read_conversations, "imagefolder": _read_imagefolder,
+              "table": _read_table, "img2dataset": _read_img2dataset,
+              "fashion-mnist": _read_fashion_mnist}[fmt]
+    records, skipped = reader(path, options)
+    return Source(fmt, str(path.resolve()), _reject_duplicates(records), skipped)
+
+
+def _reject_duplicates(records: list[Record]) -> list[Record]:
+    first: dict[str, str] = {}
+    out = []
+    for r in records:
+        if r.reject is None and r.key in first:
+            r = Record(r.key, r.caption, r.label, r.ref, r.origin,
+                       f"duplicate-key: {r.key!r} first seen at {first[r.key]}")
+        elif r.reject is None:
+            first[r.key] = r.origin
+        out.append(r)
+    return out
+
+
+def _text(value, what: str) -> tuple[str, str | None]:
+    """Return (text, reject reason) for a caption that may be bytes or hold lone surrogates."""
+    if value is None:
+        return "", None
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8"), None
+        except UnicodeDecodeError:
+            return value.decode("utf-8", "replace"), f"bad-utf8: {what} is not valid UTF-8"
+    value = str(value)
+    try:
+        value.encode("utf-8")
+        return value, None
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), f"bad-utf8: {what} is not valid UTF-8"
+
+
+def _resolve(image: str, base: Path, image_root: str | None) -> str:
+    p = Path(image)
+    if not p.is_absolute():
+        p = Path(image_root or base) / p
+    return str(p)
+
+
+# ---------------------------------------------------------------------------------------------
+# readers: each returns (records, skipped counts)
+
+
+def _read_conversations(path: Path, options: SourceOptions):
+    """ARRA / Lumina-mGPT: [{"conversations": [{"from": "human", "value": PROMPT}, ...], "image": [PATH]}]."""
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(items, list):
+        raise SourceError(f"{path}: expected a JSON list of conversation items, got {type(items).__name__}")
+    records = []
+    for i, item in enumerate(items):
+        origin = f"{path.name} item {i}"
+        images = item.get("image") if isinstance(item, dict) else None
+        if isinstance(images, str):
+            images = [images]
+        if not images or len(images) != 1:
+            n = len(images) if isinstance(images, list) else 0
+            records.append(Record(f"{path.name}#{i}", "", -1, ("file", ""), origin,
+                                  f"bad-row: expected exactly one image per item, got {n}"))
+            continue
+        prompt = next((t.get("value", "") for t in item.get("conversations", [])
+                       if isinstance(t, dict) and t.get("from") == "human"), "")
+        caption, bad = _text(prompt, "prompt")
+        key = Path(images[0]).as_posix()
+        records.append(Record(key, caption, -1, ("file", _resolve(images[0], path.parent, options.image_root)), origin, bad))
+    return records, {}
+
+
+CAPTION_SIDECARS = (".txt",)
+
+
+def _read_imagefolder(path: Path, options: SourceOptions):
+    """A folder of images; immediate subfolders are classes (label = sorted index), a `.txt`
+    file with the same stem is the caption, otherwise the class name is."""
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    label_of = {c: i for i, c in enumerate(classes)}
+    records = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or name.lower().endswith(CAPTION_SIDECARS):
+                continue
+            file = Path(root) / name
+            rel = file.relative_to(path)
+            top = rel.parts[0] if len(rel.parts) > 1 else None
+            label = label_of.get(top, -1)
+            sidecar = file.with_suffix(".txt")
+            if sidecar.exists():
+                caption, bad = _text(sidecar.read_bytes().strip(), f"caption file {sidecar.name}")
+            else:
+                caption, bad = (top or "").replace("_", " "), None
+            records.append(Record(rel.as_posix(), caption, label, ("file", str(file)), str(rel), bad))
+    if not records:
+        raise SourceError(f"{path}: no files found in this image folder")
+    return records, {}
+
+
+def _table_rows(path: Path):
+    """Yield dict rows of a CSV/TSV/JSONL/Parquet file, with bad UTF-8 kept as surrogates."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+        yield from pq.read_table(path).to_pylist()
+        return
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        if suffix == ".jsonl":
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        yield {"__error__": f"bad-row: line {n} is not valid JSON ({exc.msg})"}
+        else:
+            yield from csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+
+
+def _pick(columns, wanted: str | None, candidates: tuple[str, ...], what: str, path: Path, flag: str):
+    if wanted:
+        if wanted not in columns:
+            raise SourceError(f"{path}: no column {wanted!r} for {flag}; columns are {sorted(columns)}")
+        return wanted
+    for c in candidates:
+        if c in columns:
+            return c
+    raise SourceError(f"{path}: cannot find the {what} column; name it with {flag} (columns are {sorted(columns)})")
+
+
+def _read_table(path: Path, options: SourceOptions):
+    """CSV/TSV/JSONL/Parquet with an image-path column and a caption column (or a template
+    such as "{view} view chest X-ray image, {impression}" over several columns)."""
+    rows = list(_table_rows(path))
+    if not rows:
+        raise SourceError(f"{path}: the table has no rows")
+    columns = set().union(*(r.keys() for r in rows if "__error__" not in r))
+    image_col = _pick(columns, options.image_column, ("image", "image_path", "path", "file", "filename"),
+                      "image path", path, "--image-column")
+    caption_col = None
+    if options.caption_template is None:
+        caption_col = _pick(columns, options.caption_column, ("caption", "text", "prompt", "impression"),
+                            "caption", path, "--caption-column")
+    for flag, col in (("--label-column", options.label_column), ("--key-column", options.key_column)):
+        if col and col not in columns:
+            raise SourceError(f"{path}: no column {col!r} for {flag}; columns are {sorted(columns)}")
+    records = []
+    for i, row in enumerate(rows):
+        origin = f"{path.name} row {i + 1}"
+        if "__error__" in row:
+            records.append(Record(f"{path.name}#{i + 1}", "", -1, ("file", ""), origin, row["__error__"]))
+            continue
+        image = row.get(image_col)
+        if options.caption_template is not None:
+            try:
+                raw = options.caption_template.format(**{k: ("" if v is None else v) for k, v in row.items()})
+            except KeyError as exc:
+                raise SourceError(f"{path}: --caption-template names column {exc} which is not in the table") from None
+        else:
+            raw = row.get(caption_col)
+        caption, bad = _text(raw, "caption")
+        key_value = row.get(options.key_column) if options.key_column else image
+        key, bad_key = _text(key_value, "key")
+        label = row.get(options.label_column) if options.label_column else None
+        try:
+            label = -1 if label in (None, "") else int(label)
+        except ValueError:
+            bad = bad or f"bad-row: label {label!r} is not an integer"
+            label = -1
+        if not image:
+            records.append(Record(key or f"{path.name}#{i + 1}", caption, label, ("file", ""), origin, "bad-row: no image path"))
+            continue
+        ref = ("file", _resolve(str(image), path.parent, options.image_root))
+        records.append(Record(key, caption, label, ref, origin, bad_key or bad))
+    return records, {}
+
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+def _read_img2dataset(path: Path, options: SourceOptions):
+    """img2dataset output: NNNNN.tar beside NNNNN.parquet. Keys are img2dataset's; rows whose
+    status is not "success" were never downloaded and are counted as skipped."""
+    import pyarrow.parquet as pq
+    records, skipped = [], {}
+    for tar_path in sorted(path.glob("*.tar")):
+        meta_path = tar_path.with_suffix(".parquet")
+        if not meta_path.exists():
+            raise SourceError(f"{tar_path}: no {meta_path.name} beside it (img2dataset writes both)")
+        members = {}
+        with tarfile.open(tar_path) as tf:
+            for m in tf:
+                stem, _, ext = m.name.rpartition(".")
+                if m.isfile() and ext.lower() in IMAGE_EXTS:
+                    members[Path(stem).name] = (m.offset_data, m.size)
+        for i, row in enumerate(pq.read_table(meta_path).to_pylist()):
+            status = row.get("status", "success")
+            if status != "success":
+                reason = f"img2dataset status {status!r}"
+                skipped[reason] = skipped.get(reason, 0) + 1
+                continue
+            key = str(row["key"])
+            caption, bad = _text(row.get("caption"), "caption")
+            origin = f"{meta_path.name} row {i + 1}"
+            if key not in members:
+                records.append(Record(key, caption, -1, ("file", ""), origin, f"missing: image {key} is not in {tar_path.name}"))
+                continue
+            records.append(Record(key, caption, -1, ("tar", str(tar_path), *members[key]), origin, bad))
+    if not records and not skipped:
+        raise SourceError(f"{path}: no img2dataset shards (NNNNN.tar + NNNNN.parquet) found")
+    return records, skipped
+
+
+def _idx_pair(path: Path, split: str) -> tuple[Path, Path]:
+    if path.is_dir():
+        prefix = FASHION_MNIST_SPLITS.get(split)
+        if prefix is None:
+            raise SourceError(f"unknown --split {split!r} for fashion-mnist; use train or test")
+        found = sorted(path.glob(f"{prefix}-images-idx3-ubyte*"))
+        if not found:
+            raise SourceError(f"{path}: no {prefix}-images-idx3-ubyte[.gz] file for split {split!r}")
+        path = found[0]
+    labels = path.with_name(path.name.replace("-images-idx3-ubyte", "-labels-idx1-ubyte"))
+    if not labels.exists():
+        raise SourceError(f"{path}: the labels file {labels.name} is missing")
+    return path, labels
+
+
+@functools.lru_cache(maxsize=4)
+def read_idx(path: str) -> np.ndarray:
+    """Read an idx file (gzip or raw) into a numpy array; images are (n, rows, cols) uint8."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise SourceError(f"{path}: not an unsigned-byte idx file (bad magic number)")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    if len(data) - offset != int(np.prod(dims)):
+        raise SourceError(f"{path}: holds {len(data) - offset} bytes of data, header says {dims}")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _read_fashion_mnist(path: Path, options: SourceOptions):
+    """Fashion-MNIST idx files; captions are "a photo of a <class>", labels are kept."""
+    images, labels_path = _idx_pair(path, options.split)
+    labels = read_idx(str(labels_path))
+    n = read_idx(str(images)).shape[0]
+    if len(labels) != n:
+        raise SourceError(f"{images}: {n} images but {len(labels)} labels in {labels_path.name}")
+    split = "test" if images.name.startswith("t10k") else "train"
+    return [Record(f"fashion-mnist/{split}/{i:05d}", f"a photo of a {FASHION_MNIST_CLASSES[int(labels[i])]}",
+                   int(labels[i]), ("idx", str(images), i), f"{images.name} image {i}")
+            for i in range(n)], {}
+
+
+# ---------------------------------------------------------------------------------------------
+# loading one record's image
+
+
+def load_image(ref: tuple, max_pixels: int) -> Image.Image:
+    """Load and decode the image a record points at, as 8-bit RGB; raise `Rejected` if unusable."""
+    kind = ref[0]
+    if kind == "idx":
+        return Image.fromarray(read_idx(ref[1])[ref[2]], mode="L").convert("RGB")
+    if kind == "tar":
+        with open(ref[1], "rb") as f:
+            f.seek(ref[2])
+            data = f.read(ref[3])
+        if len(data) != ref[3]:
+            raise Rejected(f"corrupt: truncated tar member in {ref[1]}")
+        return decode_rgb(data, max_pixels)
+    if not ref[1]:
+        raise Rejected("bad-row: no image path")
+    try:
+        with open(ref[1], "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise Rejected(f"missing: no file {ref[1]}") from None
+    except OSError as exc:
+        raise Rejected(f"unreadable: {ref[1]}: {exc.strerror}") from None
+    return decode_rgb(data, max_pixels)

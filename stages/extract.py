@@ -1,0 +1,265 @@
+"""Stage 1: turn a dataset into a feature set of VQ codes and teacher features.
+
+Records are cut into fixed shards by position (shard s holds records [s*shard_size, (s+1)*shard_size)),
+and rank r owns the shards with s % world == r. Images are decoded and cropped in DataLoader
+workers; tokenizer and teachers run in the main process on fixed batches inside each shard. A
+shard is written atomically and then marked done in `progress/`, so a killed job re-run with the
+same command skips finished shards and redoes only the rest, giving the same rows byte for byte.
+When every shard is done, rank 0 writes `rejects.jsonl` and `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import __version__, distributed
+from pipeline.featureset import FORMAT, MANIFEST, REJECTS, SHARDS, VERSION, make_batch, make_schema, schema_fields, write_shard
+from pipeline.files import atomic_write_bytes, atomic_write_json, read_json
+from pipeline.crops import crop_loader
+from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.registry import build
+from pipeline.sources import SourceOptions, read_source
+
+PROGRESS = "progress"
+TEACHER_VIEWS = ("crop", "original")
+
+
+class ExtractError(RuntimeError):
+    """The extraction cannot start or its result is not acceptable."""
+
+
+@dataclass
+class ExtractOptions:
+    source: str
+    out: str
+    source_format: str | None = None
+    source_options: SourceOptions = field(default_factory=SourceOptions)
+    tokenizer: str = "kmeans"
+    tokenizer_path: str | None = None
+    teachers: tuple[str, ...] = ("efficientnet-lite0",)
+    teacher_paths: dict[str, str] = field(default_factory=dict)
+    teacher_resolution: int | None = None
+    teacher_view: str = "crop"
+    batch_size: int = 64
+    workers: int = 2
+    device: str = "cpu"
+    shard_size: int = 4096
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_reject_rate: float = 0.1
+    progress: bool = True
+
+
+@dataclass
+class ExtractResult:
+    status: str  # "extracted" or "up-to-date"
+    path: Path
+    rows: int
+    rejects: int
+    seconds: float = 0.0
+    rows_extracted: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# per-teacher feature statistics, kept as sums so that batches and shards merge exactly
+
+
+def feature_sums(feats: np.ndarray) -> dict:
+    f = feats.astype(np.float32)
+    finite = np.isfinite(f).all(axis=1)
+    norms = np.linalg.norm(f[finite], axis=1).astype(np.float64)
+    return {"rows": int(finite.sum()), "nonfinite_rows": int((~finite).sum()),
+            "norm_sum": float(norms.sum()), "norm_sq_sum": float((norms ** 2).sum()),
+            "norm_min": float(norms.min()) if len(norms) else None,
+            "norm_max": float(norms.max()) if len(norms) else None,
+            "abs_max": float(np.abs(f[finite]).max()) if finite.any() else None}
+
+
+def add_sums(a: dict, b: dict) -> dict:
+    both = lambda k, fn: fn(v for v in (a[k], b[k]) if v is not None) if (a[k], b[k]) != (None, None) else None  # noqa: E731
+    return {"rows": a["rows"] + b["rows"], "nonfinite_rows": a["nonfinite_rows"] + b["nonfinite_rows"],
+            "norm_sum": a["norm_sum"] + b["norm_sum"], "norm_sq_sum": a["norm_sq_sum"] + b["norm_sq_sum"],
+            "norm_min": both("norm_min", min), "norm_max": both("norm_max", max), "abs_max": both("abs_max", max)}
+
+
+def summarize(sums: dict) -> dict:
+    n = sums["rows"]
+    mean = sums["norm_sum"] / n if n else None
+    std = math.sqrt(max(sums["norm_sq_sum"] / n - mean ** 2, 0.0)) if n else None
+    return {"rows": n, "nonfinite_rows": sums["nonfinite_rows"], "norm_mean": mean, "norm_std": std,
+            "norm_min": sums["norm_min"], "norm_max": sums["norm_max"], "abs_max": sums["abs_max"]}
+
+
+EMPTY_SUMS = feature_sums(np.zeros((0, 1), np.float16))
+
+
+# ---------------------------------------------------------------------------------------------
+# the job
+
+
+def shard_name(s: int) -> str:
+    return f"shard-{s:06d}"
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [f"{prefix[:-1]}: was {a!r}, now {b!r}"]
+
+
+def _check_same_job(path: Path, previous: dict, job: dict) -> None:
+    diffs = _diff(previous, job)
+    if diffs:
+        raise ExtractError(f"{path} was made by a different extraction; differences:\n  " + "\n  ".join(diffs[:12])
+                           + "\nUse another --out, or --overwrite to start again.")
+
+
+def _packages() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "pyarrow", "numpy", "pillow", "webdataset", "faiss-cpu", "transformers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> ExtractResult:
+    if opts.teacher_view not in TEACHER_VIEWS:
+        raise ExtractError(f"--teacher-view must be one of {TEACHER_VIEWS}, got {opts.teacher_view!r}")
+    if not opts.teachers:
+        raise ExtractError("give at least one --teacher")
+    ranks = distributed.init()
+    out = Path(opts.out)
+    device = torch.device(opts.device if opts.device != "cuda" else f"cuda:{ranks.local_rank}")
+
+    source = read_source(opts.source, opts.source_format, opts.source_options)
+    records = source.records
+    tokenizer = build("tokenizers", opts.tokenizer, opts.tokenizer_path).to(device).eval()
+    teachers = {name: build("teachers", name, opts.teacher_paths.get(name), input_size=opts.teacher_resolution).to(device).eval()
+                for name in opts.teachers}
+    code_len = tokenizer.grid[0] * tokenizer.grid[1]
+    job = {"source": {"format": source.format, "path": source.path, "fingerprint": source.fingerprint,
+                      "records": len(records), "options": asdict(opts.source_options)},
+           "preprocess": {"resolution": tokenizer.resolution, "crop": "center", "resample": "bicubic",
+                          "teacher_view": opts.teacher_view, "max_pixels": opts.max_pixels},
+           "tokenizer": {**tokenizer.describe(), "code_len": code_len},
+           "teachers": {name: t.describe() for name, t in teachers.items()},
+           "layout": {"shard_size": opts.shard_size, "batch_size": opts.batch_size}}
+
+    if (out / MANIFEST).exists() and not overwrite:
+        previous = read_json(out / MANIFEST)
+        _check_same_job(out, {k: previous.get(k) for k in job}, job)
+        distributed.shutdown()
+        return ExtractResult("up-to-date", out, previous["rows"], previous["rejects"]["total"])
+
+    progress = out / PROGRESS
+    if ranks.is_main:
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        (out / SHARDS).mkdir(parents=True, exist_ok=True)
+        progress.mkdir(exist_ok=True)
+        if (progress / "job.json").exists():
+            _check_same_job(out, read_json(progress / "job.json"), job)
+        else:
+            atomic_write_json(progress / "job.json", job)
+    distributed.barrier()
+    if ranks.rank and (progress / "job.json").exists():
+        _check_same_job(out, read_json(progress / "job.json"), job)
+
+    schema = make_schema(code_len, tokenizer.codebook_size, tokenizer.grid, {n: t.dim for n, t in teachers.items()})
+    n_shards = max(1, math.ceil(len(records) / opts.shard_size))
+    mine = [s for s in range(ranks.rank, n_shards, ranks.world) if not (progress / f"{shard_name(s)}.json").exists()]
+    for s in mine:  # leftovers of a killed run
+        for tmp in (out / SHARDS).glob(f".{shard_name(s)}.tar.tmp-*"):
+            tmp.unlink()
+
+    plan = []  # (shard, last batch of the shard?, record indices)
+    for s in mine:
+        idx = list(range(s * opts.shard_size, min((s + 1) * opts.shard_size, len(records))))
+        chunks = [idx[i:i + opts.batch_size] for i in range(0, len(idx), opts.batch_size)] or [[]]
+        plan += [(s, j == len(chunks) - 1, c) for j, c in enumerate(chunks)]
+    teacher_sizes = sorted({t.input_size for t in teachers.values()})
+    loader = crop_loader(records, [c for _, _, c in plan], tokenizer.resolution, teacher_sizes, opts.teacher_view,
+                         opts.max_pixels, opts.workers, pin_memory=device.type == "cuda")
+
+    todo = sum(len(c) for _, _, c in plan)
+    if ranks.is_main and todo < len(records):
+        log(f"resuming: {len(records) - todo} of {len(records)} records are in finished shards")
+    start = time.perf_counter()
+    bar = tqdm(total=todo, unit="row", desc=f"extract rank {ranks.rank}/{ranks.world}",
+               disable=not (opts.progress and ranks.is_main), dynamic_ncols=True)
+    batches, rejects, sums, n_rejects = [], [], dict.fromkeys(teachers, EMPTY_SUMS), 0
+    for (s, last, _), (ok, crops, views, bad) in zip(plan, loader) if plan else ():
+        rejects += [{"key": records[i].key, "origin": records[i].origin, "reason": reason} for i, reason in bad]
+        n_rejects += len(bad)
+        if ok:
+            codes = tokenizer.encode(crops).view(len(ok), -1).cpu().numpy()
+            feats = {n: t(views[t.input_size]).cpu().numpy().astype(np.float16) for n, t in teachers.items()}
+            sums = {n: add_sums(sums[n], feature_sums(feats[n])) for n in teachers}
+            batches.append(make_batch(schema, [records[i].key for i in ok], [records[i].caption for i in ok],
+                                      [records[i].label for i in ok], codes, feats))
+        if last:
+            entry = write_shard(out / SHARDS / f"{shard_name(s)}.tar", batches)
+            atomic_write_json(progress / f"{shard_name(s)}.json",
+                              {**entry, "rejects": rejects, "feature_sums": sums})
+            batches, rejects, sums = [], [], dict.fromkeys(teachers, EMPTY_SUMS)
+        bar.update(len(ok) + len(bad))
+        bar.set_postfix(rejects=n_rejects, refresh=False)
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    distributed.barrier()
+    result = None
+    if ranks.is_main:
+        result = _finish(out, job, schema, source, n_shards, opts.max_reject_rate)
+        result.seconds, result.rows_extracted = seconds, todo
+    distributed.barrier()
+    distributed.shutdown()
+    return result or ExtractResult("extracted", out, 0, 0, seconds, todo)
+
+
+def _finish(out: Path, job: dict, schema, source, n_shards: int, max_reject_rate: float) -> ExtractResult:
+    """Merge every shard's progress record into rejects.jsonl and manifest.json (rank 0)."""
+    progress = out / PROGRESS
+    done = []
+    for s in range(n_shards):
+        p = progress / f"{shard_name(s)}.json"
+        if not p.exists():
+            raise ExtractError(f"{out}: shard {s} was not finished by its rank; re-run the same command to resume")
+        done.append(read_json(p))
+    rejects = [r for d in done for r in d["rejects"]]
+    by_reason: dict[str, int] = {}
+    for r in rejects:
+        category = r["reason"].split(":", 1)[0]
+        by_reason[category] = by_reason.get(category, 0) + 1
+    atomic_write_bytes(out / REJECTS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode("utf-8"))
+    inputs = len(source.records)
+    rate = len(rejects) / inputs if inputs else 0.0
+    if rate > max_reject_rate:
+        raise ExtractError(f"{len(rejects)} of {inputs} records rejected ({rate:.1%}), more than --max-reject-rate "
+                           f"{max_reject_rate:.1%}; reasons {by_reason}; see {out / REJECTS}")
+    teachers = {name: {**desc, "stats": summarize(functools.reduce(add_sums, (d["feature_sums"][name] for d in done)))}
+                for name, desc in job["teachers"].items()}
+    manifest = {"format": FORMAT, "version": VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "arra_pipe": __version__, "packages": _packages(), **job, "teachers": teachers,
+                "schema": schema_fields(schema), "rows": sum(d["rows"] for d in done),
+                "shards": [{k: d[k] for k in ("name", "rows", "bytes", "sha256")} for d in done],
+                "rejects": {"total": len(rejects), "by_reason": by_reason, "file": REJECTS},
+                "skipped": source.skipped}
+    atomic_write_json(out / MANIFEST, manifest)
+    shutil.rmtree(progress)
+    return ExtractResult("extracted", out, manifest["rows"], len(rejects))
+
