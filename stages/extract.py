@@ -201,7 +201,8 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
     start = time.perf_counter()
     bar = tqdm(total=todo, unit="row", desc=f"extract rank {ranks.rank}/{ranks.world}",
                disable=not (opts.progress and ranks.is_main), dynamic_ncols=True)
-    batches, rejects, sums, n_rejects = [], [], dict.fromkeys(teachers, EMPTY_SUMS), 0
+    fixed_row_bytes = code_len * schema.field("codes").type.value_type.bit_width // 8 + 2 * sum(t.dim for t in teachers.values())
+    batches, rejects, sums, n_rejects, payload = [], [], dict.fromkeys(teachers, EMPTY_SUMS), 0, 0
     for (s, last, _), (ok, crops, views, bad) in zip(plan, loader) if plan else ():
         rejects += [{"key": records[i].key, "origin": records[i].origin, "reason": reason} for i, reason in bad]
         n_rejects += len(bad)
@@ -209,13 +210,14 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
             codes = tokenizer.encode(crops).view(len(ok), -1).cpu().numpy()
             feats = {n: t(views[t.input_size]).cpu().numpy().astype(np.float16) for n, t in teachers.items()}
             sums = {n: add_sums(sums[n], feature_sums(feats[n])) for n in teachers}
+            payload += sum(fixed_row_bytes + len(records[i].key.encode()) + len(records[i].caption.encode()) for i in ok)
             batches.append(make_batch(schema, [records[i].key for i in ok], [records[i].caption for i in ok],
                                       [records[i].label for i in ok], codes, feats))
         if last:
             entry = write_shard(out / SHARDS / f"{shard_name(s)}.tar", batches)
             atomic_write_json(progress / f"{shard_name(s)}.json",
-                              {**entry, "rejects": rejects, "feature_sums": sums})
-            batches, rejects, sums = [], [], dict.fromkeys(teachers, EMPTY_SUMS)
+                              {**entry, "payload_bytes": payload, "rejects": rejects, "feature_sums": sums})
+            batches, rejects, sums, payload = [], [], dict.fromkeys(teachers, EMPTY_SUMS), 0
         bar.update(len(ok) + len(bad))
         bar.set_postfix(rejects=n_rejects, refresh=False)
     bar.close()
@@ -251,12 +253,12 @@ def _finish(out: Path, job: dict, schema, source, n_shards: int, max_reject_rate
     if rate > max_reject_rate:
         raise ExtractError(f"{len(rejects)} of {inputs} records rejected ({rate:.1%}), more than --max-reject-rate "
                            f"{max_reject_rate:.1%}; reasons {by_reason}; see {out / REJECTS}")
-    teachers = {name: {**desc, "stats": summarize(functools.reduce(add_sums, (d["feature_sums"][name] for d in done)))}
-                for name, desc in job["teachers"].items()}
+    stats = {name: summarize(functools.reduce(add_sums, (d["feature_sums"][name] for d in done))) for name in job["teachers"]}
     manifest = {"format": FORMAT, "version": VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "arra_pipe": __version__, "packages": _packages(), **job, "teachers": teachers,
+                "arra_pipe": __version__, "packages": _packages(), **job, "feature_stats": stats,
                 "schema": schema_fields(schema), "rows": sum(d["rows"] for d in done),
                 "shards": [{k: d[k] for k in ("name", "rows", "bytes", "sha256")} for d in done],
+                "payload_bytes": sum(d["payload_bytes"] for d in done),
                 "rejects": {"total": len(rejects), "by_reason": by_reason, "file": REJECTS},
                 "skipped": source.skipped}
     atomic_write_json(out / MANIFEST, manifest)

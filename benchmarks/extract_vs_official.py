@@ -1,0 +1,131 @@
+"""Stage 1 (`extract`) against the official ARRA way of storing features, on the same images and models.
+
+The official ARRA code extracts one image at a time and writes two files per image: the VQ tokens
+(`{stem}_tokens.pt`) and the teacher feature as a float32 [1, dim] tensor (`{stem}_visual_feature.pt`),
+both with `torch.save`. arra-pipe decodes in DataLoader workers, runs the models on batches and
+writes float16 features + uint16 codes as Arrow record batches in WebDataset tar shards.
+
+Both pipelines here read the same N JPEGs (Fashion-MNIST upscaled to 256x256 RGB, so decode + resize
+cost something), use the same kmeans tokenizer codebook and the same EfficientNet-Lite0 teacher, and
+feed the teacher the canonical crop resized to its input size (arra-pipe's default `teacher_view="crop"`).
+Printed: rows/s, bytes per row on disk against the raw payload (codes + features + key + caption),
+files per row, and how close end-to-end extraction gets to the bare batched model forward (no I/O).
+
+    .venv/bin/python benchmarks/extract_vs_official.py [--images N] [--teacher-resolution R] [--workers W] [--batch-size B]
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.featureset import read_shard  # noqa: E402
+from pipeline.images import center_crop, resize_square, to_array  # noqa: E402
+from pipeline.registry import build  # noqa: E402
+from pipeline.sources import FASHION_MNIST_CLASSES, read_idx  # noqa: E402
+from stages.extract import ExtractOptions, extract  # noqa: E402
+from stages.tokenizer_fit import fit_tokenizer  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--images", type=int, default=1000)
+p.add_argument("--teacher-resolution", type=int, default=64)
+p.add_argument("--workers", type=int, default=2)
+p.add_argument("--batch-size", type=int, default=64)
+p.add_argument("--size", type=int, default=256, help="side of the JPEGs written from Fashion-MNIST")
+args = p.parse_args()
+N, R, B = args.images, args.teacher_resolution, args.batch_size
+
+def sizes(folder):  # (files, bytes, bytes allocated on disk)
+    files = [f for f in Path(folder).rglob("*") if f.is_file()]
+    return len(files), sum(f.stat().st_size for f in files), sum(f.stat().st_blocks * 512 for f in files)
+
+tmp = tempfile.TemporaryDirectory(prefix="arra-bench-")
+root = Path(tmp.name)
+
+# ---- 1. N real images as JPEG files in class subfolders, and one kmeans codebook for both pipelines
+fm = Path("/usr/share/datasets/fashion-mnist")
+fm = fm if fm.is_dir() else Path(__file__).resolve().parents[1] / "data" / "fashion-mnist-mini"
+pixels = read_idx(str(fm / "train-images-idx3-ubyte.gz"))
+labels = read_idx(str(fm / "train-labels-idx1-ubyte.gz"))
+N = min(N, len(pixels))
+images = root / "images"
+paths = []
+for i in range(N):
+    d = images / FASHION_MNIST_CLASSES[labels[i]].replace("/", "-").replace(" ", "_")
+    d.mkdir(parents=True, exist_ok=True)
+    paths.append(d / f"{i:05d}.jpg")
+    Image.fromarray(pixels[i]).convert("RGB").resize((args.size, args.size), Image.BICUBIC).save(paths[-1], quality=90)
+codebook = str(root / "codebook.safetensors")
+fit_tokenizer(str(images), codebook, resolution=32, patch=4, codebook_size=1024, max_images=min(N, 500),
+              iterations=10, workers=args.workers, progress=False, log=lambda m: None)
+tokenizer = build("tokenizers", "kmeans", codebook).eval()
+teacher = build("teachers", "efficientnet-lite0", None, input_size=R).eval()
+print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads")
+print(f"settings: {N} images {args.size}x{args.size} JPEG from {fm}, tokenizer kmeans 32px/4px/1024 codes, "
+      f"teacher efficientnet-lite0 @ {R}px ({teacher.dim}-d), workers {args.workers}, batch size {B}")
+
+# ---- 2. official pattern: one image at a time, batch of 1, two torch.save files per image
+def official_one(path, out):
+    crop = center_crop(Image.open(path).convert("RGB"), tokenizer.resolution)
+    codes = tokenizer.encode(torch.from_numpy(to_array(crop))[None])
+    feat = teacher(torch.from_numpy(to_array(resize_square(crop, R)))[None])
+    if out is not None:
+        torch.save(codes, out / f"{path.stem}_tokens.pt")
+        torch.save(feat.float().reshape(1, -1), out / f"{path.stem}_visual_feature.pt")
+    return codes
+
+official = root / "official"
+official.mkdir()
+official_one(paths[0], None)  # warm-up, not timed
+t = time.perf_counter()
+official_codes = {p.stem: official_one(p, official).flatten() for p in paths}
+official_s = time.perf_counter() - t
+off_files, off_bytes, off_alloc = sizes(official)
+
+# ---- 3. arra-pipe
+t = time.perf_counter()
+res = extract(ExtractOptions(source=str(images), out=str(root / "set"), tokenizer_path=codebook, teacher_resolution=R,
+                             workers=args.workers, batch_size=B, progress=False), log=lambda m: None)
+arra_wall = time.perf_counter() - t
+import json  # noqa: E402
+manifest = json.loads((root / "set" / "manifest.json").read_text())
+arra_files, arra_bytes, arra_alloc = sizes(root / "set")
+payload = manifest["payload_bytes"] / res.rows
+same = sum(np.array_equal(official_codes[Path(k).stem].numpy(), c)
+           for shard in (root / "set").rglob("*.tar") for b in read_shard(shard)
+           for k, c in zip(b.column("key").to_pylist(), b.column("codes").to_numpy(zero_copy_only=False)))
+
+# ---- 4. bare batched forward on pre-decoded, pre-cropped uint8 tensors (no I/O, no decode)
+crops = [center_crop(Image.open(p).convert("RGB"), tokenizer.resolution) for p in paths]
+x32 = torch.from_numpy(np.stack([to_array(c) for c in crops]))
+xr = torch.from_numpy(np.stack([to_array(resize_square(c, R)) for c in crops]))
+tokenizer.encode(x32[:B]), teacher(xr[:B])  # warm-up
+t = time.perf_counter()
+for i in range(0, N, B):
+    tokenizer.encode(x32[i:i + B]), teacher(xr[i:i + B])
+bare_s = time.perf_counter() - t
+
+# ---- 5. the table
+rows = [("official (1 image, 2 torch.save files)", N / official_s, off_bytes / N, off_alloc / N, off_files / N),
+        ("arra-pipe, loop (result.seconds)", res.rows / res.seconds, arra_bytes / res.rows, arra_alloc / res.rows, arra_files / res.rows),
+        ("arra-pipe, wall (incl. model load)", res.rows / arra_wall, arra_bytes / res.rows, arra_alloc / res.rows, arra_files / res.rows),
+        (f"bare forward, batch {B} (no I/O)", N / bare_s, None, None, None)]
+print(f"\n{'pipeline':<40} {'rows/s':>9} {'bytes/row':>10} {'disk/row':>9} {'files/row':>10}")
+for name, rate, b, a, f in rows:
+    print(f"{name:<40} {rate:>9.1f} " + (f"{b:>10.0f} {a:>9.0f} {f:>10.4f}" if b else f"{'-':>10} {'-':>9} {'-':>10}"))
+print(f"(bytes/row = sum of file sizes / rows; disk/row = allocated blocks / rows; "
+      f"raw payload = {payload:.0f} bytes/row: codes + features + key + caption)\n")
+print(f"rows: official {N}, arra-pipe {res.rows} (+{res.rejects} rejects); codes identical for {same}/{res.rows} rows")
+print(f"speed-up arra-pipe / official:     {res.seconds and official_s / res.seconds:6.2f}x loop, "
+      f"{official_s / arra_wall:6.2f}x wall   (goal >= 10x)")
+print(f"arra-pipe bytes/row / payload:     {arra_bytes / res.rows / payload:6.3f}x   (goal <= 1.05x)")
+print(f"official bytes/row / payload:      {off_bytes / N / payload:6.3f}x")
+print(f"end-to-end / bare forward:         {bare_s / res.seconds * res.rows / N:6.1%} loop, {bare_s / arra_wall * res.rows / N:6.1%} wall")
+tmp.cleanup()

@@ -1,0 +1,191 @@
+"""The `arra-pipe` command: a thin click layer over the stages."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.sources import FORMATS, SourceOptions
+
+
+def source_flags(fn):
+    """Options that say how to read a source; shared by `extract` and `tokenizer fit`."""
+    flags = [
+        click.option("--source-format", type=click.Choice(FORMATS), help="Override auto-detection of the source format."),
+        click.option("--image-column", help="Tables: column with the image path (default: image, image_path, path, file, filename)."),
+        click.option("--caption-column", help="Tables: column with the caption (default: caption, text, prompt, impression)."),
+        click.option("--caption-template", help='Tables: build captions from columns, e.g. "{view} view chest X-ray image, {impression}".'),
+        click.option("--label-column", help="Tables: integer class label column (optional)."),
+        click.option("--key-column", help="Tables: column with a unique record key (default: the image path)."),
+        click.option("--image-root", type=click.Path(file_okay=False), help="Resolve relative image paths against this folder (default: the file's folder)."),
+        click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]), help="Fashion-MNIST folders: which split."),
+        click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, help="Reject images with more pixels than this (decompression bombs)."),
+        click.option("--workers", default=2, show_default=True, help="DataLoader worker processes that decode and crop images."),
+        click.option("--progress/--no-progress", default=True, help="Show a progress bar."),
+    ]
+    for flag in reversed(flags):
+        fn = flag(fn)
+    return fn
+
+
+def source_options(kw: dict) -> SourceOptions:
+    return SourceOptions(**{k: kw.pop(k) for k in ("image_column", "caption_column", "caption_template",
+                                                     "label_column", "key_column", "image_root", "split")})
+
+
+def fail(exc: Exception):
+    raise click.ClickException(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="arra-pipe")
+def main():
+    """arra-pipe: train autoregressive text-to-image models with ARRA.
+
+    \b
+    Stage 1  extract    dataset -> feature set (VQ codes + frozen-teacher features)
+             inspect    summarise a feature set
+             verify     re-check every shard of a feature set
+             tokenizer  fit the offline kmeans tokenizer
+             models     list the teachers and tokenizers this install knows
+             demo       the whole pipeline on Fashion-MNIST, no network needed
+    """
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Feature-set directory to write (or resume).")
+@click.option("--tokenizer", default="kmeans", show_default=True, help="Tokenizer name (see `arra-pipe models`) or a .toml manifest.")
+@click.option("--tokenizer-path", type=click.Path(exists=True, dir_okay=False), help="Tokenizer weights file (kmeans: the codebook from `tokenizer fit`).")
+@click.option("--teacher", "teachers", multiple=True, default=["efficientnet-lite0"], show_default=True,
+              help="Teacher name or .toml manifest; repeat for several teachers in one pass.")
+@click.option("--teacher-path", "teacher_paths", multiple=True, metavar="[NAME=]PATH",
+              help="Weights file for a teacher (NAME= is needed when there are several).")
+@click.option("--teacher-resolution", type=int, help="Feed teachers this input size instead of their native one (recorded in the manifest).")
+@click.option("--teacher-view", type=click.Choice(["crop", "original"]), default="crop", show_default=True,
+              help="crop: teachers see the tokenizer's canonical crop; original: the whole original image through the teacher's own resize+crop, as the official code.")
+@click.option("--batch-size", default=64, show_default=True, help="Images per model batch (also rows per Arrow record batch). Keep it fixed when resuming.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="Where the models run (bf16 autocast on cuda).")
+@click.option("--shard-size", default=4096, show_default=True, help="Input records per shard.")
+@click.option("--max-reject-rate", default=0.1, show_default=True, help="Fail the run when more than this fraction of records is rejected.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing set at --out and start again.")
+@source_flags
+def extract(source, out, tokenizer, tokenizer_path, teachers, teacher_paths, overwrite, **kw):
+    """Extract SOURCE into a feature set of VQ codes and teacher features.
+
+    SOURCE is a conversation JSON, an image folder, a CSV/TSV/JSONL/Parquet table, an img2dataset
+    folder or a Fashion-MNIST folder. Interrupted runs resume when the same command is re-run; under
+    torchrun each rank extracts its own shards.
+    """
+    from stages.extract import ExtractError, ExtractOptions, extract as run
+    paths = {}
+    for item in teacher_paths:
+        name, sep, path = item.rpartition("=")
+        if not sep:
+            if len(teachers) != 1:
+                raise click.BadParameter("with several --teacher, write --teacher-path NAME=PATH", param_hint="--teacher-path")
+            name = teachers[0]
+        paths[name] = path
+    opts = ExtractOptions(source=source, out=out, source_options=source_options(kw), tokenizer=tokenizer,
+                          tokenizer_path=tokenizer_path, teachers=tuple(teachers), teacher_paths=paths, **kw)
+    try:
+        result = run(opts, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
+    except (ExtractError, ValueError) as exc:
+        fail(exc)
+    if result.status == "up-to-date":
+        click.echo(f"{out} is already complete ({result.rows} rows, {result.rejects} rejects): nothing to do.")
+    elif result.rows or result.rows_extracted:
+        rate = result.rows_extracted / result.seconds if result.seconds else 0.0
+        click.echo(f"extracted {result.rows_extracted} records in {result.seconds:.1f} s ({rate:.0f} rows/s); "
+                   f"{out} holds {result.rows} rows, {result.rejects} rejected (see {Path(out) / 'rejects.jsonl'}).")
+
+
+@main.command()
+@click.argument("featureset", type=click.Path(exists=True, file_okay=False))
+def inspect(featureset):
+    """Summarise a feature set: rows, shards, bytes per row, tokenizer, teachers, rejects."""
+    from stages.inspect import describe
+    try:
+        click.echo(describe(featureset))
+    except ValueError as exc:
+        fail(exc)
+
+
+@main.command()
+@click.argument("featureset", type=click.Path(exists=True, file_okay=False))
+def verify(featureset):
+    """Re-check every shard (size, sha256, schema, rows); exit 1 naming each bad shard."""
+    from pipeline.featureset import FeatureSet
+    try:
+        fs = FeatureSet.open(featureset)
+    except ValueError as exc:
+        fail(exc)
+    problems = fs.verify()
+    for p in problems:
+        click.echo(f"BAD {p}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"OK {featureset}: {len(fs.manifest['shards'])} shards, {fs.rows} rows verified")
+
+
+@main.group()
+def tokenizer():
+    """Fit tokenizers that are made from the data itself."""
+
+
+@tokenizer.command("fit")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Codebook file to write (.safetensors).")
+@click.option("--resolution", default=32, show_default=True, help="Side of the canonical crop in pixels.")
+@click.option("--patch", default=4, show_default=True, help="Patch side in pixels; the grid is resolution/patch.")
+@click.option("--codebook-size", default=1024, show_default=True, help="Number of codes.")
+@click.option("--max-images", default=20000, show_default=True, help="Images sampled for fitting.")
+@click.option("--iterations", default=25, show_default=True, help="k-means iterations.")
+@click.option("--seed", default=0, show_default=True)
+@source_flags
+def tokenizer_fit(source, out, **kw):
+    """Fit the kmeans patch tokenizer on SOURCE with faiss k-means."""
+    from stages.tokenizer_fit import fit_tokenizer
+    kw["source_options"] = source_options(kw)
+    try:
+        summary = fit_tokenizer(source, out, log=lambda m: click.echo(m, err=True), **kw)
+    except ValueError as exc:
+        fail(exc)
+    click.echo(f"wrote {out}: {summary['codebook_size']} codes of {summary['patch']}x{summary['patch']} px at "
+               f"{summary['resolution']} px, fitted on {summary['images']} images; "
+               f"reconstruction PSNR {summary['psnr_db']:.2f} dB")
+
+
+@main.command()
+def models():
+    """List the teachers and tokenizers described in manifests/."""
+    from pipeline.registry import available, load_spec
+    for kind in ("teachers", "tokenizers"):
+        click.echo(f"{kind}:")
+        for name in available(kind):
+            spec = load_spec(kind, name)
+            what = f"{spec.get('dim', '?')}-d {spec.get('aggregation', '')} @{spec.get('input_size', '?')} px" \
+                if kind == "teachers" else f"codebook {spec.get('codebook_size', '?')} @{spec.get('resolution', '?')} px"
+            click.echo(f"  {name:24s} loader={spec['loader']:18s} {what}")
+
+
+@main.command()
+@click.option("--out", "-o", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--data", type=click.Path(exists=True, file_okay=False),
+              help="Fashion-MNIST folder (default: Debian's full set when installed, else the subset in data/).")
+@click.option("--workers", default=2, show_default=True)
+@click.option("--teacher-resolution", default=112, show_default=True, help="EfficientNet-Lite0 input size (224 is native; 112 is 4x faster on CPU).")
+def demo(out, data, workers, teacher_resolution):
+    """Run the pipeline on Fashion-MNIST: fit the tokenizer, extract train and test sets, inspect them."""
+    from stages.demo import run_demo
+    try:
+        run_demo(out, data, workers, teacher_resolution, log=click.echo)
+    except ValueError as exc:
+        fail(exc)
+
+
+if __name__ == "__main__":  # torchrun -m stages.cli extract ...
+    main()

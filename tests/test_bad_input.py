@@ -1,0 +1,364 @@
+"""Bad input ends up in rejects.jsonl with a categorised reason; odd but valid images are converted."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_image
+from PIL import Image
+
+from pipeline.featureset import FeatureSet
+from pipeline.images import DEFAULT_MAX_PIXELS, Rejected, decode_rgb
+from stages.extract import ExtractError
+
+MAX_PIXELS = 1000  # the good test images are 20x24 = 480 pixels
+
+
+def random_rgb(seed=0, size=(20, 24)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+
+
+def encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png(width=100_000, height=100_000) -> bytes:
+    """A tiny file whose header claims a huge greyscale image (a decompression bomb's header)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
+            + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + png_chunk(b"IEND", b""))
+
+
+def write_bad_files(src: Path) -> None:
+    """The file-level bad inputs, each under a name that says what it is."""
+    src.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(99)
+    jpg = encoded(Image.fromarray(random_rgb(5)), "JPEG")
+    png = encoded(Image.fromarray(random_rgb(6)), "PNG")
+    (src / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + rng.bytes(600))   # JPEG signature, garbage after
+    (src / "random.jpg").write_bytes(rng.bytes(600))                          # random bytes, .jpg name
+    (src / "truncated.jpg").write_bytes(jpg[:len(jpg) // 2])
+    (src / "truncated.png").write_bytes(png[:len(png) // 2])
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "notimage.png").write_text("this is a text file, not a PNG\n")
+    write_image(src / "big.png", size=(100, 100), seed=7)                      # 10000 pixels > MAX_PIXELS
+    (src / "bomb.png").write_bytes(bomb_png())
+
+
+def rejects_by_key(out) -> dict[str, dict]:
+    rejects = FeatureSet.open(out).rejects()
+    by_key = {r["key"]: r for r in rejects}
+    assert len(by_key) == len(rejects), f"two rejects share a key: {rejects}"
+    for r in rejects:
+        assert set(r) == {"key", "origin", "reason"}, r
+        assert ": " in r["reason"], f"reason is not '<category>: <detail>': {r['reason']!r}"
+    return by_key
+
+
+def category(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
+def assert_counts_match(out, expected: dict[str, int]):
+    fs = FeatureSet.open(out)
+    rejects = fs.rejects()
+    assert Counter(category(r["reason"]) for r in rejects) == Counter(expected)
+    assert fs.manifest["rejects"]["by_reason"] == expected
+    assert fs.manifest["rejects"]["total"] == len(rejects) == sum(expected.values())
+    assert fs.manifest["rejects"]["file"] == "rejects.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------
+# a table mixing good rows with every kind of bad one
+
+
+def test_table_with_bad_rows(tmp_path, run_extract):
+    src = tmp_path / "src"
+    write_bad_files(src)
+    for i in range(1, 5):
+        write_image(src / f"good{i}.png", seed=i)
+    lines = [b"image,caption",
+             b"good1.png,first good image",
+             b"corrupt.jpg,garbage after a JPEG signature",
+             b"random.jpg,random bytes",
+             b"good2.png,second good image",
+             b"truncated.jpg,half a JPEG",
+             b"truncated.png,half a PNG",
+             b"empty.jpg,no bytes",
+             b"notimage.png,a text file",
+             b"nope/missing.png,a file that does not exist",
+             b"big.png,too many pixels",
+             b"bomb.png,a decompression bomb header",
+             b"good4.png,caption with bad bytes \xff\xfe here",
+             b"caf\xe9.png,latin-1 file name",
+             b"good1.png,the same key again",
+             b"good3.png,third good image"]
+    (src / "t.csv").write_bytes(b"\n".join(lines) + b"\n")
+
+    result, out = run_extract(src / "t.csv", max_pixels=MAX_PIXELS)
+
+    fs = FeatureSet.open(out)
+    t = fs.table()
+    assert list(zip(t.column("key").to_pylist(), t.column("caption").to_pylist())) == [
+        ("good1.png", "first good image"), ("good2.png", "second good image"), ("good3.png", "third good image")]
+    assert result.rows == fs.rows == 3 and result.rejects == 12
+
+    rejects = rejects_by_key(out)
+    expected = {"corrupt.jpg": ("corrupt", 3), "random.jpg": ("not-an-image", 4),
+                "truncated.jpg": ("corrupt", 6), "truncated.png": ("corrupt", 7),
+                "empty.jpg": ("empty", 8), "notimage.png": ("not-an-image", 9),
+                "nope/missing.png": ("missing", 10), "big.png": ("oversized", 11),
+                "bomb.png": ("oversized", 12), "good4.png": ("bad-utf8", 13),
+                "caf\ufffd.png": ("bad-utf8", 14), "good1.png": ("duplicate-key", 15)}
+    # rows are numbered from 1 after the header
+    assert set(rejects) == set(expected), sorted(rejects)
+    for key, (cat, row) in expected.items():
+        r = rejects[key]
+        assert category(r["reason"]) == cat, f"{key}: expected {cat}, got {r['reason']!r}"
+        assert r["origin"] == f"t.csv row {row - 1}", r
+    # the details name what went wrong
+    assert str(src / "nope" / "missing.png") in rejects["nope/missing.png"]["reason"]
+    assert "100x100" in rejects["big.png"]["reason"] and str(MAX_PIXELS) in rejects["big.png"]["reason"]
+    assert "100000x100000" in rejects["bomb.png"]["reason"]
+    assert "caption" in rejects["good4.png"]["reason"]
+    assert "key" in rejects["caf\ufffd.png"]["reason"]
+    assert "'good1.png'" in rejects["good1.png"]["reason"] and "t.csv row 1" in rejects["good1.png"]["reason"]
+    # the rejects come in input order
+    assert [r["key"] for r in fs.rejects()] == sorted(expected, key=lambda k: expected[k][1])
+    assert_counts_match(out, {"corrupt": 3, "not-an-image": 2, "empty": 1, "missing": 1, "oversized": 2,
+                              "bad-utf8": 2, "duplicate-key": 1})
+
+
+# ---------------------------------------------------------------------------------------------
+# the same file-level problems in an image folder, and in conversation JSON
+
+
+def test_imagefolder_with_bad_files(tmp_path, run_extract):
+    src = tmp_path / "src"
+    write_bad_files(src / "junk")
+    good = ["cls/a.png", "cls/b.jpg", "junk/fine.png", "cls/edge.png"]
+    for i, name in enumerate(good[:3]):
+        write_image(src / name, seed=i)
+    write_image(src / "cls" / "edge.png", size=(25, 40), seed=3)   # exactly MAX_PIXELS: allowed
+    write_image(src / "cls" / "badcap.png", seed=4)
+    (src / "cls" / "badcap.txt").write_bytes(b"caption \xc3\x28 broken")
+
+    result, out = run_extract(src, max_pixels=MAX_PIXELS)
+
+    fs = FeatureSet.open(out)
+    assert sorted(fs.table().column("key").to_pylist()) == sorted(good)
+    expected = {"junk/corrupt.jpg": "corrupt", "junk/random.jpg": "not-an-image", "junk/truncated.jpg": "corrupt",
+                "junk/truncated.png": "corrupt", "junk/empty.jpg": "empty", "junk/notimage.png": "not-an-image",
+                "junk/big.png": "oversized", "junk/bomb.png": "oversized", "cls/badcap.png": "bad-utf8"}
+    rejects = rejects_by_key(out)
+    assert {k: category(r["reason"]) for k, r in rejects.items()} == expected
+    for key, r in rejects.items():
+        assert r["origin"] == key, r  # an image folder's origin is the file's path in it
+    assert "badcap.txt" in rejects["cls/badcap.png"]["reason"]
+    assert_counts_match(out, {"corrupt": 3, "not-an-image": 2, "empty": 1, "oversized": 2, "bad-utf8": 1})
+    assert result.rows == 4 and result.rejects == 9
+
+
+def test_conversations_with_bad_items(tmp_path, run_extract):
+    src = tmp_path / "src"
+    write_bad_files(src / "junk")
+    write_image(src / "a" / "x.png", seed=1)
+    write_image(src / "b" / "x.png", seed=2)
+
+    def item(prompt, *images):
+        return {"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": "<|image|>"}],
+                "image": list(images)}
+
+    items = [item("good a", "a/x.png"), item("empty", "junk/empty.jpg"), item("gone", "c/x.png"),
+             item("BADPROMPT", "b/x.png"), item("two images", "a/x.png", "b/x.png"),
+             item("again", "a/x.png"), item("truncated", "junk/truncated.png")]
+    text = json.dumps(items).encode("utf-8").replace(b"BADPROMPT", b"bad \xff prompt")
+    (src / "data.json").write_bytes(text)
+
+    result, out = run_extract(src / "data.json", max_pixels=MAX_PIXELS)
+
+    fs = FeatureSet.open(out)
+    assert fs.table().column("key").to_pylist() == ["a/x.png"]
+    got = [(r["key"], r["origin"], category(r["reason"])) for r in fs.rejects()]
+    assert got == [("junk/empty.jpg", "data.json item 1", "empty"),
+                   ("c/x.png", "data.json item 2", "missing"),
+                   ("b/x.png", "data.json item 3", "bad-utf8"),
+                   ("data.json#4", "data.json item 4", "bad-row"),
+                   ("a/x.png", "data.json item 5", "duplicate-key"),
+                   ("junk/truncated.png", "data.json item 6", "corrupt")]
+    assert str(src / "c" / "x.png") in fs.rejects()[1]["reason"]
+    assert "data.json item 0" in fs.rejects()[4]["reason"]
+    assert_counts_match(out, {"empty": 1, "missing": 1, "bad-utf8": 1, "bad-row": 1, "duplicate-key": 1,
+                              "corrupt": 1})
+
+
+def test_only_bad_input_gives_an_empty_set(tmp_path, run_extract):
+    src = tmp_path / "src"
+    (src / "cls").mkdir(parents=True)
+    (src / "cls" / "empty.png").write_bytes(b"")
+    (src / "cls" / "text.jpg").write_text("hello")
+
+    result, out = run_extract(src)
+
+    fs = FeatureSet.open(out)
+    assert result.rows == fs.rows == 0 and fs.table().num_rows == 0
+    assert {r["key"]: category(r["reason"]) for r in fs.rejects()} == {"cls/empty.png": "empty",
+                                                                       "cls/text.jpg": "not-an-image"}
+    assert fs.verify() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# odd but valid images are converted, not rejected
+
+
+def mode_images() -> dict[str, bytes]:
+    rgb = Image.fromarray(random_rgb(11))
+    rgba = np.dstack([random_rgb(12), np.where(np.arange(20)[None, :] < 10, 0, 255).repeat(24, 0)]).astype(np.uint8)
+    palette_t = rgb.convert("P", palette=Image.ADAPTIVE, colors=16)
+    grey16 = (np.random.default_rng(13).integers(0, 65536, (24, 20))).astype(np.uint16)
+    assert Image.fromarray(grey16).mode == "I;16"
+    la = Image.fromarray(random_rgb(14)).convert("LA")
+    la.putalpha(Image.fromarray(np.where(np.arange(24)[:, None] < 12, 0, 255).repeat(20, 1).astype(np.uint8)))
+    return {"cmyk.jpg": encoded(rgb.convert("CMYK"), "JPEG"),
+            "grey16.png": encoded(Image.fromarray(grey16), "PNG"),
+            "palette.png": encoded(rgb.convert("P", palette=Image.ADAPTIVE, colors=32), "PNG"),
+            "palette_transparent.png": encoded(palette_t, "PNG", transparency=0),
+            "rgba.png": encoded(Image.fromarray(rgba, "RGBA"), "PNG"),
+            "la.png": encoded(la, "PNG"),
+            "grey.png": encoded(rgb.convert("L"), "PNG"),
+            "grey.jpg": encoded(rgb.convert("L"), "JPEG"),
+            "bilevel.png": encoded(rgb.convert("1"), "PNG"),
+            "rgb.webp": encoded(rgb, "WEBP"),
+            "rgb.gif": encoded(rgb, "GIF"),
+            "rgb.bmp": encoded(rgb, "BMP"),
+            "rgb.tiff": encoded(rgb, "TIFF")}
+
+
+def test_odd_modes_are_converted_and_extracted(tmp_path, run_extract):
+    src = tmp_path / "src"
+    src.mkdir()
+    files = mode_images()
+    expected_modes = {"cmyk.jpg": "CMYK", "grey16.png": "I;16", "palette.png": "P", "palette_transparent.png": "P",
+                      "rgba.png": "RGBA", "la.png": "LA", "grey.png": "L", "grey.jpg": "L", "bilevel.png": "1"}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+        if name in expected_modes:
+            assert Image.open(src / name).mode == expected_modes[name], name   # the test input is what it says
+        decoded = decode_rgb(data)
+        assert decoded.mode == "RGB" and decoded.size == (20, 24), name
+
+    result, out = run_extract(src)
+
+    fs = FeatureSet.open(out)
+    assert fs.rejects() == [], f"valid images were rejected: {fs.rejects()}"
+    assert sorted(fs.table().column("key").to_pylist()) == sorted(files)
+    assert result.rows == len(files) and fs.manifest["rejects"]["by_reason"] == {}
+
+
+def test_conversions_give_the_expected_pixels():
+    # transparent pixels become white; opaque ones keep their colour
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (10, 20, 30, 0)
+    rgba[0, 1] = (10, 20, 30, 255)
+    rgba[1, 0] = (200, 100, 0, 128)
+    got = np.asarray(decode_rgb(encoded(Image.fromarray(rgba, "RGBA"), "PNG")))
+    assert got[0, 0].tolist() == [255, 255, 255]
+    assert got[0, 1].tolist() == [10, 20, 30]
+    assert np.abs(got[1, 0].astype(int) - [227, 177, 127]).max() <= 1
+    # LA: the same for greyscale with alpha
+    la = Image.fromarray(np.array([[[50, 0], [50, 255]]], np.uint8), "LA")
+    assert np.asarray(decode_rgb(encoded(la, "PNG")))[0].tolist() == [[255, 255, 255], [50, 50, 50]]
+    # palette with a transparent index
+    p = Image.new("P", (2, 1))
+    p.putpalette([0, 0, 0, 9, 8, 7] + [0] * 762)
+    p.putdata([0, 1])
+    assert np.asarray(decode_rgb(encoded(p, "PNG", transparency=0)))[0].tolist() == [[255, 255, 255], [9, 8, 7]]
+    # 16-bit greyscale is scaled from 0..65535 to 0..255, also when all values are small
+    g16 = np.array([[0, 257, 32768, 65535, 200]], np.uint16)
+    assert np.asarray(decode_rgb(encoded(Image.fromarray(g16), "PNG")))[0, :, 0].tolist() == [0, 1, 128, 255, 1]
+    dark = np.array([[0, 100, 255]], np.uint16)
+    assert np.asarray(decode_rgb(encoded(Image.fromarray(dark), "PNG")))[0, :, 0].tolist() == [0, 0, 1]
+    # greyscale L becomes three equal channels
+    grey = np.array([[0, 77, 255]], np.uint8)
+    assert np.asarray(decode_rgb(encoded(Image.fromarray(grey), "PNG")))[0].tolist() == [[0] * 3, [77] * 3, [255] * 3]
+    # CMYK: pure cyan, magenta, yellow, black
+    cmyk = Image.fromarray(np.array([[[255, 0, 0, 0], [0, 255, 0, 0], [0, 0, 255, 0], [0, 0, 0, 255]]], np.uint8), "CMYK")
+    assert np.asarray(decode_rgb(encoded(cmyk, "TIFF")))[0].tolist() == [[0, 255, 255], [255, 0, 255],
+                                                                          [255, 255, 0], [0, 0, 0]]
+
+
+def test_converted_images_extract_like_their_rgb_equivalent(tmp_path, run_extract):
+    """An RGBA image gives the same codes as its white-composited RGB version; L and 16-bit grey the
+    same as the RGB image with three equal channels."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(21)
+    colour = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    alpha = np.where(rng.random((24, 20)) < 0.3, 0, 255).astype(np.uint8)
+    Image.fromarray(np.dstack([colour, alpha]), "RGBA").save(src / "a_rgba.png")
+    flat = np.where(alpha[..., None] == 0, 255, colour).astype(np.uint8)
+    Image.fromarray(flat).save(src / "a_flat.png")
+    grey = rng.integers(0, 256, (24, 20), dtype=np.uint8)
+    Image.fromarray(grey, "L").save(src / "b_grey.png")
+    Image.fromarray((grey.astype(np.uint16) * 257)).save(src / "b_grey16.png")
+    Image.fromarray(np.repeat(grey[..., None], 3, axis=2)).save(src / "b_rgb.png")
+
+    result, out = run_extract(src)
+
+    t = FeatureSet.open(out).table()
+    codes = dict(zip(t.column("key").to_pylist(), t.column("codes").to_pylist()))
+    assert len(codes) == 5
+    assert codes["a_rgba.png"] == codes["a_flat.png"]
+    assert codes["b_grey.png"] == codes["b_rgb.png"] == codes["b_grey16.png"]
+    assert codes["a_flat.png"] != codes["b_rgb.png"]
+
+
+def test_decompression_bomb_header_is_rejected_before_decoding():
+    data = bomb_png(100_000, 100_000)
+    assert len(data) < 200
+    with pytest.raises(Rejected, match=r"^oversized: 100000x100000 pixels is more than --max-pixels"):
+        decode_rgb(data)                    # the default limit
+    assert 100_000 * 100_000 > DEFAULT_MAX_PIXELS
+    with pytest.raises(Rejected, match=r"^oversized: 20x24 pixels is more than --max-pixels 479$"):
+        decode_rgb(encoded(Image.fromarray(random_rgb()), "PNG"), max_pixels=479)
+    assert decode_rgb(encoded(Image.fromarray(random_rgb()), "PNG"), max_pixels=480).size == (20, 24)
+
+
+# ---------------------------------------------------------------------------------------------
+# --max-reject-rate
+
+
+def test_max_reject_rate(tmp_path, run_extract):
+    src = tmp_path / "src"
+    for i in range(3):
+        write_image(src / f"good{i}.png", seed=i)
+    (src / "empty.png").write_bytes(b"")
+    (src / "text.png").write_text("not an image")
+    out = tmp_path / "set"
+
+    with pytest.raises(ExtractError) as exc:
+        run_extract(src, out=out, max_reject_rate=0.25)
+    msg = str(exc.value)
+    assert "2 of 5" in msg and "40.0%" in msg and "25.0%" in msg, msg
+    assert str(out / "rejects.jsonl") in msg, msg
+    assert "'empty': 1" in msg and "'not-an-image': 1" in msg, msg
+    assert not (out / "manifest.json").exists()
+    assert [json.loads(line)["key"] for line in (out / "rejects.jsonl").read_text().splitlines()] == ["empty.png", "text.png"]
+
+    # a rate exactly at the limit is accepted (re-running the same job finishes it)
+    result, _ = run_extract(src, out=out, max_reject_rate=0.4)
+    assert (result.rows, result.rejects) == (3, 2)
+    assert FeatureSet.open(out).manifest["rejects"]["by_reason"] == {"empty": 1, "not-an-image": 1}
