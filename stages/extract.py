@@ -259,6 +259,8 @@ def _finish(out: Path, job: dict, schema, source, n_shards: int, max_reject_rate
                 "schema": schema_fields(schema), "rows": sum(d["rows"] for d in done),
                 "shards": [{k: d[k] for k in ("name", "rows", "bytes", "sha256")} for d in done],
                 "payload_bytes": sum(d["payload_bytes"] for d in done),
+                "labels": {"classes": max((r.label for r in source.records), default=-1) + 1,
+                           "unlabelled": sum(r.label < 0 for r in source.records)},
                 "rejects": {"total": len(rejects), "by_reason": by_reason, "file": REJECTS},
                 "skipped": source.skipped}
     atomic_write_json(out / MANIFEST, manifest)
