@@ -174,16 +174,18 @@ def _read_conversations(path: Path, options: SourceOptions):
         images = item.get("image") if isinstance(item, dict) else None
         if isinstance(images, str):
             images = [images]
-        if not images or len(images) != 1:
+        if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str):
             n = len(images) if isinstance(images, list) else 0
             records.append(Record(f"{path.name}#{i}", "", -1, ("file", ""), origin,
-                                  f"bad-row: expected exactly one image per item, got {n}"))
+                                  f"bad-row: expected exactly one image path per item, got {n}"))
             continue
-        prompt = next((t.get("value", "") for t in item.get("conversations", [])
+        turns = item.get("conversations")
+        prompt = next((t.get("value", "") for t in (turns if isinstance(turns, list) else [])
                        if isinstance(t, dict) and t.get("from") == "human"), "")
         caption, bad = _text(prompt, "prompt")
-        key = Path(images[0]).as_posix()
-        records.append(Record(key, caption, -1, ("file", _resolve(images[0], path.parent, options.image_root)), origin, bad))
+        key, bad_key = _text(Path(images[0]).as_posix(), "image path")
+        records.append(Record(key, caption, -1, ("file", _resolve(images[0], path.parent, options.image_root)),
+                              origin, bad_key or bad))
     return records, {}
 
 
@@ -210,7 +212,8 @@ def _read_imagefolder(path: Path, options: SourceOptions):
                 caption, bad = _text(sidecar.read_bytes().strip(), f"caption file {sidecar.name}")
             else:
                 caption, bad = (top or "").replace("_", " "), None
-            records.append(Record(rel.as_posix(), caption, label, ("file", str(file)), str(rel), bad))
+            key, bad_name = _text(rel.as_posix(), "file name")
+            records.append(Record(key, caption, label, ("file", str(file)), key, bad_name or bad))
     if not records:
         raise SourceError(f"{path}: no files found in this image folder")
     return records, {}
@@ -223,16 +226,22 @@ def _table_rows(path: Path):
         import pyarrow.parquet as pq
         yield from pq.read_table(path).to_pylist()
         return
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         if suffix == ".jsonl":
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        yield json.loads(line)
+                        row = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        yield {"__error__": f"bad-row: line {n} is not valid JSON ({exc.msg})"}
+                        row = {"__error__": f"bad-row: line {n} is not valid JSON ({exc.msg})"}
+                    yield row if isinstance(row, dict) else {"__error__": f"bad-row: line {n} is not a JSON object"}
         else:
-            yield from csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            for row in reader:
+                if None in row:  # more fields than the header: an unquoted separator in a caption
+                    yield {"__error__": f"bad-row: line {reader.line_num} has more fields than the header"}
+                else:
+                    yield row
 
 
 def _pick(columns, wanted: str | None, candidates: tuple[str, ...], what: str, path: Path, flag: str):
@@ -282,8 +291,10 @@ def _read_table(path: Path, options: SourceOptions):
         label = row.get(options.label_column) if options.label_column else None
         try:
             label = -1 if label in (None, "") else int(label)
-        except ValueError:
-            bad = bad or f"bad-row: label {label!r} is not an integer"
+            if not -1 <= label < 2 ** 31:
+                raise ValueError
+        except (ValueError, TypeError):
+            bad = bad or f"bad-row: label {label!r} is not an integer in 0..2**31-1"
             label = -1
         if not image:
             records.append(Record(key or f"{path.name}#{i + 1}", caption, label, ("file", ""), origin, "bad-row: no image path"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import zlib
 from collections import Counter
@@ -16,6 +17,7 @@ from PIL import Image
 
 from pipeline.featureset import FeatureSet
 from pipeline.images import DEFAULT_MAX_PIXELS, Rejected, decode_rgb
+from pipeline.sources import SourceError
 from stages.extract import ExtractError
 
 MAX_PIXELS = 1000  # the good test images are 20x24 = 480 pixels
@@ -362,3 +364,121 @@ def test_max_reject_rate(tmp_path, run_extract):
     result, _ = run_extract(src, out=out, max_reject_rate=0.4)
     assert (result.rows, result.rejects) == (3, 2)
     assert FeatureSet.open(out).manifest["rejects"]["by_reason"] == {"empty": 1, "not-an-image": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# malformed rows must be rejects, never a crash (these found bugs; see each assertion message)
+
+
+def extract_or_fail(run_extract, source, where: str, **kw):
+    try:
+        return run_extract(source, **kw)
+    except (UnicodeError, TypeError, AttributeError, OverflowError, ValueError) as exc:
+        pytest.fail(f"BUG in {where}: extraction crashed with {type(exc).__name__}: {exc} "
+                    "instead of writing the bad record to rejects.jsonl")
+
+
+def test_non_utf8_file_names_in_an_image_folder_are_rejected(tmp_path, run_extract):
+    src = tmp_path / "src"
+    write_image(src / "cls" / "ok.png", seed=1)
+    raw_dir = bytes(src / "cls")
+    write_image(Path(os.fsdecode(raw_dir + b"/caf\xe9.png")), seed=2)  # latin-1 name
+    Path(os.fsdecode(raw_dir + b"/bad\xff.png")).write_bytes(b"")
+
+    _, out = extract_or_fail(run_extract, src, "pipeline/sources.py _read_imagefolder (key from a non-UTF-8 file name)")
+
+    fs = FeatureSet.open(out)
+    assert fs.table().column("key").to_pylist() == ["cls/ok.png"]
+    got = sorted((r["key"], category(r["reason"])) for r in fs.rejects())
+    assert got == [("cls/bad\ufffd.png", "bad-utf8"), ("cls/caf\ufffd.png", "bad-utf8")], got
+
+
+def test_non_utf8_image_path_in_conversations_is_rejected(tmp_path, run_extract):
+    src = tmp_path / "src"
+    write_image(src / "ok.png", seed=1)
+    write_image(Path(os.fsdecode(bytes(src) + b"/caf\xe9.png")), seed=2)
+    items = [{"conversations": [{"from": "human", "value": "good"}], "image": ["ok.png"]},
+             {"conversations": [{"from": "human", "value": "latin-1 path"}], "image": ["CAFE"]}]
+    (src / "data.json").write_bytes(json.dumps(items).encode().replace(b"CAFE", b"caf\xe9.png"))
+
+    _, out = extract_or_fail(run_extract, src / "data.json",
+                             "pipeline/sources.py _read_conversations (key from a non-UTF-8 image path)")
+
+    fs = FeatureSet.open(out)
+    assert fs.table().column("key").to_pylist() == ["ok.png"]
+    assert [(r["key"], r["origin"], category(r["reason"])) for r in fs.rejects()] == [
+        ("caf\ufffd.png", "data.json item 1", "bad-utf8")]
+
+
+def test_malformed_conversation_items_and_jsonl_lines_are_bad_rows(tmp_path, run_extract):
+    src = tmp_path / "src"
+    write_image(src / "a.png", seed=1)
+    write_image(src / "b.png", seed=2)
+    items = [{"conversations": [{"from": "human", "value": "good"}], "image": ["a.png"]},
+             {"conversations": [{"from": "human", "value": "null image"}], "image": [None]},
+             {"conversations": [{"from": "human", "value": "number image"}], "image": [17]},
+             {"conversations": None, "image": ["b.png"]}]
+    (src / "data.json").write_text(json.dumps(items))
+
+    _, out = extract_or_fail(run_extract, src / "data.json",
+                             "pipeline/sources.py _read_conversations (image entry not a string / conversations null)")
+
+    fs = FeatureSet.open(out)
+    rejects = {r["origin"]: category(r["reason"]) for r in fs.rejects()}
+    assert rejects.get("data.json item 1") == "bad-row" and rejects.get("data.json item 2") == "bad-row", rejects
+    keys = fs.table().column("key").to_pylist()
+    # "conversations": null is an item without a prompt: either extracted with an empty caption or a bad row
+    assert keys in (["a.png", "b.png"], ["a.png"]), keys
+    assert (keys == ["a.png", "b.png"]) != (rejects.get("data.json item 3") == "bad-row"), (keys, rejects)
+
+    (src / "t.jsonl").write_text('{"image": "a.png", "caption": "good"}\n[1, 2]\n"just a string"\n'
+                                 '{"image": "b.png", "caption": "also good"}\n')
+    _, out = extract_or_fail(run_extract, src / "t.jsonl", "pipeline/sources.py _read_table (JSONL line not an object)",
+                             out=tmp_path / "set2")
+    fs = FeatureSet.open(out)
+    assert fs.table().column("key").to_pylist() == ["a.png", "b.png"]
+    assert [(r["origin"], category(r["reason"])) for r in fs.rejects()] == [("t.jsonl row 2", "bad-row"),
+                                                                            ("t.jsonl row 3", "bad-row")]
+
+
+def test_csv_row_with_extra_fields_is_a_bad_row_not_a_truncated_caption(tmp_path, run_extract):
+    src = tmp_path / "src"
+    write_image(src / "a.png", seed=1)
+    write_image(src / "b.png", seed=2)
+    (src / "t.csv").write_text("image,caption\na.png,a photo\nb.png,a photo, with an unquoted comma\n")
+
+    _, out = extract_or_fail(run_extract, src / "t.csv", "pipeline/sources.py _table_rows (CSV row longer than the header)")
+
+    fs = FeatureSet.open(out)
+    t = fs.table()
+    assert "a photo" not in t.column("caption").to_pylist()[1:], (
+        "BUG pipeline/sources.py _table_rows: the CSV row 'b.png,a photo, with an unquoted comma' has 3 fields for a "
+        "2-column header; csv.DictReader puts the extra field under key None and the caption is silently cut to "
+        f"'a photo'. Got rows {t.select(['key', 'caption']).to_pylist()}, rejects {fs.rejects()}")
+    assert t.column("key").to_pylist() == ["a.png"]
+    assert [(r["origin"], category(r["reason"])) for r in fs.rejects()] == [("t.csv row 2", "bad-row")]
+
+    # and a missing named column is still a SourceError naming it (not a TypeError sorting None with str)
+    try:
+        with pytest.raises(SourceError, match="'nope'"):
+            run_extract(src / "t.csv", out=tmp_path / "set2", source_options=dict(label_column="nope"))
+    except TypeError as exc:
+        pytest.fail(f"BUG pipeline/sources.py _read_table: sorted(columns) fails on the None column of a long CSV "
+                    f"row: {exc}")
+
+
+def test_label_outside_int32_is_a_bad_row(tmp_path, run_extract):
+    src = tmp_path / "src"
+    write_image(src / "a.png", seed=1)
+    write_image(src / "b.png", seed=2)
+    write_image(src / "c.png", seed=3)
+    (src / "t.csv").write_text("image,caption,label\na.png,x,3\nb.png,y,99999999999\nc.png,z,seven\n")
+
+    _, out = extract_or_fail(run_extract, src / "t.csv", "pipeline/sources.py _read_table (label beyond int32)",
+                             source_options=dict(label_column="label"))
+
+    fs = FeatureSet.open(out)
+    assert fs.table().select(["key", "label"]).to_pylist() == [{"key": "a.png", "label": 3}]
+    rejects = fs.rejects()
+    assert [(r["key"], category(r["reason"])) for r in rejects] == [("b.png", "bad-row"), ("c.png", "bad-row")]
+    assert "99999999999" in rejects[0]["reason"] and "'seven'" in rejects[1]["reason"]

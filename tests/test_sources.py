@@ -138,6 +138,18 @@ def test_csv_table(table_images, run_extract):
                             (str(table_images / "img/sub/c.png"), "absolute path", -1)]
 
 
+def test_csv_with_utf8_byte_order_mark(table_images, run_extract):
+    # Excel's "CSV UTF-8" starts the file with a BOM; the first column must still be found by name
+    (table_images / "bom.csv").write_bytes("\ufeffimage,caption\nimg/a.png,café au lait\n".encode("utf-8"))
+    try:
+        result, out = run_extract(table_images / "bom.csv")
+    except SourceError as exc:
+        pytest.fail(f"BUG pipeline/sources.py _table_rows: a CSV starting with a UTF-8 BOM is opened with "
+                    f"encoding='utf-8', so the first column is named '\\ufeffimage' and is not found: {exc}")
+    assert_clean(result, out, 1)
+    assert rows_of(out) == [("img/a.png", "café au lait", -1)]
+
+
 def test_tsv_table_with_label_and_key_columns(table_images, run_extract):
     lines = ["id\timage_path\ttext\tclass",
              "k-001\timg/a.png\tfirst image\t3",
