@@ -79,3 +79,17 @@ def build(kind: str, name: str, weights: str | None = None, **options):
     import pipeline.tokenizers  # noqa: F401
     spec = load_spec(kind, name)
     return LOADERS[kind][spec["loader"]](spec, resolve_weights(spec, weights), **options)
+
+
+def load_recipe(name: str) -> dict:
+    """A training recipe (manifests/recipes/<name>.toml or a path) as option defaults.
+    Keys are the `arra-pipe train` flags with dashes as underscores (`lambda` for --lambda)."""
+    path = Path(name)
+    if not (name.endswith(".toml") and path.is_file()):
+        path = manifest_dir("recipes") / f"{name}.toml"
+        if not path.is_file():
+            raise RegistryError(f"unknown recipe {name!r}; known: {', '.join(available('recipes'))}")
+    with open(path, "rb") as f:
+        recipe = tomllib.load(f)
+    recipe.pop("description", None)
+    return {("lam" if k == "lambda" else k.replace("-", "_")): v for k, v in recipe.items()}

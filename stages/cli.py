@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def main():
              verify     re-check every shard of a feature set
              tokenizer  fit the offline kmeans tokenizer
              models     list the teachers and tokenizers this install knows
+    Stage 2  train      DeepSpeed ZeRO training with the ARRA loss, from feature sets
+             export     a run -> a plain Hugging Face model directory
              demo       the whole pipeline on Fashion-MNIST, no network needed
     """
 
@@ -157,6 +160,95 @@ def tokenizer_fit(source, out, **kw):
     click.echo(f"wrote {out}: {summary['codebook_size']} codes of {summary['patch']}x{summary['patch']} px at "
                f"{summary['resolution']} px, fitted on {summary['images']} images; "
                f"reconstruction PSNR {summary['psnr_db']:.2f} dB")
+
+
+def recipe_defaults(ctx: click.Context, _param, value):
+    """--recipe: a TOML file of option values; flags given on the command line still win."""
+    if value:
+        from pipeline.registry import load_recipe
+        try:
+            ctx.default_map = {**(ctx.default_map or {}), **load_recipe(value)}
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--recipe") from None
+    return value
+
+
+@main.command()
+@click.argument("featuresets", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--recipe", callback=recipe_defaults, is_eager=True, expose_value=False,
+              help="Recipe name in manifests/recipes (e.g. arra-base-llamagen-b) or a .toml path; sets defaults for the flags below.")
+@click.option("--out", "-o", "run", required=True, type=click.Path(file_okay=False), help="Run directory (created, or resumed when it holds checkpoints).")
+@click.option("--teacher", help="Teacher column to align to (default: the sets' only teacher).")
+@click.option("--model", default="tiny", show_default=True, help="Preset (tiny, llamagen-b|l|xl|xxl|3b) for ARRA-Base, or hf:PATH for a text-only causal LM (ARRA).")
+@click.option("--init", type=click.Path(exists=True, file_okay=False), help="ARRA-Adapt: continue from a directory written by `arra-pipe export`.")
+@click.option("--condition", type=click.Choice(["class", "text"]), default="class", show_default=True, help="Presets: condition on the class label or on the caption.")
+@click.option("--text-tokenizer", help="--condition text: a tokenizer directory, or `train` to fit a small BPE on the captions (default).")
+@click.option("--text-vocab", default=2048, show_default=True, help="Vocabulary of the BPE trained with --text-tokenizer train.")
+@click.option("--max-text-len", default=64, show_default=True, help="Caption tokens kept (truncation).")
+@click.option("--lambda", "lam", default=1.0, show_default=True, help="Weight of the GVA loss; 0 = plain AR baseline, no projector.")
+@click.option("--align-layer", default=1, show_default=True, help="hidden_states index aligned: 1 = output of the first block (official).")
+@click.option("--align-positions", type=click.Choice(["image", "rep-token"]), default="image", show_default=True,
+              help="image: every position that predicts an image code; rep-token: only the <boi> position.")
+@click.option("--align-loss", type=click.Choice(["cosine", "mse"]), default="cosine", show_default=True)
+@click.option("--projector-hidden", type=int, help="Projector hidden width (default: the teacher dim, as the official 512->512).")
+@click.option("--z-loss", default=0.0, show_default=True, help="z-loss weight (independent of GVA).")
+@click.option("--cond-dropout", default=0.1, show_default=True, help="Probability of dropping the condition (for classifier-free guidance).")
+@click.option("--dropout", default=0.0, show_default=True, help="Attention dropout of preset models.")
+@click.option("--zero", type=click.IntRange(0, 3), default=0, show_default=True, help="DeepSpeed ZeRO stage.")
+@click.option("--offload", type=click.Choice(["none", "cpu"]), default="none", show_default=True, help="Offload optimizer (and ZeRO-3 params) to CPU.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--procs", default=1, show_default=True, help="CPU processes (gloo), launched with torchrun.")
+@click.option("--gpus", default=1, show_default=True, help="GPUs on this node, launched with the deepspeed launcher.")
+@click.option("--hostfile", type=click.Path(exists=True, dir_okay=False), help="DeepSpeed hostfile for several nodes.")
+@click.option("--micro-batch", default=8, show_default=True, help="Sequences per rank per micro-step.")
+@click.option("--grad-accum", default=1, show_default=True, help="Micro-steps per optimizer step.")
+@click.option("--steps", type=int, help="Optimizer steps (default: --epochs).")
+@click.option("--epochs", type=float, help="Epochs over the sets (default 1 when --steps is not given).")
+@click.option("--lr", default=1e-4, show_default=True)
+@click.option("--min-lr", default=0.0, show_default=True, help="Floor of the cosine schedule.")
+@click.option("--warmup-steps", default=0, show_default=True)
+@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
+@click.option("--weight-decay", default=0.05, show_default=True)
+@click.option("--clip", default=1.0, show_default=True, help="Gradient clipping (global norm).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--save-every", default=1000, show_default=True, help="Checkpoint every N steps (and at the end).")
+@click.option("--keep-checkpoints", default=2, show_default=True)
+@click.option("--exclude-keys", "exclude", type=click.Path(exists=True, dir_okay=False), help="File of keys (one per line) to leave out, e.g. from `arra-pipe audit`.")
+@click.option("--deepspeed-config", type=click.Path(exists=True, dir_okay=False), help="Use this DeepSpeed JSON config instead of the generated one.")
+@click.option("--progress/--no-progress", default=True)
+def train(featuresets, procs, gpus, hostfile, **kw):
+    """Train on FEATURESETS (made by `extract`) with CE + lambda * GVA under DeepSpeed ZeRO.
+
+    With --procs N (CPU) or --gpus N / --hostfile the ranks are launched for you; started by
+    torchrun or deepspeed, each process joins the existing ranks. Re-running into the same --out
+    resumes from its last checkpoint with the very next batch.
+    """
+    from stages.train import TrainError, TrainOptions, launch_command, run_launcher, train as run
+    cmd = launch_command(procs, gpus, hostfile, sys.argv[1:])
+    if cmd:
+        sys.exit(run_launcher(cmd, kw["device"]))
+    try:
+        last = run(TrainOptions(sets=list(featuresets), **kw), log=lambda m: click.echo(m, err=True))
+    except (TrainError, ValueError) as exc:
+        fail(exc)
+    if last and int(os.environ.get("RANK", "0")) == 0:
+        click.echo("done: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float)))
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Directory for the Hugging Face model.")
+@click.option("--tag", help="Checkpoint tag (default: the latest).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+def export(run, out, tag, dtype):
+    """Export a training run to a plain Hugging Face model directory (safetensors) that
+    AutoModelForCausalLM loads without arra-pipe; the GVA projector is saved beside it."""
+    from stages.export import export as run_export
+    try:
+        path = run_export(run, out, tag, dtype)
+    except ValueError as exc:
+        fail(exc)
+    click.echo(f"exported {path}")
 
 
 @main.command()

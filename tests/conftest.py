@@ -35,15 +35,29 @@ def write_image(path, size=(20, 24), mode="RGB", seed=0, fmt=None):
     return path
 
 
+def _extract(codebook, source, out, overwrite=False, **kw):
+    opts = dict(source=str(source), out=str(out), tokenizer_path=codebook, teacher_resolution=TEACHER_RES,
+                batch_size=4, workers=0, shard_size=8, progress=False, max_reject_rate=1.0)
+    if "source_options" in kw and isinstance(kw["source_options"], dict):
+        kw["source_options"] = SourceOptions(**kw["source_options"])
+    opts.update(kw)
+    return extract(ExtractOptions(**opts), overwrite=overwrite, log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def run_extract_module(codebook, tmp_path_factory):
+    """Like `run_extract`, shared by a test module; returns the set's path."""
+    def run(source, name="set", **kw):
+        out = tmp_path_factory.mktemp(name) / "set"
+        _extract(codebook, source, out, **kw)
+        return out
+    return run
+
+
 @pytest.fixture
 def run_extract(codebook, tmp_path):
     """extract(source) with test-sized settings; returns (result, out path)."""
     def run(source, out=None, overwrite=False, **kw):
         out = out or tmp_path / "set"
-        opts = dict(source=str(source), out=str(out), tokenizer_path=codebook, teacher_resolution=TEACHER_RES,
-                    batch_size=4, workers=0, shard_size=8, progress=False, max_reject_rate=1.0)
-        if "source_options" in kw and isinstance(kw["source_options"], dict):
-            kw["source_options"] = SourceOptions(**kw["source_options"])
-        opts.update(kw)
-        return extract(ExtractOptions(**opts), overwrite=overwrite, log=lambda m: None), out
+        return _extract(codebook, source, out, overwrite, **kw), out
     return run

@@ -1,0 +1,79 @@
+"""The language models ARRA trains, all plain transformers `LlamaForCausalLM`-style causal LMs.
+
+- ARRA-Base: a LlamaGen-sized Llama from random init (`preset`), vocabulary = condition tokens +
+  image codes + <boi>/<eoi>.
+- ARRA: any text-only causal LM directory (`hf:PATH`); its vocabulary is extended with the image
+  codes and <boi>/<eoi>, new rows initialised to the mean of the old ones.
+- ARRA-Adapt: an exported text-to-image checkpoint of ours (`--init PATH`), continued.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# LlamaGen's GPT sizes (layers, width, heads); `tiny` is for tests.
+PRESETS = {
+    "tiny": (2, 64, 4),
+    "llamagen-b": (12, 768, 12),
+    "llamagen-l": (24, 1024, 16),
+    "llamagen-xl": (36, 1280, 20),
+    "llamagen-xxl": (48, 1536, 24),
+    "llamagen-3b": (24, 3200, 32),
+}
+LAYOUT_FILE = "arra_vocab.json"
+PROJECTOR_FILE = "arra_projector.safetensors"
+
+
+def swiglu_hidden(dim: int, multiple: int = 256) -> int:
+    """LlamaGen's FFN width: 2/3 of 4*dim, rounded up to a multiple of 256."""
+    hidden = int(2 * 4 * dim / 3)
+    return multiple * ((hidden + multiple - 1) // multiple)
+
+
+def preset_config(preset: str, vocab_size: int, max_positions: int, dropout: float = 0.0):
+    from transformers import LlamaConfig
+    if preset not in PRESETS:
+        raise ValueError(f"unknown --model preset {preset!r}; choose one of {', '.join(PRESETS)} or hf:PATH")
+    layers, dim, heads = PRESETS[preset]
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=dim, intermediate_size=swiglu_hidden(dim),
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=max_positions, rms_norm_eps=1e-5, attention_dropout=dropout,
+                       tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def build_from_preset(preset: str, vocab_size: int, max_positions: int, dropout: float = 0.0):
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM(preset_config(preset, vocab_size, max_positions, dropout))
+
+
+def load_text_lm(path: str):
+    """A text-only causal LM and its tokenizer from a local directory (never remote code)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not Path(path).is_dir():
+        raise ValueError(f"--model hf:{path}: not a local model directory")
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return model, tokenizer
+
+
+def extend_vocab(model, new_size: int) -> None:
+    """Grow input (and untied output) embeddings to `new_size`; new rows = mean of the old rows."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if new_size <= old:
+        return
+    model.resize_token_embeddings(new_size, mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
+            emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+            if getattr(emb, "bias", None) is not None:
+                emb.bias[old:] = emb.bias[:old].mean()
+
+
+def read_layout(path: str | Path) -> dict:
+    p = Path(path) / LAYOUT_FILE
+    if not p.is_file():
+        raise ValueError(f"{path}: no {LAYOUT_FILE}; --init needs a directory written by `arra-pipe export`")
+    return json.loads(p.read_text())

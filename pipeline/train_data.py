@@ -1,0 +1,164 @@
+"""Train-time reader: feature-set shards -> micro-batches of token sequences and teacher targets.
+
+Shards are dealt to ranks (shard i -> rank i % world; with fewer shards than ranks every rank
+reads all shards and keeps every world-th row). Each rank shuffles its shard order and its rows
+(a seeded shuffle buffer) per epoch and cycles its rows, and every rank runs the same number of
+steps per epoch, computed from the manifests' row counts, so no rank waits for another at the end.
+The stream is a pure function of (seed, epoch, rank), which is what makes resuming exact: a
+resumed run rebuilds the epoch's stream and skips the micro-batches it already consumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from pipeline.featureset import FeatureSet, feature_column, read_shard
+from pipeline.vocab import VocabLayout
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    featureset: FeatureSet
+    index: int
+    rows: int
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        return read_shard(self.featureset.shard_paths()[self.index])
+
+
+class Conditioner:
+    """Condition tokens for a batch of rows: class tokens, or a text tokenizer's ids of the caption."""
+
+    def __init__(self, layout: VocabLayout, text_tokenizer=None, max_text_len: int = 64):
+        self.layout, self.tokenizer, self.max_text_len = layout, text_tokenizer, max_text_len
+        if layout.condition == "text":
+            if text_tokenizer is None:
+                raise ValueError("a text-conditioned layout needs a text tokenizer")
+            self.null = self.encode([""])[0]
+        else:
+            self.null = [layout.null_class]
+
+    def encode(self, captions: list[str]) -> list[list[int]]:
+        ids = self.tokenizer(captions, truncation=True, max_length=self.max_text_len)["input_ids"]
+        return [list(x) for x in ids]
+
+    def __call__(self, labels: np.ndarray, captions: list[str], drop: np.ndarray) -> list[list[int]]:
+        if self.layout.condition == "class":
+            return [self.null if d else [int(y)] for y, d in zip(labels, drop)]
+        return [self.null if d else ids for ids, d in zip(self.encode(captions), drop)]
+
+
+def make_sequences(layout: VocabLayout, conditions: list[list[int]], codes: np.ndarray, align_positions: str = "image"):
+    """Lay out `condition <boi> codes <eoi>` per row, right-padded. Returns input_ids, attention_mask,
+    labels (image codes and <eoi>) and align_mask (the positions whose next token is an image code,
+    or only the <boi> position for `align_positions="rep-token"`)."""
+    b, n = codes.shape
+    lengths = np.array([len(c) for c in conditions])
+    t = int(lengths.max()) + n + 2
+    ids = np.full((b, t), layout.pad, dtype=np.int64)
+    labels = np.full((b, t), IGNORE, dtype=np.int64)
+    attn = np.zeros((b, t), dtype=np.int64)
+    align = np.zeros((b, t), dtype=bool)
+    image = codes.astype(np.int64) + layout.image_offset
+    for i, (cond, k) in enumerate(zip(conditions, lengths)):
+        ids[i, :k] = cond
+        ids[i, k] = layout.boi
+        ids[i, k + 1:k + 1 + n] = image[i]
+        ids[i, k + 1 + n] = layout.eoi
+        labels[i, k + 1:k + 2 + n] = ids[i, k + 1:k + 2 + n]
+        attn[i, :k + n + 2] = 1
+        if align_positions == "rep-token":
+            align[i, k] = True
+        else:
+            align[i, k:k + n] = True
+    return ids, attn, labels, align
+
+
+class TrainStream:
+    def __init__(self, sets: list[FeatureSet], teacher: str | None, layout: VocabLayout, micro_batch: int,
+                 rank: int = 0, world: int = 1, seed: int = 0, shuffle_buffer: int = 8192,
+                 cond_dropout: float = 0.1, conditioner: Conditioner | None = None,
+                 align_positions: str = "image", exclude: frozenset[str] = frozenset()):
+        self.teacher, self.layout, self.micro_batch = teacher, layout, micro_batch
+        self.rank, self.world, self.seed = rank, world, seed
+        self.shuffle_buffer, self.cond_dropout = max(shuffle_buffer, micro_batch), cond_dropout
+        self.conditioner = conditioner or Conditioner(layout)
+        self.align_positions, self.exclude = align_positions, exclude
+        self.shards = [ShardRef(fs, i, s["rows"]) for fs in sets for i, s in enumerate(fs.manifest["shards"])]
+        self.by_shard = len(self.shards) >= world
+
+    def rank_shards(self, rank: int) -> list[ShardRef]:
+        return self.shards[rank::self.world] if self.by_shard else self.shards
+
+    def rows_of_rank(self, rank: int) -> int:
+        total = sum(s.rows for s in self.rank_shards(rank))
+        return total if self.by_shard else len(range(rank, total, self.world))
+
+    def steps_per_epoch(self, accumulation: int) -> int:
+        """Optimizer steps every rank can take per epoch (the smallest rank decides)."""
+        return min(self.rows_of_rank(r) for r in range(self.world)) // (self.micro_batch * accumulation)
+
+    def _rows(self, rng: np.random.Generator) -> Iterator[dict]:
+        """This rank's rows as column chunks, shard order shuffled, forever (one pass after another)."""
+        while True:
+            shards = self.rank_shards(self.rank)
+            seen = 0
+            for j in rng.permutation(len(shards)):
+                for batch in shards[j].batches():
+                    if not self.by_shard:  # keep every world-th row of the concatenated stream
+                        keep = np.arange(seen, seen + batch.num_rows) % self.world == self.rank
+                        seen += batch.num_rows
+                        batch = batch.filter(pa.array(keep))
+                    if self.exclude:
+                        batch = batch.filter(pc.invert(pc.is_in(batch.column("key"), pa.array(sorted(self.exclude)))))
+                    if batch.num_rows:
+                        yield self._columns(batch)
+
+    def _columns(self, batch: pa.RecordBatch) -> dict:
+        n = batch.num_rows
+        out = {"label": batch.column("label").to_numpy(),
+               "codes": batch.column("codes").flatten().to_numpy().reshape(n, -1),
+               "caption": batch.column("caption").to_pylist() if self.layout.condition == "text" else [None] * n}
+        if self.teacher:
+            out["feat"] = batch.column(feature_column(self.teacher)).flatten().to_numpy().reshape(n, -1)
+        return out
+
+    def epoch(self, epoch: int) -> Iterator[dict]:
+        """Infinite micro-batches for `epoch` on this rank (the trainer takes as many as it needs)."""
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        buffer: dict | None = None
+        for chunk in self._rows(rng):
+            buffer = chunk if buffer is None else {k: _cat(buffer[k], chunk[k]) for k in chunk}
+            if len(buffer["label"]) < self.shuffle_buffer:
+                continue
+            order = rng.permutation(len(buffer["label"]))
+            whole = len(order) // self.micro_batch * self.micro_batch
+            for i in range(0, whole, self.micro_batch):
+                yield self._batch({k: _take(v, order[i:i + self.micro_batch]) for k, v in buffer.items()}, rng)
+            buffer = {k: _take(v, order[whole:]) for k, v in buffer.items()}
+
+    def _batch(self, rows: dict, rng: np.random.Generator) -> dict:
+        drop = rng.random(len(rows["label"])) < self.cond_dropout
+        conditions = self.conditioner(rows["label"], rows["caption"], drop)
+        ids, attn, labels, align = make_sequences(self.layout, conditions, rows["codes"], self.align_positions)
+        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
+               "labels": torch.from_numpy(labels), "align_mask": torch.from_numpy(align)}
+        if "feat" in rows:
+            out["teacher"] = torch.from_numpy(rows["feat"].astype(np.float32))
+        return out
+
+
+def _cat(a, b):
+    return a + b if isinstance(a, list) else np.concatenate([a, b])
+
+
+def _take(v, idx):
+    return [v[i] for i in idx] if isinstance(v, list) else v[idx]

@@ -1,0 +1,63 @@
+"""How image codes sit in the LM's vocabulary, and how a training sequence is laid out.
+
+    vocabulary:  [ condition tokens | image codes (codebook_size) | <boi> | <eoi> ]
+    sequence:    condition  <boi>  c_1 ... c_N  <eoi>   (N = grid h*w, row-major)
+
+Condition tokens are either class tokens (one per label plus a null class used for classifier-free
+guidance) or a text tokenizer's vocabulary. Labels cover the image codes and <eoi>; the
+positions that *predict* image codes (<boi> .. c_{N-1}) come from this layout, never from
+slicing the end of a padded batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class VocabLayout:
+    condition: str          # "class" or "text"
+    condition_vocab: int    # class: num_classes + 1 (the last is the null class); text: tokenizer rows
+    codebook_size: int
+    grid: tuple[int, int]
+    tokenizer: dict         # the feature set's tokenizer reference: name, weights_sha256, resolution
+    pad_id: int = -1        # text: the tokenizer's pad id; class: <eoi> (padding is masked anyway)
+
+    @property
+    def image_offset(self) -> int:
+        return self.condition_vocab
+
+    @property
+    def boi(self) -> int:
+        return self.image_offset + self.codebook_size
+
+    @property
+    def eoi(self) -> int:
+        return self.boi + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.eoi + 1
+
+    @property
+    def image_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def null_class(self) -> int:
+        return self.condition_vocab - 1
+
+    @property
+    def pad(self) -> int:
+        return self.eoi if self.pad_id < 0 else self.pad_id
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(grid=list(self.grid), image_offset=self.image_offset, boi=self.boi, eoi=self.eoi,
+                 vocab_size=self.vocab_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VocabLayout":
+        return cls(d["condition"], d["condition_vocab"], d["codebook_size"], tuple(d["grid"]), d["tokenizer"],
+                   d.get("pad_id", -1))

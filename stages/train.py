@@ -1,0 +1,456 @@
+"""Stage 2: train an autoregressive text/class-to-image LM with the ARRA loss under DeepSpeed ZeRO.
+
+Reads only feature sets: no teacher model is imported or loaded here. Everything that can be
+wrong with the inputs (missing teacher column, dims, codebook, grid, sequence length) is checked
+before the model is built. A run directory holds:
+
+    <run>/train_config.json     options, vocabulary layout, DeepSpeed config
+    <run>/deepspeed_config.json the generated (or given) DeepSpeed config
+    <run>/model/                LM config, text tokenizer, arra_vocab.json (for export)
+    <run>/checkpoints/<tag>/    DeepSpeed checkpoint + per-rank data cursor and RNG state
+    <run>/metrics.jsonl         one line per optimizer step
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.featureset import FeatureSet
+from pipeline.files import atomic_write_json, read_json
+from pipeline.lm import LAYOUT_FILE, build_from_preset, extend_vocab, load_text_lm, read_layout
+from pipeline.train_data import Conditioner, TrainStream
+from pipeline.vocab import VocabLayout
+
+
+class TrainError(ValueError):
+    """The inputs or options cannot make a training run."""
+
+
+@dataclass
+class TrainOptions:
+    sets: list[str]
+    run: str
+    teacher: str | None = None
+    model: str = "tiny"
+    init: str | None = None
+    condition: str = "class"
+    text_tokenizer: str | None = None
+    text_vocab: int = 2048
+    max_text_len: int = 64
+    lam: float = 1.0
+    align_layer: int = 1
+    align_positions: str = "image"
+    align_loss: str = "cosine"
+    projector_hidden: int | None = None
+    z_loss: float = 0.0
+    cond_dropout: float = 0.1
+    dropout: float = 0.0
+    zero: int = 0
+    offload: str = "none"
+    device: str = "cpu"
+    micro_batch: int = 8
+    grad_accum: int = 1
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip: float = 1.0
+    seed: int = 0
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    shuffle_buffer: int = 8192
+    exclude: str | None = None
+    deepspeed_config: str | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# launching: re-run ourselves under a launcher when more than one process is asked for
+
+
+def launch_command(procs: int, gpus: int, hostfile: str | None, argv: list[str]) -> list[str] | None:
+    """The launcher command that runs `arra-pipe <argv>` on every rank, or None to run in-process."""
+    if "WORLD_SIZE" in os.environ or (procs <= 1 and gpus <= 1 and not hostfile):
+        return None
+    if gpus > 1 or hostfile:
+        cmd = ["deepspeed"] + (["--hostfile", hostfile] if hostfile else ["--num_gpus", str(gpus)])
+        return cmd + ["--module", "stages.cli", *argv]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+            "-m", "stages.cli", *argv]
+
+
+def run_launcher(cmd: list[str], device: str) -> int:
+    env = {**os.environ, **({"DS_ACCELERATOR": "cpu"} if device == "cpu" else {})}
+    return subprocess.call(cmd, env=env)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+# ---------------------------------------------------------------------------------------------
+# checks on the feature sets, before any model exists
+
+
+def open_sets(paths: list[str], teacher: str | None, lam: float) -> tuple[list[FeatureSet], str | None, int | None]:
+    """Open the sets and agree on tokenizer and teacher; returns (sets, teacher, teacher dim)."""
+    sets = [FeatureSet.open(p) for p in paths]
+    first = sets[0].manifest["tokenizer"]
+    for fs in sets[1:]:
+        tok = fs.manifest["tokenizer"]
+        for k in ("name", "codebook_size", "grid", "weights_sha256"):
+            if tok[k] != first[k]:
+                raise TrainError(f"{fs.path}: tokenizer {k} is {tok[k]!r} but {sets[0].path} has {first[k]!r}; "
+                                 "sets trained together must share one tokenizer")
+    if teacher is None:
+        common = set.intersection(*(set(fs.teachers) for fs in sets))
+        if lam > 0 and len(common) != 1:
+            raise TrainError(f"name the teacher column with --teacher (the sets have {sorted(common) or 'none in common'})")
+        teacher = next(iter(common)) if len(common) == 1 and lam > 0 else None
+    dim = None
+    if teacher is not None:
+        for fs in sets:
+            if teacher not in fs.teachers:
+                raise TrainError(f"{fs.path}: no teacher column feat.{teacher}; it has {sorted(fs.teachers)}")
+            d = fs.teachers[teacher]["dim"]
+            if dim is not None and d != dim:
+                raise TrainError(f"{fs.path}: feat.{teacher} is {d}-d but another set has {dim}-d")
+            dim = d
+    return sets, teacher, dim
+
+
+def class_count(sets: list[FeatureSet]) -> int:
+    for fs in sets:
+        if "labels" not in fs.manifest:
+            raise TrainError(f"{fs.path}: the manifest has no label counts (made by an older arra-pipe); re-extract it")
+    classes = max(fs.manifest.get("labels", {}).get("classes", 0) for fs in sets)
+    unlabelled = sum(fs.manifest.get("labels", {}).get("unlabelled", 0) for fs in sets)
+    if classes == 0 or unlabelled:
+        raise TrainError(f"--condition class needs a label on every row; {unlabelled} rows have none "
+                         f"({', '.join(str(fs.path) for fs in sets)}); use --condition text")
+    return classes
+
+
+def text_tokenizer(opts: TrainOptions, sets: list[FeatureSet], out: Path, is_main: bool):
+    """The caption tokenizer: a local HF tokenizer directory, or a small BPE trained on the captions."""
+    from transformers import AutoTokenizer
+    if opts.text_tokenizer and opts.text_tokenizer != "train":
+        return AutoTokenizer.from_pretrained(opts.text_tokenizer, trust_remote_code=False)
+    if is_main and not (out / "tokenizer.json").exists():
+        from pipeline.text_tokenizer import train_bpe
+        captions = (c for fs in sets for b in fs.batches() for c in b.column("caption").to_pylist())
+        train_bpe(captions, opts.text_vocab).save_pretrained(out)
+    from pipeline import distributed
+    distributed.barrier()
+    return AutoTokenizer.from_pretrained(out)
+
+
+def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_main: bool):
+    """Decide the vocabulary layout and how to build the LM, checking every size against the sets.
+    Returns (layout, builder, tokenizer); the builder makes the LM later."""
+    tok = sets[0].manifest["tokenizer"]
+    grid, codebook = tuple(tok["grid"]), tok["codebook_size"]
+    tok_ref = {k: tok[k] for k in ("name", "weights_sha256", "resolution", "grid", "codebook_size")}
+    if opts.init:
+        prev = read_layout(opts.init)
+        layout = VocabLayout.from_dict(prev)
+        if layout.grid != grid:
+            raise TrainError(f"--init {opts.init}: the model was trained on a {layout.grid} grid, "
+                             f"the sets have {grid}")
+        if codebook > layout.codebook_size or prev["tokenizer"]["weights_sha256"] != tok["weights_sha256"]:
+            raise TrainError(f"--init {opts.init}: image vocabulary is {layout.codebook_size} codes of tokenizer "
+                             f"{prev['tokenizer']['name']} (sha256 {prev['tokenizer']['weights_sha256'][:12]}), the sets "
+                             f"have {codebook} codes of {tok['name']} (sha256 {tok['weights_sha256'][:12]})")
+        tokenizer = _maybe_tokenizer(opts.init) if layout.condition == "text" else None
+
+        def build():
+            from transformers import AutoModelForCausalLM
+            return AutoModelForCausalLM.from_pretrained(opts.init, trust_remote_code=False, dtype=torch.float32)
+        max_positions = None
+    elif opts.model.startswith("hf:"):
+        def build():
+            model, _ = load_text_lm(opts.model[3:])
+            extend_vocab(model, layout.vocab_size)
+            return model
+        from transformers import AutoConfig, AutoTokenizer
+        config = AutoConfig.from_pretrained(opts.model[3:], trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(opts.model[3:], trust_remote_code=False)
+        rows = max(config.vocab_size, len(tokenizer))
+        layout = VocabLayout("text", rows, codebook, grid, tok_ref, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1)
+        max_positions = config.max_position_embeddings
+    else:
+        if opts.condition == "class":
+            layout = VocabLayout("class", class_count(sets) + 1, codebook, grid, tok_ref)
+            tokenizer = None
+        else:
+            tokenizer = text_tokenizer(opts, sets, model_dir, is_main)
+            layout = VocabLayout("text", len(tokenizer), codebook, grid, tok_ref, tokenizer.pad_token_id)
+        cond_len = 1 if opts.condition == "class" else opts.max_text_len
+        max_positions = cond_len + layout.image_tokens + 2
+
+        def build():
+            return build_from_preset(opts.model, layout.vocab_size, max_positions, opts.dropout)
+    need = (1 if layout.condition == "class" else opts.max_text_len) + layout.image_tokens + 2
+    if max_positions is not None and need > max_positions:
+        raise TrainError(f"sequences need {need} positions ({grid[0]}x{grid[1]} image codes + condition + 2) "
+                         f"but the model has max_position_embeddings {max_positions}; lower --max-text-len or the grid")
+    return layout, build, tokenizer
+
+
+def _maybe_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed config, optimizer, schedule
+
+
+def deepspeed_config(opts: TrainOptions, world: int) -> dict:
+    if opts.deepspeed_config:
+        config = read_json(opts.deepspeed_config)
+        config.setdefault("train_micro_batch_size_per_gpu", opts.micro_batch)
+        config.setdefault("gradient_accumulation_steps", opts.grad_accum)
+        return config
+    gpu = opts.device == "cuda"
+    zero = {"stage": opts.zero, "contiguous_gradients": True, "overlap_comm": gpu,
+            "reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8)}
+    if opts.zero == 3:
+        zero.update(stage3_prefetch_bucket_size=int(5e8), stage3_param_persistence_threshold=int(1e6),
+                    stage3_max_live_parameters=int(1e9), stage3_max_reuse_distance=int(1e9))
+    if opts.offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
+        if opts.zero == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
+    return {"train_micro_batch_size_per_gpu": opts.micro_batch, "gradient_accumulation_steps": opts.grad_accum,
+            "train_batch_size": opts.micro_batch * opts.grad_accum * world, "gradient_clipping": opts.clip,
+            "bf16": {"enabled": gpu}, "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only (not norms, biases); LlamaGen/nanoGPT convention."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def lr_lambda(opts: TrainOptions, total_steps: int):
+    """Linear warm-up, then constant or cosine down to min_lr (as a factor of lr)."""
+    floor = opts.min_lr / opts.lr if opts.lr else 0.0
+
+    def factor(step: int) -> float:
+        if step < opts.warmup_steps:
+            return (step + 1) / opts.warmup_steps
+        if opts.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - opts.warmup_steps) / max(1, total_steps - opts.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def _same_run(run: Path, config: dict) -> None:
+    prev = read_json(run / "train_config.json")
+    for key in ("layout", "model", "teacher", "teacher_dim", "sets", "condition"):
+        if prev.get(key) != config.get(key):
+            raise TrainError(f"{run} holds a run with {key} = {prev.get(key)!r}, not {config.get(key)!r}; "
+                             "use another run directory")
+
+
+class Metrics:
+    """metrics.jsonl (truncated to the resumed step), TensorBoard when installed."""
+
+    def __init__(self, run: Path, start_step: int, enabled: bool):
+        self.path, self.enabled, self.tb = run / "metrics.jsonl", enabled, None
+        if not enabled:
+            return
+        if self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run / "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+
+def train(opts: TrainOptions, log=print) -> dict:
+    if opts.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _single_process_env()
+    run = Path(opts.run)
+    # ---- checks that need no model
+    if opts.align_positions not in ("image", "rep-token"):
+        raise TrainError(f"--align-positions must be image or rep-token, not {opts.align_positions!r}")
+    sets, teacher, teacher_dim = open_sets(opts.sets, opts.teacher, opts.lam)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    is_main = rank == 0
+    model_dir = run / "model"
+    if is_main:
+        model_dir.mkdir(parents=True, exist_ok=True)
+
+    import deepspeed
+    from pipeline import distributed
+    if opts.device == "cpu":
+        # DeepSpeed's shared-memory all-reduce for CPU is JIT-compiled (about a minute on first use)
+        # and its segments collide between concurrent jobs on one host; plain gloo is enough here.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="gloo" if opts.device == "cpu" else "nccl", verbose=False)
+    layout, build, tokenizer = plan_model(opts, sets, model_dir, is_main)
+    exclude = frozenset(Path(opts.exclude).read_text().split()) if opts.exclude else frozenset()
+    stream = TrainStream(sets, teacher if opts.lam > 0 else None, layout, opts.micro_batch, rank, world, opts.seed,
+                         opts.shuffle_buffer, opts.cond_dropout, Conditioner(layout, tokenizer, opts.max_text_len),
+                         opts.align_positions, exclude)
+    per_epoch = stream.steps_per_epoch(opts.grad_accum)
+    if per_epoch == 0:
+        raise TrainError(f"the sets hold too few rows for one step of {world} ranks x {opts.micro_batch} rows x "
+                         f"{opts.grad_accum} accumulation")
+    total = opts.steps or math.ceil((opts.epochs or 1.0) * per_epoch)
+    ds_config = deepspeed_config(opts, world)
+    config = {"options": {k: v for k, v in asdict(opts).items() if k != "extra"}, "layout": layout.to_dict(),
+              "model": opts.init or opts.model, "teacher": teacher if opts.lam > 0 else None,
+              "teacher_dim": teacher_dim if opts.lam > 0 else None, "condition": layout.condition,
+              "sets": [str(fs.path.resolve()) for fs in sets], "steps": total, "steps_per_epoch": per_epoch,
+              "world": world, "deepspeed": ds_config}
+    if (run / "train_config.json").exists():
+        _same_run(run, config)
+
+    # ---- the model (same seed on every rank, LM before projector so lambda 0 and 1 share the LM init)
+    torch.manual_seed(opts.seed)
+    from pipeline.arra import ARRAModel
+    model = ARRAModel(build(), teacher_dim if opts.lam > 0 else None, opts.lam, opts.align_layer, opts.align_loss,
+                      opts.projector_hidden, opts.z_loss)
+    device = torch.device("cpu") if opts.device == "cpu" else torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if is_main:
+        model.lm.config.save_pretrained(model_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(model_dir)
+        (model_dir / LAYOUT_FILE).write_text(json.dumps(layout.to_dict(), indent=1))
+        atomic_write_json(run / "train_config.json", config)
+        atomic_write_json(run / "deepspeed_config.json", ds_config)
+
+    groups = param_groups(model, opts.weight_decay)
+    from torch.optim.lr_scheduler import LambdaLR
+    schedule = lr_lambda(opts, total)
+    if opts.offload == "cpu":  # DeepSpeed's CPU Adam for offloaded optimizer states
+        ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": opts.lr, "betas": list(opts.betas), "eps": 1e-8}}
+        optimizer = None
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=opts.lr, betas=opts.betas, eps=1e-8, fused=device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups if optimizer is None else None,
+                                           optimizer=optimizer, lr_scheduler=lambda opt: LambdaLR(opt, schedule),
+                                           config=ds_config)
+
+    # ---- resume
+    ckpt_dir = run / "checkpoints"
+    step = 0
+    if (ckpt_dir / "latest").exists():
+        tag = (ckpt_dir / "latest").read_text().strip()
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        step = client["step"]
+        state = torch.load(ckpt_dir / tag / f"arra_state_rank{rank}.pt", weights_only=True)
+        torch.set_rng_state(state["rng"])
+        if is_main:
+            log(f"resumed from {ckpt_dir / tag} at step {step}")
+    metrics = Metrics(run, step, is_main)
+
+    # ---- loop
+    epoch, in_epoch = divmod(step, per_epoch)
+    batches = stream.epoch(epoch)
+    for _ in range(in_epoch * opts.grad_accum):
+        next(batches)
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=step, unit="step", desc="train", disable=not (is_main and opts.progress),
+               dynamic_ncols=True)
+    last = {}
+    while step < total:
+        start, sums, tokens, samples = time.perf_counter(), {}, 0, 0
+        for micro in range(opts.grad_accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            loss, parts = engine(**batch)
+            engine.backward(loss)
+            if micro == opts.grad_accum - 1 and engine.zero_optimization_stage() == 0:
+                grad_norm = plain_grad_norm(engine.module)  # DeepSpeed reports none without ZeRO
+            engine.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.float()
+            tokens += int(batch["attention_mask"].sum())
+            samples += batch["input_ids"].shape[0]
+        step += 1
+        keys = sorted(sums)
+        reduced = torch.stack([sums[k] / opts.grad_accum for k in keys] + [torch.tensor(float(tokens)), torch.tensor(float(samples))])
+        if world > 1:
+            torch.distributed.all_reduce(reduced)
+            reduced[:len(keys)] /= world
+        seconds = time.perf_counter() - start
+        gnorm = engine.get_global_grad_norm() if engine.zero_optimization_stage() else grad_norm
+        last = {"step": step, "epoch": epoch, **{k: float(reduced[i]) for i, k in enumerate(keys)},
+                "lr": engine.get_lr()[0], "grad_norm": float(gnorm) if gnorm is not None else None,
+                "tokens_per_s": float(reduced[-2]) / seconds, "samples_per_s": float(reduced[-1]) / seconds}
+        metrics.write(last)
+        bar.update(1)
+        bar.set_postfix({k: f"{last[k]:.4g}" for k in ("ce", "gva", "loss", "lr", "grad_norm", "tokens_per_s")
+                         if last.get(k) is not None}, refresh=False)
+        if step % per_epoch == 0:
+            epoch += 1
+            batches = stream.epoch(epoch)
+        if step % opts.save_every == 0 or step == total:
+            save_checkpoint(engine, ckpt_dir, step, rank, opts.keep_checkpoints)
+    bar.close()
+    distributed.barrier()
+    return last
+
+
+def plain_grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, keep: int) -> None:
+    """Our per-rank state goes in first, then DeepSpeed's files and its `latest` pointer."""
+    tag = f"step{step:08d}"
+    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+    torch.save({"step": step, "rng": torch.get_rng_state()}, ckpt_dir / tag / f"arra_state_rank{rank}.pt")
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
+    if rank == 0 and keep > 0:
+        for old in sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
