@@ -270,11 +270,13 @@ def models():
               help="Fashion-MNIST folder (default: Debian's full set when installed, else the subset in data/).")
 @click.option("--workers", default=2, show_default=True)
 @click.option("--teacher-resolution", default=112, show_default=True, help="EfficientNet-Lite0 input size (224 is native; 112 is 4x faster on CPU).")
-def demo(out, data, workers, teacher_resolution):
-    """Run the pipeline on Fashion-MNIST: fit the tokenizer, extract train and test sets, inspect them."""
+@click.option("--steps", default=300, show_default=True, help="Training steps of the tiny model.")
+def demo(out, data, workers, teacher_resolution, steps):
+    """Run the pipeline on Fashion-MNIST: fit the tokenizer, extract train and test sets, train a
+    tiny ARRA model on CPU and export it."""
     from stages.demo import run_demo
     try:
-        run_demo(out, data, workers, teacher_resolution, log=click.echo)
+        run_demo(out, data, workers, teacher_resolution, steps, log=click.echo)
     except ValueError as exc:
         fail(exc)
 
