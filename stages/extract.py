@@ -155,7 +155,7 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
                       "records": len(records), "options": asdict(opts.source_options)},
            "preprocess": {"resolution": tokenizer.resolution, "crop": "center", "resample": "bicubic",
                           "teacher_view": opts.teacher_view, "max_pixels": opts.max_pixels},
-           "tokenizer": {**tokenizer.describe(), "code_len": code_len},
+           "tokenizer": {**tokenizer.describe(), "code_len": code_len, "weights_path": str(tokenizer.weights_path.resolve())},
            "teachers": {name: t.describe() for name, t in teachers.items()},
            "layout": {"shard_size": opts.shard_size, "batch_size": opts.batch_size}}
 

@@ -175,7 +175,7 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
     Returns (layout, builder, tokenizer); the builder makes the LM later."""
     tok = sets[0].manifest["tokenizer"]
     grid, codebook = tuple(tok["grid"]), tok["codebook_size"]
-    tok_ref = {k: tok[k] for k in ("name", "weights_sha256", "resolution", "grid", "codebook_size")}
+    tok_ref = {k: tok.get(k) for k in ("name", "weights_sha256", "weights_path", "resolution", "grid", "codebook_size")}
     if opts.init:
         prev = read_layout(opts.init)
         layout = VocabLayout.from_dict(prev)
