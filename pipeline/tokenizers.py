@@ -17,6 +17,8 @@ from pipeline.registry import RegistryError, register
 
 
 class Tokenizer(FrozenModel):
+    """The VQ families (LlamaGen, Chameleon) live in `vq`, `llamagen` and `chameleon`."""
+
     resolution: int
     grid: tuple[int, int]
     codebook_size: int
@@ -31,8 +33,7 @@ class Tokenizer(FrozenModel):
 
     def describe(self) -> dict:
         return {"name": self.name, "loader": self.spec["loader"], "resolution": self.resolution,
-                "grid": list(self.grid), "codebook_size": self.codebook_size,
-                "weights": self.weights_path.name, "weights_sha256": self.weights_sha256}
+                "grid": list(self.grid), "codebook_size": self.codebook_size, **self.describe_weights()}
 
 
 KMEANS_FORMAT = "arra-pipe-kmeans-v1"
@@ -63,8 +64,7 @@ class KMeansTokenizer(Tokenizer):
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         x = to_patches(images.to(self.device), self.patch)
-        dist = self.codebook_sq - 2 * x @ self.codebook.T
-        return dist.argmin(-1).view(images.shape[0], *self.grid)
+        return nearest(x.reshape(-1, x.shape[-1]), self.codebook, self.codebook_sq).view(images.shape[0], *self.grid)
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -72,6 +72,12 @@ class KMeansTokenizer(Tokenizer):
         x = self.codebook[codes.to(self.device).long().view(b, h * w)].view(b, h, w, p, p, 3)
         x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, h * p, w * p, 3)
         return x.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def nearest(vectors: torch.Tensor, codebook: torch.Tensor, codebook_sq: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Index of the nearest codebook row (squared L2) for each row of `vectors`, in chunks so that
+    the distance matrix stays small (8192 x 16384 floats at most)."""
+    return torch.cat([(codebook_sq - 2 * part @ codebook.T).argmin(1) for part in vectors.split(chunk)])
 
 
 def to_patches(images: torch.Tensor, patch: int) -> torch.Tensor:

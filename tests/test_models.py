@@ -36,9 +36,9 @@ def test_kmeans_refuses_other_files(tmp_path):
 
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(RegistryError, match="known: efficientnet-lite0"):
+    with pytest.raises(RegistryError, match="known: .*efficientnet-lite0"):
         load_spec("teachers", "clip-xxl")
-    with pytest.raises(RegistryError, match="known: kmeans"):
+    with pytest.raises(RegistryError, match="known: .*kmeans"):
         load_spec("tokenizers", "magvit")
 
 
