@@ -54,6 +54,7 @@ def main():
              models     list the teachers and tokenizers this install knows
     Stage 2  train      DeepSpeed ZeRO training with the ARRA loss, from feature sets
              export     a run -> a plain Hugging Face model directory
+             sample     generate images (KV cache, classifier-free guidance)
              demo       the whole pipeline on Fashion-MNIST, no network needed
     """
 
@@ -249,6 +250,37 @@ def export(run, out, tag, dtype):
     except ValueError as exc:
         fail(exc)
     click.echo(f"exported {path}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--recipe", callback=recipe_defaults, is_eager=True, expose_value=False,
+              help="Sampling recipe, e.g. sample-official (CFG 4.0, top-k 2000, temperature 1.0).")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs, grid.png and samples.jsonl.")
+@click.option("--prompt", "prompts", multiple=True, help="Text prompt (repeatable) for text-conditioned models.")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), help="File with one prompt per line.")
+@click.option("--class", "classes", type=int, multiple=True, help="Class id (repeatable) for class-conditioned models; default all classes.")
+@click.option("--n", default=1, show_default=True, help="Images per prompt or class.")
+@click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance scale (1 = off).")
+@click.option("--top-k", default=0, show_default=True, help="Keep the k most likely image codes (0 = all).")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling threshold.")
+@click.option("--temperature", default=1.0, show_default=True, help="0 = greedy.")
+@click.option("--seed", default=0, show_default=True, help="Image i uses seed + i.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--tokenizer-path", type=click.Path(exists=True, dir_okay=False), help="Image tokenizer weights, when not at the recorded path.")
+@click.option("--progress/--no-progress", default=True)
+def sample(model, out, prompts, prompts_file, classes, cfg, top_k, top_p, temperature, **kw):
+    """Generate images from MODEL: a directory written by `export`, or a run directory."""
+    from pipeline.generate import Sampling
+    from stages.sample import sample as run
+    prompts = list(prompts) + (Path(prompts_file).read_text().splitlines() if prompts_file else [])
+    try:
+        path = run(model, out, prompts=[p for p in prompts if p.strip()], classes=list(classes),
+                   sampling=Sampling(cfg, temperature, top_k, top_p), **kw)
+    except ValueError as exc:
+        fail(exc)
+    click.echo(f"wrote {path / 'samples.jsonl'} and {path / 'grid.png'}")
 
 
 @main.command()

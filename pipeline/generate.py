@@ -1,0 +1,89 @@
+"""Autoregressive image generation: condition <boi> -> N image codes, with a KV cache and
+classifier-free guidance. ARRA changes nothing at inference; this is the standard loop.
+
+Only image codes can be sampled inside the image span (the logits are sliced to the image
+vocabulary), the span ends after exactly grid h*w codes (where <eoi> goes), and each image has
+its own random generator, so an image depends on its seed, not on the batch it was drawn in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.vocab import VocabLayout
+
+
+@dataclass(frozen=True)
+class Sampling:
+    cfg: float = 2.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance written so that scale 1 returns `cond` exactly."""
+    return cond + (scale - 1.0) * (cond - uncond)
+
+
+def sample_rows(logits: torch.Tensor, generators: list[torch.Generator], s: Sampling) -> torch.Tensor:
+    """One token per row from BxV logits with temperature, top-k and top-p; greedy at temperature 0."""
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / s.temperature
+    if 0 < s.top_k < logits.shape[-1]:
+        kth = logits.topk(s.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+
+def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        attn[i, width - len(r):] = 1
+    return ids.to(device), attn.to(device)
+
+
+@torch.inference_mode()
+def generate(model, layout: VocabLayout, conditions: list[list[int]], null: list[int], seeds: list[int],
+             sampling: Sampling, kv_cache: bool = True) -> torch.Tensor:
+    """Image codes (B x h*w, values in 0..codebook-1) for each condition. With cfg != 1 every
+    condition is paired with the null condition in the same batch. `kv_cache=False` recomputes
+    the whole prefix at every step (for checking and benchmarking)."""
+    device = next(model.parameters()).device
+    b, guided = len(conditions), sampling.cfg != 1.0
+    rows = [c + [layout.boi] for c in conditions + ([null] * b if guided else [])]
+    ids, attn = _left_pad(rows, layout.pad, device)
+    generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+    lo, hi = layout.image_offset, layout.image_offset + layout.codebook_size
+    codes, past = [], None
+    step_ids, step_attn = ids, attn
+    for i in range(layout.image_tokens):
+        positions = (step_attn.cumsum(-1) - 1).clamp(min=0)
+        if kv_cache and past is not None:
+            positions = positions[:, -1:]
+        out = model(input_ids=step_ids, attention_mask=step_attn, position_ids=positions, cache=past,
+                    use_cache=kv_cache, logits_to_keep=1)
+        logits = out.logits[:, -1, lo:hi].float()
+        if guided:
+            logits = guide(logits[:b], logits[b:], sampling.cfg)
+        token = sample_rows(logits, generators, sampling)
+        codes.append(token)
+        nxt = (token + lo).repeat(2 if guided else 1)[:, None]
+        step_attn = torch.cat([step_attn, torch.ones_like(nxt)], dim=1)
+        if kv_cache:
+            past, step_ids = out.cache, nxt
+        else:
+            step_ids = torch.cat([step_ids, nxt], dim=1)
+    return torch.stack(codes, dim=1)

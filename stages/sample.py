@@ -1,0 +1,106 @@
+"""`arra-pipe sample`: generate images from an exported model (or a run directory).
+
+Writes one PNG per image, `grid.png`, and `samples.jsonl` with the condition, seed and sampling
+settings of every image; codes are decoded by the image tokenizer named in `arra_vocab.json`,
+whose weights must match the recorded sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.generate import Sampling, generate
+from pipeline.lm import LAYOUT_FILE
+from pipeline.train_data import Conditioner
+from pipeline.vocab import VocabLayout
+
+
+def resolve_model(path: str) -> Path:
+    """An export directory as is; a run directory is exported (once per checkpoint) into <run>/export-<tag>."""
+    p = Path(path)
+    if (p / LAYOUT_FILE).exists() and (p / "config.json").exists():
+        return p
+    if (p / "checkpoints" / "latest").exists():
+        from stages.export import export
+        tag = (p / "checkpoints" / "latest").read_text().strip()
+        out = p / f"export-{tag}"
+        return out if (out / LAYOUT_FILE).exists() else export(str(p), str(out))
+    raise ValueError(f"{path}: neither an exported model (config.json + {LAYOUT_FILE}) nor a run directory with checkpoints")
+
+
+def load_image_tokenizer(layout: dict, override: str | None, device):
+    from pipeline.registry import build
+    ref = layout["tokenizer"]
+    path = override or ref.get("weights_path")
+    if not path or not Path(path).exists():
+        raise ValueError(f"the image tokenizer {ref['name']} weights are not at {path!r}; pass --tokenizer-path "
+                         f"(a file with sha256 {ref['weights_sha256'][:12]}...)")
+    tok = build("tokenizers", ref["name"], path).to(device).eval()
+    if tok.weights_sha256 != ref["weights_sha256"]:
+        raise ValueError(f"{path}: sha256 {tok.weights_sha256[:12]}... is not the tokenizer the model was trained with "
+                         f"({ref['weights_sha256'][:12]}...)")
+    return tok
+
+
+def save_grid(images: list[np.ndarray], path: Path, cols: int | None = None) -> None:
+    """Tile images row by row (`cols` per row; square-ish by default) on a white background."""
+    n = len(images)
+    cols = cols or math.ceil(math.sqrt(n))
+    h, w, _ = images[0].shape
+    grid = np.full((math.ceil(n / cols) * h, cols * w, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    Image.fromarray(grid).save(path)
+
+
+def sample(model_path: str, out: str, prompts: list[str] | None = None, classes: list[int] | None = None,
+           n: int = 1, sampling: Sampling = Sampling(), seed: int = 0, batch_size: int = 16, device: str = "cpu",
+           tokenizer_path: str | None = None, progress: bool = True) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model_dir, out = resolve_model(model_path), Path(out)
+    meta = json.loads((model_dir / LAYOUT_FILE).read_text())
+    layout = VocabLayout.from_dict(meta)
+    dev = torch.device(device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False,
+                                                 dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32).to(dev).eval()
+    text_tok = AutoTokenizer.from_pretrained(model_dir) if layout.condition == "text" else None
+    conditioner = Conditioner(layout, text_tok, meta.get("max_text_len", 64))
+    if layout.condition == "class":
+        classes = classes if classes else list(range(layout.null_class))
+        bad = [c for c in classes if not 0 <= c < layout.null_class]
+        if bad:
+            raise ValueError(f"--class {bad} outside 0..{layout.null_class - 1}")
+        wanted = [("class", c, [c]) for c in classes]
+    else:
+        if not prompts:
+            raise ValueError("this model is text-conditioned: give --prompt or --prompts")
+        wanted = [("prompt", p, ids) for p, ids in zip(prompts, conditioner.encode(prompts))]
+    jobs = [(kind, value, ids) for kind, value, ids in wanted for _ in range(n)]
+    image_tok = load_image_tokenizer(meta, tokenizer_path, dev)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    images, records = [], []
+    for start in tqdm(range(0, len(jobs), batch_size), unit="batch", desc="sample", disable=not progress):
+        batch = jobs[start:start + batch_size]
+        seeds = [seed + start + i for i in range(len(batch))]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            codes = generate(model, layout, [ids for _, _, ids in batch], conditioner.null, seeds, sampling)
+        pixels = image_tok.decode(codes.view(len(batch), *layout.grid)).cpu().numpy()
+        for i, ((kind, value, _), img) in enumerate(zip(batch, pixels)):
+            index = start + i
+            name = f"images/{index:05d}.png"
+            Image.fromarray(img).save(out / name)
+            images.append(img)
+            records.append({"index": index, "file": name, kind: value, "seed": seeds[i], **asdict(sampling),
+                            "model": str(model_dir), "codes": codes[i].tolist()})
+    save_grid(images, out / "grid.png", cols=n if n > 1 else None)  # one row per prompt or class
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out
