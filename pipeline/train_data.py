@@ -64,21 +64,25 @@ def make_sequences(layout: VocabLayout, conditions: list[list[int]], codes: np.n
     lengths = np.array([len(c) for c in conditions])
     t = int(lengths.max()) + n + 2
     ids = np.full((b, t), layout.pad, dtype=np.int64)
+    rows = np.arange(b)[:, None]
+    if (lengths == lengths[0]).all():
+        ids[:, :lengths[0]] = np.asarray(conditions, dtype=np.int64).reshape(b, lengths[0])
+    else:
+        for i, cond in enumerate(conditions):
+            ids[i, :len(cond)] = cond
+    image_cols = lengths[:, None] + 1 + np.arange(n)[None]          # where c_1..c_N sit in each row
+    ids[rows[:, 0], lengths] = layout.boi
+    ids[rows, image_cols] = codes.astype(np.int64) + layout.image_offset
+    ids[rows[:, 0], lengths + n + 1] = layout.eoi
     labels = np.full((b, t), IGNORE, dtype=np.int64)
-    attn = np.zeros((b, t), dtype=np.int64)
+    target_cols = np.concatenate([image_cols, image_cols[:, -1:] + 1], axis=1)  # codes and <eoi>
+    labels[rows, target_cols] = ids[rows, target_cols]
+    attn = (np.arange(t)[None] < (lengths + n + 2)[:, None]).astype(np.int64)
     align = np.zeros((b, t), dtype=bool)
-    image = codes.astype(np.int64) + layout.image_offset
-    for i, (cond, k) in enumerate(zip(conditions, lengths)):
-        ids[i, :k] = cond
-        ids[i, k] = layout.boi
-        ids[i, k + 1:k + 1 + n] = image[i]
-        ids[i, k + 1 + n] = layout.eoi
-        labels[i, k + 1:k + 2 + n] = ids[i, k + 1:k + 2 + n]
-        attn[i, :k + n + 2] = 1
-        if align_positions == "rep-token":
-            align[i, k] = True
-        else:
-            align[i, k:k + n] = True
+    if align_positions == "rep-token":
+        align[rows[:, 0], lengths] = True
+    else:
+        align[rows, image_cols - 1] = True                           # <boi> .. c_{N-1} predict c_1 .. c_N
     return ids, attn, labels, align
 
 
@@ -134,16 +138,19 @@ class TrainStream:
     def epoch(self, epoch: int) -> Iterator[dict]:
         """Infinite micro-batches for `epoch` on this rank (the trainer takes as many as it needs)."""
         rng = np.random.default_rng([self.seed, epoch, self.rank])
-        buffer: dict | None = None
+        chunks, held = [], 0
         for chunk in self._rows(rng):
-            buffer = chunk if buffer is None else {k: _cat(buffer[k], chunk[k]) for k in chunk}
-            if len(buffer["label"]) < self.shuffle_buffer:
+            chunks.append(chunk)
+            held += len(chunk["label"])
+            if held < self.shuffle_buffer:
                 continue
-            order = rng.permutation(len(buffer["label"]))
+            buffer = {k: _cat([c[k] for c in chunks]) for k in chunk}
+            order = rng.permutation(held)
             whole = len(order) // self.micro_batch * self.micro_batch
             for i in range(0, whole, self.micro_batch):
                 yield self._batch({k: _take(v, order[i:i + self.micro_batch]) for k, v in buffer.items()}, rng)
-            buffer = {k: _take(v, order[whole:]) for k, v in buffer.items()}
+            chunks = [{k: _take(v, order[whole:]) for k, v in buffer.items()}]
+            held = len(order) - whole
 
     def _batch(self, rows: dict, rng: np.random.Generator) -> dict:
         drop = rng.random(len(rows["label"])) < self.cond_dropout
@@ -156,8 +163,8 @@ class TrainStream:
         return out
 
 
-def _cat(a, b):
-    return a + b if isinstance(a, list) else np.concatenate([a, b])
+def _cat(parts: list):
+    return [x for p in parts for x in p] if isinstance(parts[0], list) else np.concatenate(parts)
 
 
 def _take(v, idx):
