@@ -70,10 +70,13 @@ class Source:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 over every record's key, caption, label and image reference."""
+        """sha256 over every record's key, caption, label and image reference (paths relative to
+        the source, so that a moved dataset keeps its fingerprint)."""
         h = hashlib.sha256()
+        root = str(Path(self.path) if Path(self.path).is_dir() else Path(self.path).parent).rstrip("/") + "/"
         for r in self.records:
-            h.update(json.dumps([r.key, r.caption, r.label, list(r.ref), r.reject]).encode("utf-8", "surrogatepass"))
+            ref = [x.removeprefix(root) if isinstance(x, str) else x for x in r.ref]
+            h.update(json.dumps([r.key, r.caption, r.label, ref, r.reject]).encode("utf-8", "surrogatepass"))
         return h.hexdigest()
 
 
@@ -104,7 +107,7 @@ def detect_format(path: Path) -> str:
 
 def read_source(path: str | os.PathLike, fmt: str | None = None, options: SourceOptions | None = None) -> Source:
     """Enumerate a dataset into records (cheap: no image is decoded)."""
-    path = Path(path)
+    path = Path(path).resolve()
     options = options or SourceOptions()
     fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
@@ -115,7 +118,7 @@ def read_source(path: str | os.PathLike, fmt: str | None = None, options: Source
               "table": _read_table, "img2dataset": _read_img2dataset,
               "fashion-mnist": _read_fashion_mnist}[fmt]
     records, skipped = reader(path, options)
-    return Source(fmt, str(path.resolve()), _reject_duplicates(records), skipped)
+    return Source(fmt, str(path), _reject_duplicates(records), skipped)
 
 
 def _reject_duplicates(records: list[Record]) -> list[Record]:
