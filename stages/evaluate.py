@@ -1,0 +1,167 @@
+"""`arra-pipe eval`: generated images against a reference feature set.
+
+- FID with the TF-Inception network. The reference side is the set's own images (its source,
+  at the recorded canonical crop; tokenizer reconstructions when the source is gone, and the
+  report says so); their Inception features are cached in `<set>/stats/` for the next eval.
+- FD in each teacher's feature space: the reference side is the set's cached features, never
+  recomputed; generated images go through the same teacher, weights (sha256 checked) and view.
+- k-NN precision/recall (faiss) in both spaces.
+- Class accuracy of generated images under a linear probe fitted on a training set's cached
+  teacher features: a proxy for conditioning fidelity, labelled as such.
+Every figure carries the number of images and the seeds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.crops import crop_loader
+from pipeline.featureset import FeatureSet, feature_column
+from pipeline.files import atomic_write_bytes, sha256_file
+from pipeline.images import center_crop, resize_square, to_array
+from pipeline.metrics import fd, fit_linear_probe, precision_recall
+from pipeline.sources import SourceOptions, read_source
+
+FID_MIN_IMAGES = 10_000
+
+
+def load_generated(folder: Path, resolution: int) -> tuple[np.ndarray, list[dict]]:
+    """Images listed in samples.jsonl (or every PNG), as uint8 at the reference resolution."""
+    listing = folder / "samples.jsonl"
+    if listing.exists():
+        rows = [json.loads(line) for line in listing.read_text().splitlines()]
+        files = [folder / r["file"] for r in rows]
+    else:
+        files = sorted(folder.rglob("*.png"))
+        rows = [{"file": str(f.relative_to(folder))} for f in files]
+    if not files:
+        raise ValueError(f"{folder}: no generated images (samples.jsonl or *.png)")
+    images = np.stack([to_array(center_crop(Image.open(f).convert("RGB"), resolution)) for f in files])
+    return images, rows
+
+
+def column(fs: FeatureSet, name: str) -> np.ndarray:
+    return np.stack(fs.table().column(name).to_numpy(zero_copy_only=False)).astype(np.float32)
+
+
+def reference_images(fs: FeatureSet, tokenizer_path: str | None, workers: int = 2) -> tuple[np.ndarray, str]:
+    """The set's images at the canonical crop, from its source; else decoded from its codes."""
+    m = fs.manifest
+    keys = fs.table().column("key").to_pylist()
+    try:
+        src = m["source"]
+        source = read_source(src["path"], src["format"], SourceOptions(**src["options"]))
+        if source.fingerprint != src["fingerprint"]:
+            raise ValueError("the source changed since extraction")
+        index = {r.key: i for i, r in enumerate(source.records) if not r.reject}
+        order = [index[k] for k in keys]
+        batches = [order[i:i + 256] for i in range(0, len(order), 256)]
+        loader = crop_loader(source.records, batches, m["preprocess"]["resolution"], [], "crop",
+                             m["preprocess"]["max_pixels"], workers)
+        crops = []
+        for _, batch, _, bad in loader:
+            if bad:
+                raise ValueError(f"source record {bad[0][1]} can no longer be read")
+            crops.append(batch.numpy())
+        return np.concatenate(crops), "source images"
+    except (ValueError, KeyError, OSError) as exc:
+        from stages.sample import load_image_tokenizer
+        tok = load_image_tokenizer({"tokenizer": m["tokenizer"]}, tokenizer_path, torch.device("cpu"))
+        codes = column(fs, "codes").astype(np.int64).reshape(-1, *m["tokenizer"]["grid"])
+        images = np.concatenate([tok.decode(torch.from_numpy(codes[i:i + 256])).numpy() for i in range(0, len(codes), 256)])
+        return images, f"tokenizer reconstructions (source unavailable: {exc})"
+
+
+def reference_inception(fs: FeatureSet, inception, tokenizer_path: str | None) -> tuple[np.ndarray, str]:
+    """Inception features of the reference images, cached per network file."""
+    cache = fs.path / "stats" / f"inception-{sha256_file(inception.path)[:12]}.npz"
+    if cache.exists():
+        with np.load(cache) as z:
+            return z["features"].astype(np.float32), str(z["origin"])
+    images, origin = reference_images(fs, tokenizer_path)
+    feats = inception.features(images)
+    cache.parent.mkdir(exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, features=feats.astype(np.float16), origin=np.array(origin))
+    atomic_write_bytes(cache, buf.getvalue())
+    return feats, origin
+
+
+def teacher_features(fs: FeatureSet, name: str, images: np.ndarray, weights: str | None, device: str, batch_size: int) -> np.ndarray:
+    """Generated images through the set's teacher, with the same weights and view."""
+    from pipeline.registry import build
+    desc = fs.teachers[name]
+    teacher = build("teachers", name, weights, input_size=desc["input_size"]).to(device).eval()
+    if teacher.weights_sha256 != desc["weights_sha256"]:
+        raise ValueError(f"teacher {name}: weights sha256 {teacher.weights_sha256[:12]}... differ from the ones that made "
+                         f"{fs.path} ({desc['weights_sha256'][:12]}...); pass --teacher-path")
+    size = desc["input_size"]
+    out = []
+    for i in range(0, len(images), batch_size):
+        views = np.stack([to_array(resize_square(Image.fromarray(x), size)) for x in images[i:i + batch_size]])
+        out.append(teacher(torch.from_numpy(views)).cpu().numpy())
+    return np.concatenate(out)
+
+
+def evaluate(generated: str, reference: str, teachers: list[str] | None = None, teacher_path: str | None = None,
+             inception_path: str | None = None, fid: bool = True, train_set: str | None = None,
+             tokenizer_path: str | None = None, k: int = 3, device: str = "cpu", batch_size: int = 64) -> dict:
+    fs = FeatureSet.open(reference)
+    images, rows = load_generated(Path(generated), fs.manifest["preprocess"]["resolution"])
+    seeds = [r["seed"] for r in rows if "seed" in r]
+    n, n_ref = len(images), fs.rows
+    result = {"generated": {"path": str(generated), "images": n, "seeds": [min(seeds), max(seeds)] if seeds else None},
+              "reference": {"path": str(fs.path), "rows": n_ref}, "metrics": []}
+
+    def add(metric, value, space, **extra):
+        result["metrics"].append({"metric": metric, "value": value, "space": space, "n_generated": n,
+                                  "n_reference": n_ref, **extra})
+
+    gen_by_teacher = {}
+    for name in teachers or list(fs.teachers):
+        gen = teacher_features(fs, name, images, teacher_path, device, batch_size)
+        ref = column(fs, feature_column(name))
+        gen_by_teacher[name] = gen
+        add(f"FD {name}", fd(gen, ref), f"{name} ({fs.teachers[name]['dim']}-d), reference features cached")
+        p, r = precision_recall(ref, gen, k)
+        add(f"precision {name}", p, name, k=k)
+        add(f"recall {name}", r, name, k=k)
+    if fid:
+        from pipeline.inception import Inception
+        net = Inception(inception_path, device)
+        ref_feats, origin = reference_inception(fs, net, tokenizer_path)
+        gen_feats = net.features(images)
+        note = f"FID on {n} < {FID_MIN_IMAGES} generated images is biased upward; compare only at equal n" if n < FID_MIN_IMAGES else ""
+        add("FID", fd(gen_feats, ref_feats), f"TF-Inception pool3, reference = {origin}", note=note)
+        p, r = precision_recall(ref_feats, gen_feats, k)
+        add("precision inception", p, "TF-Inception pool3", k=k)
+        add("recall inception", r, "TF-Inception pool3", k=k)
+    if train_set and rows and "class" in rows[0]:
+        train = FeatureSet.open(train_set)
+        name = (teachers or list(fs.teachers))[0]
+        probe = fit_linear_probe(column(train, feature_column(name)), np.asarray(train.table().column("label")))
+        wanted = np.array([r["class"] for r in rows])
+        add("class accuracy (proxy)", float((probe(gen_by_teacher[name]) == wanted).mean()),
+            f"linear probe on {name} features of {train.path}")
+        ref_labels = np.asarray(fs.table().column("label"))
+        add("class accuracy of real reference images (probe ceiling)", float((probe(column(fs, feature_column(name))) == ref_labels).mean()),
+            f"same probe on {fs.path}")
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'metric':44s} {'value':>10s} {'n_gen':>7s} {'n_ref':>7s}  space"]
+    for m in result["metrics"]:
+        lines.append(f"{m['metric']:44s} {m['value']:10.4f} {m['n_generated']:7d} {m['n_reference']:7d}  {m['space']}")
+        if m.get("note"):
+            lines.append(f"{'':44s} note: {m['note']}")
+    seeds = result["generated"]["seeds"]
+    lines.append(f"generated {result['generated']['path']} (seeds {seeds[0]}..{seeds[1]})" if seeds else
+                 f"generated {result['generated']['path']} (seeds not recorded)")
+    return "\n".join(lines)
