@@ -1,30 +1,42 @@
 """Decoding and cropping in DataLoader workers: record indices in, batches of uint8 crops out.
 
 Each item is decoded once and yields the canonical crop (the tokenizer's view) plus one view per
-teacher input size; a record that cannot be used comes back as its reject reason instead.
+teacher input size, and the crop as PNG bytes when it is kept in the set; a record that cannot be
+used comes back as its reject reason instead. `kept_crop_loader` reads those kept crops back
+(for teachers added later) instead of the source.
 """
 
 from __future__ import annotations
 
+import io
+import tarfile
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.images import Rejected, center_crop, resize_square, to_array
 from pipeline.sources import Record, load_image
 
+KEPT = "png"  # views key of the kept canonical crops
+
 
 class CropDataset(Dataset):
-    """Record index -> (index, (canonical crop, {teacher size: teacher view})) or (index, reason).
+    """Record index -> (index, (canonical crop, {teacher size: teacher view})) or (index, reason);
+    with `keep_images` the views also hold the crop as PNG bytes under `KEPT`.
 
     `view="crop"`: teachers see the canonical crop resized to their input size.
     `view="original"`: teachers see the original image through their own resize + centre crop
     (what the official code does).
     """
 
-    def __init__(self, records: list[Record], resolution: int, teacher_sizes: list[int], view: str, max_pixels: int):
+    def __init__(self, records: list[Record], resolution: int, teacher_sizes: list[int], view: str, max_pixels: int,
+                 keep_images: bool = False):
         self.records, self.resolution, self.teacher_sizes = records, resolution, teacher_sizes
-        self.view, self.max_pixels = view, max_pixels
+        self.view, self.max_pixels, self.keep_images = view, max_pixels, keep_images
 
     def __len__(self):
         return len(self.records)
@@ -42,15 +54,25 @@ class CropDataset(Dataset):
             return i, str(exc)
         except Exception as exc:  # a decoder bug on untrusted input must not kill the job
             return i, f"corrupt: {type(exc).__name__}: {exc}"
+        if self.keep_images:
+            views[KEPT] = png(crop)
         return i, (to_array(crop), views)
 
 
+def png(img: Image.Image) -> bytes:
+    """Lossless and fast (compress_level 1): a kept crop decodes back to exactly the crop."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
 def collate(items):
-    """-> (ok indices, crops uint8 BxRxRx3 or None, {size: views}, [(index, reason)])."""
+    """-> (ok indices, crops uint8 BxRxRx3 or None, {size: views, [KEPT: PNG bytes]}, [(index, reason)])."""
     ok = [(i, x) for i, x in items if not isinstance(x, str)]
     rejects = [(i, x) for i, x in items if isinstance(x, str)]
     crops = torch.from_numpy(np.stack([x[0] for _, x in ok])) if ok else None
-    views = {s: torch.from_numpy(np.stack([x[1][s] for _, x in ok])) for s in (ok[0][1][1] if ok else {})}
+    views = {s: [x[1][s] for _, x in ok] if s == KEPT else torch.from_numpy(np.stack([x[1][s] for _, x in ok]))
+             for s in (ok[0][1][1] if ok else {})}
     return [i for i, _ in ok], crops, views, rejects
 
 
@@ -59,8 +81,32 @@ def _worker_init(_):
 
 
 def crop_loader(records: list[Record], batches: list[list[int]], resolution: int, teacher_sizes: list[int],
-                view: str, max_pixels: int, workers: int, pin_memory: bool = False) -> DataLoader:
+                view: str, max_pixels: int, workers: int, pin_memory: bool = False, keep_images: bool = False) -> DataLoader:
     """A DataLoader that yields `collate` batches for exactly `batches` (lists of record indices), in order."""
-    return DataLoader(CropDataset(records, resolution, teacher_sizes, view, max_pixels), batch_sampler=batches,
+    return DataLoader(CropDataset(records, resolution, teacher_sizes, view, max_pixels, keep_images), batch_sampler=batches,
                       num_workers=workers, collate_fn=collate, worker_init_fn=_worker_init if workers else None,
                       prefetch_factor=4 if workers else None, pin_memory=pin_memory)
+
+
+class KeptCropDataset(Dataset):
+    """(tar path, member name) of the kept `image` column -> (keys, {teacher size: views uint8 BxSxSx3})."""
+
+    def __init__(self, members: list[tuple[Path, str]], teacher_sizes: list[int]):
+        self.members, self.teacher_sizes = members, teacher_sizes
+
+    def __len__(self):
+        return len(self.members)
+
+    def __getitem__(self, i: int):
+        path, name = self.members[i]
+        with tarfile.open(path, "r:") as tf, pa.ipc.open_stream(tf.extractfile(name).read()) as reader:
+            batch = reader.read_next_batch()
+        crops = [Image.open(io.BytesIO(data)).convert("RGB") for data in batch.column(1).to_pylist()]
+        views = {s: torch.from_numpy(np.stack([to_array(resize_square(c, s)) for c in crops])) for s in self.teacher_sizes}
+        return batch.column(0).to_pylist(), views
+
+
+def kept_crop_loader(members: list[tuple[Path, str]], teacher_sizes: list[int], workers: int) -> DataLoader:
+    """A DataLoader that yields `KeptCropDataset` items for exactly `members`, in order."""
+    return DataLoader(KeptCropDataset(members, teacher_sizes), batch_size=None, num_workers=workers,
+                      worker_init_fn=_worker_init if workers else None, prefetch_factor=4 if workers else None)

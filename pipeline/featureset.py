@@ -4,10 +4,16 @@
     <set>/shards/*.tar    WebDataset shards; each member `NNNNN.arrow` is one Arrow IPC stream
                           holding one record batch of many rows
     <set>/rejects.jsonl   every input row that was not extracted, with its reason
+    <set>/columns/<name>/ columns added later (a teacher extracted afterwards, or the kept
+                          canonical crops `image`): `manifest.json` plus one tar per shard with
+                          the same member names, each member holding `key` and the column, with
+                          the same keys in the same order as the shard's member
 
 Columns: `key`, `caption`, `label` (int32, -1 when none), `codes` (fixed-size list of uint16, or
-uint32 for codebooks over 65536), one `feat.<teacher>` (fixed-size list of float16) per teacher.
-Plain `webdataset` + `pyarrow` read it: each sample's "arrow" field is an IPC stream.
+uint32 for codebooks over 65536), one `feat.<teacher>` (fixed-size list of float16) per teacher;
+`image` (PNG bytes) when kept. Plain `webdataset` + `pyarrow` read it: each sample's "arrow" field
+is an IPC stream. `FeatureSet` joins the added columns to the shards' rows and refuses a column
+whose keys do not line up.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ VERSION = 1
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 REJECTS = "rejects.jsonl"
+COLUMNS = "columns"
+COLUMN_FORMAT = "arra-pipe-column"
+IMAGE = "image"
 
 
 class FeatureSetError(ValueError):
@@ -74,6 +83,31 @@ def make_batch(schema: pa.Schema, keys, captions, labels, codes: np.ndarray, fea
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
+def column_field(name: str, column: dict) -> pa.Field:
+    """The Arrow field of an added column, from its manifest."""
+    if column["kind"] == "teacher":
+        return pa.field(feature_column(name), pa.list_(pa.float16(), column["teacher"]["dim"]), nullable=False)
+    return pa.field(IMAGE, pa.binary(), nullable=False)
+
+
+def make_column_batch(keys, field: pa.Field, values) -> pa.RecordBatch:
+    """One member of an added column: the shard member's keys and the column's values."""
+    array = (fixed_list(np.asarray(values).astype(np.float16), pa.float16()) if pa.types.is_fixed_size_list(field.type)
+             else pa.array(values, pa.binary()))
+    schema = pa.schema([pa.field("key", pa.string(), nullable=False), field])
+    return pa.RecordBatch.from_arrays([pa.array(keys, pa.string()), array], schema=schema)
+
+
+def keys_mismatch(keys: pa.Array, expected: pa.Array) -> str | None:
+    """Why two key columns do not line up (None when they do)."""
+    if keys.equals(expected):
+        return None
+    if len(keys) != len(expected):
+        return f"{len(keys)} rows where the shard has {len(expected)}"
+    row = next(i for i, (a, b) in enumerate(zip(keys.to_pylist(), expected.to_pylist())) if a != b)
+    return f"row {row} has key {keys[row].as_py()!r} where the shard has {expected[row].as_py()!r}"
+
+
 def batch_to_ipc(batch: pa.RecordBatch) -> bytes:
     sink = io.BytesIO()
     with pa.ipc.new_stream(sink, batch.schema) as writer:
@@ -81,9 +115,10 @@ def batch_to_ipc(batch: pa.RecordBatch) -> bytes:
     return sink.getvalue()
 
 
-def write_shard(path: Path, batches: list[pa.RecordBatch]) -> dict:
-    """Write batches as one tar (member i = `{i:05d}.arrow`) atomically; return its manifest entry.
-    Tar headers carry fixed owner and mtime, so the same rows always give the same bytes."""
+def write_shard(path: Path, batches: list[pa.RecordBatch], name: str | None = None) -> dict:
+    """Write batches as one tar (member i = `{i:05d}.arrow`) atomically; return its manifest entry
+    (`name`: its path inside the set, default `shards/<file>`). Tar headers carry fixed owner and
+    mtime, so the same rows always give the same bytes."""
     import webdataset as wds
     buf = io.BytesIO()
     with wds.TarWriter(buf, mtime=0, user="arra", group="arra", encoder=False) as sink:
@@ -91,17 +126,29 @@ def write_shard(path: Path, batches: list[pa.RecordBatch]) -> dict:
             sink.write({"__key__": f"{i:05d}", "arrow": batch_to_ipc(batch)})
     data = buf.getvalue()
     atomic_write_bytes(path, data)
-    return {"name": f"{SHARDS}/{path.name}", "rows": sum(b.num_rows for b in batches),
+    return {"name": name or f"{SHARDS}/{path.name}", "rows": sum(b.num_rows for b in batches),
             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def read_shard(path: Path) -> Iterator[pa.RecordBatch]:
     """Record batches of one shard, in member order."""
+    for _, batch in read_members(path):
+        yield batch
+
+
+def read_members(path: Path) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """(member name, record batch) of one shard or column tar, in member order."""
     with tarfile.open(path, "r:") as tf:
         for member in tf:
             if member.isfile() and member.name.endswith(".arrow"):
                 with pa.ipc.open_stream(tf.extractfile(member).read()) as reader:
-                    yield from reader
+                    for batch in reader:
+                        yield member.name, batch
+
+
+def shards_digest(shards: list[dict]) -> str:
+    """One sha256 for a set's shards: a column records it to say which shards it lines up with."""
+    return hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
 
 
 @dataclass
@@ -130,59 +177,134 @@ class FeatureSet:
 
     @property
     def teachers(self) -> dict[str, dict]:
-        return self.manifest["teachers"]
+        """Every teacher of the set: those of the first extraction and those added as columns."""
+        added = {name: c["teacher"] for name, c in self.columns.items() if c["kind"] == "teacher"}
+        return {**self.manifest["teachers"], **added}
+
+    @property
+    def columns(self) -> dict[str, dict]:
+        """Finished added columns by name (a column being added has no manifest yet and is not read)."""
+        return {p.parent.name: read_json(p) for p in sorted((self.path / COLUMNS).glob(f"*/{MANIFEST}"))}
 
     def shard_paths(self) -> list[Path]:
         return [self.path / s["name"] for s in self.manifest["shards"]]
 
-    def batches(self) -> Iterator[pa.RecordBatch]:
-        for p in self.shard_paths():
-            yield from read_shard(p)
+    def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """Rows of every shard with the added `columns` joined (default: all of them)."""
+        for index in range(len(self.manifest["shards"])):
+            yield from self.shard_batches(index, columns)
 
-    def table(self) -> pa.Table:
-        return pa.Table.from_batches(list(self.batches()), schema=self.schema())
+    def shard_batches(self, index: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """Rows of shard `index` with the added `columns` joined, member by member; raises
+        FeatureSetError when a column's member names or keys do not line up with the shard's."""
+        added = self.columns
+        names = self.column_names(columns)
+        schema = self.schema(names)
+        shard = self.manifest["shards"][index]["name"]
+        parts = {n: read_members(self.path / added[n]["shards"][index]["name"]) for n in names}
+        for member, batch in read_members(self.path / shard):
+            arrays = list(batch.columns)
+            for n, part in parts.items():
+                got_member, got = next(part, (None, None))
+                problem = (f"no member {member}" if got_member is None else
+                           f"member {got_member} where the shard has {member}" if got_member != member else
+                           keys_mismatch(got.column(0), batch.column(0)))
+                if problem:
+                    raise FeatureSetError(f"{added[n]['shards'][index]['name']}: does not line up with {shard}: {problem}")
+                arrays.append(got.column(1))
+            yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+        for n, part in parts.items():
+            if next(part, None) is not None:
+                raise FeatureSetError(f"{added[n]['shards'][index]['name']}: more members than {shard}")
 
-    def schema(self) -> pa.Schema:
-        m = self.manifest
-        return make_schema(m["tokenizer"]["code_len"], m["tokenizer"]["codebook_size"], m["tokenizer"]["grid"],
-                           {t: d["dim"] for t, d in m["teachers"].items()})
+    def column_names(self, columns: list[str] | None = None) -> list[str]:
+        """The added columns to join (default all), teachers first and `image` last, as in the schema."""
+        added = self.columns
+        names = list(added) if columns is None else list(columns)
+        unknown = sorted(set(names) - set(added))
+        if unknown:
+            raise FeatureSetError(f"{self.path}: no added column {unknown}; it has {sorted(added)}")
+        return sorted(names, key=lambda n: n == IMAGE)
+
+    def table(self, columns: list[str] | None = None) -> pa.Table:
+        return pa.Table.from_batches(list(self.batches(columns)), schema=self.schema(columns))
+
+    def schema(self, columns: list[str] | None = None) -> pa.Schema:
+        """Schema of the joined rows: the shards' columns, then the added `columns` (default: all)."""
+        m, added = self.manifest, self.columns
+        names = self.column_names(columns)
+        dims = {t: d["dim"] for t, d in m["teachers"].items()}
+        dims.update({n: added[n]["teacher"]["dim"] for n in names if added[n]["kind"] == "teacher"})
+        schema = make_schema(m["tokenizer"]["code_len"], m["tokenizer"]["codebook_size"], m["tokenizer"]["grid"], dims)
+        return schema.append(column_field(IMAGE, added[IMAGE])) if IMAGE in names else schema
 
     def rejects(self) -> list[dict]:
         p = self.path / REJECTS
         return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()] if p.exists() else []
 
     def verify(self) -> list[str]:
-        """Re-check every shard: present, size, sha256, readable, schema, row count.
-        Returns the problems found, each naming the shard; empty when the set is intact."""
-        problems = []
-        expected = schema_fields(self.schema())
+        """Re-check every shard and every added column's tars: present, size, sha256, readable,
+        schema, row count, and for columns that member names and keys line up with the shard.
+        Returns the problems found, each naming the file; empty when the set is intact."""
+        problems, keys = [], {}
+        expected = schema_fields(self.schema([]))
         for entry in self.manifest["shards"]:
-            p = self.path / entry["name"]
-            if not p.is_file():
-                problems.append(f"{entry['name']}: missing")
+            problems += _check_tar(self.path, entry, expected, keys.setdefault(entry["name"], []))
+        problems += _unlisted(self.path, SHARDS, self.manifest["shards"])
+        digest = shards_digest(self.manifest["shards"])
+        for name, column in self.columns.items():
+            where = f"{COLUMNS}/{name}"
+            if column.get("shards_sha256") != digest:
+                problems.append(f"{where}: made for other shards than this set's (shards_sha256 differs); remove it and add it again")
                 continue
-            size = p.stat().st_size
-            if size != entry["bytes"]:
-                problems.append(f"{entry['name']}: {size} bytes on disk, manifest says {entry['bytes']} (truncated or replaced)")
-            digest = sha256_file(p)
-            if digest != entry["sha256"]:
-                problems.append(f"{entry['name']}: sha256 {digest[:16]}... differs from the manifest's {entry['sha256'][:16]}...")
-            try:
-                rows = 0
-                for batch in read_shard(p):
-                    got = schema_fields(batch.schema)
-                    if got != expected:
-                        diff = sorted(set(got.items()) ^ set(expected.items()))
-                        problems.append(f"{entry['name']}: schema differs from the manifest: {diff}")
-                        break
-                    rows += batch.num_rows
-                else:
-                    if rows != entry["rows"]:
-                        problems.append(f"{entry['name']}: {rows} rows, manifest says {entry['rows']}")
-            except (tarfile.TarError, pa.ArrowInvalid, OSError, EOFError) as exc:
-                problems.append(f"{entry['name']}: unreadable ({type(exc).__name__}: {exc})")
-        listed = {s["name"] for s in self.manifest["shards"]}
-        for p in sorted((self.path / SHARDS).glob("*.tar")):
-            if f"{SHARDS}/{p.name}" not in listed:
-                problems.append(f"{SHARDS}/{p.name}: on disk but not in the manifest")
+            if len(column["shards"]) != len(self.manifest["shards"]):
+                problems.append(f"{where}: {len(column['shards'])} tars for {len(self.manifest['shards'])} shards")
+                continue
+            fields = {"key": "string", **schema_fields(pa.schema([column_field(name, column)]))}
+            for entry, shard in zip(column["shards"], self.manifest["shards"]):
+                problems += _check_tar(self.path, entry, fields, reference=keys[shard["name"]])
+            problems += _unlisted(self.path, where, column["shards"])
         return problems
+
+
+def _check_tar(root: Path, entry: dict, expected: dict, keys: list | None = None, reference: list | None = None) -> list[str]:
+    """Problems of one tar of a set. Fills `keys` with its (member, keys), or compares them with `reference`."""
+    p, name = root / entry["name"], entry["name"]
+    if not p.is_file():
+        return [f"{name}: missing"]
+    problems = []
+    size = p.stat().st_size
+    if size != entry["bytes"]:
+        problems.append(f"{name}: {size} bytes on disk, manifest says {entry['bytes']} (truncated or replaced)")
+    digest = sha256_file(p)
+    if digest != entry["sha256"]:
+        problems.append(f"{name}: sha256 {digest[:16]}... differs from the manifest's {entry['sha256'][:16]}...")
+    try:
+        rows, members = 0, []
+        for member, batch in read_members(p):
+            got = schema_fields(batch.schema)
+            if got != expected:
+                diff = sorted(set(got.items()) ^ set(expected.items()))
+                return problems + [f"{name}: schema differs from the manifest: {diff}"]
+            members.append((member, batch.column("key")))
+            rows += batch.num_rows
+        if rows != entry["rows"]:
+            problems.append(f"{name}: {rows} rows, manifest says {entry['rows']}")
+    except (tarfile.TarError, pa.ArrowInvalid, OSError, EOFError) as exc:
+        return problems + [f"{name}: unreadable ({type(exc).__name__}: {exc})"]
+    if keys is not None:
+        keys.extend(members)
+    if reference is not None:
+        if [m for m, _ in members] != [m for m, _ in reference]:
+            problems.append(f"{name}: members {[m for m, _ in members][:4]}... do not match the shard's {[m for m, _ in reference][:4]}...")
+        for (member, got), (_, want) in zip(members, reference):
+            if (why := keys_mismatch(got, want)) is not None:
+                problems.append(f"{name}: member {member} does not line up with the shard: {why}")
+                break
+    return problems
+
+
+def _unlisted(root: Path, folder: str, entries: list[dict]) -> list[str]:
+    listed = {e["name"] for e in entries}
+    return [f"{folder}/{p.name}: on disk but not in the manifest"
+            for p in sorted((root / folder).glob("*.tar")) if f"{folder}/{p.name}" not in listed]

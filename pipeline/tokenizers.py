@@ -41,7 +41,7 @@ KMEANS_FORMAT = "arra-pipe-kmeans-v1"
 
 @register("tokenizers", "kmeans")
 class KMeansTokenizer(Tokenizer):
-    def __init__(self, spec: dict, weights: Path):
+    def __init__(self, spec: dict, weights: Path, resolution: int | None = None):
         super().__init__(spec, weights)
         from safetensors import safe_open
         with safe_open(str(weights), "pt") as f:
@@ -52,6 +52,8 @@ class KMeansTokenizer(Tokenizer):
             codebook = f.get_tensor("codebook").float()
         self.patch = int(meta["patch"])
         self.resolution = int(meta["resolution"])
+        if resolution and resolution != self.resolution:
+            raise RegistryError(f"{weights}: this codebook was fitted at {self.resolution} px; fit another for {resolution} px")
         side = self.resolution // self.patch
         self.grid = (side, side)
         self.codebook_size = codebook.shape[0]

@@ -37,6 +37,19 @@ def source_options(kw: dict) -> SourceOptions:
                                                      "label_column", "key_column", "image_root", "split")})
 
 
+def per_teacher(items, teachers, flag: str) -> dict[str, str]:
+    """[NAME=]VALUE flags -> {teacher: value}; NAME= may be left out when there is one teacher."""
+    out = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        if not sep:
+            if len(teachers) != 1:
+                raise click.BadParameter(f"with several --teacher, write {flag} NAME=VALUE", param_hint=flag)
+            name = teachers[0]
+        out[name] = value
+    return out
+
+
 def fail(exc: Exception):
     raise click.ClickException(str(exc)) from None
 
@@ -60,14 +73,18 @@ def main():
 
 
 @main.command()
-@click.argument("source", type=click.Path(exists=True))
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Feature-set directory to write (or resume).")
+@click.argument("source", required=False, type=click.Path(exists=True))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Feature-set directory to write (or resume, or add teachers to).")
 @click.option("--tokenizer", default="kmeans", show_default=True, help="Tokenizer name (see `arra-pipe models`) or a .toml manifest.")
-@click.option("--tokenizer-path", type=click.Path(exists=True, dir_okay=False), help="Tokenizer weights file (kmeans: the codebook from `tokenizer fit`).")
+@click.option("--tokenizer-path", type=click.Path(exists=True), help="Tokenizer weights file or folder (kmeans: the codebook from `tokenizer fit`).")
+@click.option("--tokenizer-resolution", type=int, help="Canonical crop size for a convolutional VQ tokenizer (LlamaGen: 256, 384 or 512).")
 @click.option("--teacher", "teachers", multiple=True, default=["efficientnet-lite0"], show_default=True,
               help="Teacher name or .toml manifest; repeat for several teachers in one pass.")
 @click.option("--teacher-path", "teacher_paths", multiple=True, metavar="[NAME=]PATH",
-              help="Weights file for a teacher (NAME= is needed when there are several).")
+              help="Weights file or folder for a teacher (NAME= is needed when there are several).")
+@click.option("--aggregation", "aggregations", multiple=True, metavar="[NAME=]AGG",
+              help="Global feature of a teacher: cls, avgpool or cls+avgpool (default: its manifest's).")
+@click.option("--keep-images", is_flag=True, help="Also keep the canonical crops (PNG, columns/image/) so teachers can be added later without the source.")
 @click.option("--teacher-resolution", type=int, help="Feed teachers this input size instead of their native one (recorded in the manifest).")
 @click.option("--teacher-view", type=click.Choice(["crop", "original"]), default="crop", show_default=True,
               help="crop: teachers see the tokenizer's canonical crop; original: the whole original image through the teacher's own resize+crop, as the official code.")
@@ -77,30 +94,28 @@ def main():
 @click.option("--max-reject-rate", default=0.1, show_default=True, help="Fail the run when more than this fraction of records is rejected.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing set at --out and start again.")
 @source_flags
-def extract(source, out, tokenizer, tokenizer_path, teachers, teacher_paths, overwrite, **kw):
+def extract(source, out, tokenizer, tokenizer_path, teachers, teacher_paths, aggregations, overwrite, **kw):
     """Extract SOURCE into a feature set of VQ codes and teacher features.
 
     SOURCE is a conversation JSON, an image folder, a CSV/TSV/JSONL/Parquet table, an img2dataset
     folder or a Fashion-MNIST folder. Interrupted runs resume when the same command is re-run; under
-    torchrun each rank extracts its own shards.
+    torchrun each rank extracts its own shards. With --out a finished set, teachers it lacks are
+    added to it as columns (the tokenizer is not run; SOURCE defaults to the one it was made from).
     """
     from stages.extract import ExtractError, ExtractOptions, extract as run
-    paths = {}
-    for item in teacher_paths:
-        name, sep, path = item.rpartition("=")
-        if not sep:
-            if len(teachers) != 1:
-                raise click.BadParameter("with several --teacher, write --teacher-path NAME=PATH", param_hint="--teacher-path")
-            name = teachers[0]
-        paths[name] = path
     opts = ExtractOptions(source=source, out=out, source_options=source_options(kw), tokenizer=tokenizer,
-                          tokenizer_path=tokenizer_path, teachers=tuple(teachers), teacher_paths=paths, **kw)
+                          tokenizer_path=tokenizer_path, teachers=tuple(teachers),
+                          teacher_paths=per_teacher(teacher_paths, teachers, "--teacher-path"),
+                          teacher_aggregations=per_teacher(aggregations, teachers, "--aggregation"), **kw)
     try:
         result = run(opts, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
     except (ExtractError, ValueError) as exc:
         fail(exc)
     if result.status == "up-to-date":
         click.echo(f"{out} is already complete ({result.rows} rows, {result.rejects} rejects): nothing to do.")
+    elif result.status == "added":
+        click.echo(f"added teacher columns for {result.rows_extracted} rows in {result.seconds:.1f} s; "
+                   f"`arra-pipe inspect {out}` lists them.")
     elif result.rows or result.rows_extracted:
         rate = result.rows_extracted / result.seconds if result.seconds else 0.0
         click.echo(f"extracted {result.rows_extracted} records in {result.seconds:.1f} s ({rate:.0f} rows/s); "

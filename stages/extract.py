@@ -5,7 +5,11 @@ and rank r owns the shards with s % world == r. Images are decoded and cropped i
 workers; tokenizer and teachers run in the main process on fixed batches inside each shard. A
 shard is written atomically and then marked done in `progress/`, so a killed job re-run with the
 same command skips finished shards and redoes only the rest, giving the same rows byte for byte.
-When every shard is done, rank 0 writes `rejects.jsonl` and `manifest.json`.
+When every shard is done, rank 0 writes `rejects.jsonl` and `manifest.json`. With `keep_images`
+the canonical crops are also written, as PNG, to the parallel column `columns/image/`.
+
+Pointed at a finished set with teachers it does not have, extraction adds them as columns
+instead (`stages.add_columns`), without the tokenizer.
 """
 
 from __future__ import annotations
@@ -21,15 +25,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from tqdm import tqdm
 
 from pipeline import __version__, distributed
-from pipeline.featureset import FORMAT, MANIFEST, REJECTS, SHARDS, VERSION, make_batch, make_schema, schema_fields, write_shard
+from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, FORMAT, IMAGE, MANIFEST, REJECTS, SHARDS, VERSION, FeatureSet,
+                                 column_field, make_batch, make_column_batch, make_schema, schema_fields, shards_digest,
+                                 write_shard)
 from pipeline.files import atomic_write_bytes, atomic_write_json, read_json
-from pipeline.crops import crop_loader
+from pipeline.crops import KEPT, crop_loader
 from pipeline.images import DEFAULT_MAX_PIXELS
-from pipeline.registry import build
+from pipeline.registry import build, load_spec
 from pipeline.sources import SourceOptions, read_source
 
 PROGRESS = "progress"
@@ -42,7 +49,7 @@ class ExtractError(RuntimeError):
 
 @dataclass
 class ExtractOptions:
-    source: str
+    source: str | None  # None: adding teachers to the set at `out`, whose manifest names its source
     out: str
     source_format: str | None = None
     source_options: SourceOptions = field(default_factory=SourceOptions)
@@ -59,11 +66,14 @@ class ExtractOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_reject_rate: float = 0.1
     progress: bool = True
+    keep_images: bool = False
+    teacher_aggregations: dict[str, str] = field(default_factory=dict)
+    tokenizer_resolution: int | None = None
 
 
 @dataclass
 class ExtractResult:
-    status: str  # "extracted" or "up-to-date"
+    status: str  # "extracted", "added" (teacher columns) or "up-to-date"
     path: Path
     rows: int
     rejects: int
@@ -141,15 +151,22 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
         raise ExtractError(f"--teacher-view must be one of {TEACHER_VIEWS}, got {opts.teacher_view!r}")
     if not opts.teachers:
         raise ExtractError("give at least one --teacher")
-    ranks = distributed.init()
     out = Path(opts.out)
+    if (out / MANIFEST).exists() and not overwrite:
+        fs = FeatureSet.open(out)
+        new = [name for name in opts.teachers if load_spec("teachers", name)["name"] not in fs.manifest["teachers"]]
+        if new or opts.source is None:
+            from stages.add_columns import add_teachers
+            return add_teachers(fs, opts, new, log)
+    if opts.source is None:
+        raise ExtractError(f"give SOURCE: {out} is not a finished feature set to add teachers to")
+    ranks = distributed.init()
     device = torch.device(opts.device if opts.device != "cuda" else f"cuda:{ranks.local_rank}")
 
     source = read_source(opts.source, opts.source_format, opts.source_options)
     records = source.records
-    tokenizer = build("tokenizers", opts.tokenizer, opts.tokenizer_path).to(device).eval()
-    teachers = {name: build("teachers", name, opts.teacher_paths.get(name), input_size=opts.teacher_resolution).to(device).eval()
-                for name in opts.teachers}
+    tokenizer = build("tokenizers", opts.tokenizer, opts.tokenizer_path, resolution=opts.tokenizer_resolution).to(device).eval()
+    teachers = {t.name: t.to(device).eval() for t in (build_teacher(opts, name) for name in opts.teachers)}
     code_len = tokenizer.grid[0] * tokenizer.grid[1]
     job = {"source": {"format": source.format, "path": source.path, "fingerprint": source.fingerprint,
                       "records": len(records), "options": asdict(opts.source_options)},
@@ -157,7 +174,7 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
                           "teacher_view": opts.teacher_view, "max_pixels": opts.max_pixels},
            "tokenizer": {**tokenizer.describe(), "code_len": code_len, "weights_path": str(tokenizer.weights_path.resolve())},
            "teachers": {name: t.describe() for name, t in teachers.items()},
-           "layout": {"shard_size": opts.shard_size, "batch_size": opts.batch_size}}
+           "layout": {"shard_size": opts.shard_size, "batch_size": opts.batch_size, "keep_images": opts.keep_images}}
 
     if (out / MANIFEST).exists() and not overwrite:
         previous = read_json(out / MANIFEST)
@@ -170,6 +187,8 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
         if overwrite and out.exists():
             shutil.rmtree(out)
         (out / SHARDS).mkdir(parents=True, exist_ok=True)
+        if opts.keep_images:
+            (out / COLUMNS / IMAGE).mkdir(parents=True, exist_ok=True)
         progress.mkdir(exist_ok=True)
         if (progress / "job.json").exists():
             _check_same_job(out, read_json(progress / "job.json"), job)
@@ -193,7 +212,7 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
         plan += [(s, j == len(chunks) - 1, c) for j, c in enumerate(chunks)]
     teacher_sizes = sorted({t.input_size for t in teachers.values()})
     loader = crop_loader(records, [c for _, _, c in plan], tokenizer.resolution, teacher_sizes, opts.teacher_view,
-                         opts.max_pixels, opts.workers, pin_memory=device.type == "cuda")
+                         opts.max_pixels, opts.workers, pin_memory=device.type == "cuda", keep_images=opts.keep_images)
 
     todo = sum(len(c) for _, _, c in plan)
     if ranks.is_main and todo < len(records):
@@ -202,7 +221,8 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
     bar = tqdm(total=todo, unit="row", desc=f"extract rank {ranks.rank}/{ranks.world}",
                disable=not (opts.progress and ranks.is_main), dynamic_ncols=True)
     fixed_row_bytes = code_len * schema.field("codes").type.value_type.bit_width // 8 + 2 * sum(t.dim for t in teachers.values())
-    batches, rejects, sums, n_rejects, payload = [], [], dict.fromkeys(teachers, EMPTY_SUMS), 0, 0
+    batches, images, rejects, sums, n_rejects, payload = [], [], [], dict.fromkeys(teachers, EMPTY_SUMS), 0, 0
+    image_field = column_field(IMAGE, {"kind": "image"})
     for (s, last, _), (ok, crops, views, bad) in zip(plan, loader) if plan else ():
         rejects += [{"key": records[i].key, "origin": records[i].origin, "reason": reason} for i, reason in bad]
         n_rejects += len(bad)
@@ -213,11 +233,15 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
             payload += sum(fixed_row_bytes + len(records[i].key.encode()) + len(records[i].caption.encode()) for i in ok)
             batches.append(make_batch(schema, [records[i].key for i in ok], [records[i].caption for i in ok],
                                       [records[i].label for i in ok], codes, feats))
+            if opts.keep_images:
+                images.append(make_column_batch([records[i].key for i in ok], image_field, views[KEPT]))
         if last:
             entry = write_shard(out / SHARDS / f"{shard_name(s)}.tar", batches)
+            kept = (write_shard(out / COLUMNS / IMAGE / f"{shard_name(s)}.tar", images, f"{COLUMNS}/{IMAGE}/{shard_name(s)}.tar")
+                    if opts.keep_images else None)
             atomic_write_json(progress / f"{shard_name(s)}.json",
-                              {**entry, "payload_bytes": payload, "rejects": rejects, "feature_sums": sums})
-            batches, rejects, sums, payload = [], [], dict.fromkeys(teachers, EMPTY_SUMS), 0
+                              {**entry, "payload_bytes": payload, "rejects": rejects, "feature_sums": sums, "image_shard": kept})
+            batches, images, rejects, sums, payload = [], [], [], dict.fromkeys(teachers, EMPTY_SUMS), 0
         bar.update(len(ok) + len(bad))
         bar.set_postfix(rejects=n_rejects, refresh=False)
     bar.close()
@@ -231,6 +255,11 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
     distributed.barrier()
     distributed.shutdown()
     return result or ExtractResult("extracted", out, 0, 0, seconds, todo)
+
+
+def build_teacher(opts: ExtractOptions, name: str):
+    return build("teachers", name, opts.teacher_paths.get(name), input_size=opts.teacher_resolution,
+                 aggregation=opts.teacher_aggregations.get(name))
 
 
 def _finish(out: Path, job: dict, schema, source, n_shards: int, max_reject_rate: float) -> ExtractResult:
@@ -263,6 +292,12 @@ def _finish(out: Path, job: dict, schema, source, n_shards: int, max_reject_rate
                            "unlabelled": sum(r.label < 0 for r in source.records)},
                 "rejects": {"total": len(rejects), "by_reason": by_reason, "file": REJECTS},
                 "skipped": source.skipped}
+    if job["layout"]["keep_images"]:
+        shards = [d["image_shard"] for d in done]
+        atomic_write_json(out / COLUMNS / IMAGE / MANIFEST, {
+            "format": COLUMN_FORMAT, "version": VERSION, "kind": "image", "name": IMAGE, "encoding": "png",
+            "resolution": job["preprocess"]["resolution"], "schema": schema_fields(pa.schema([column_field(IMAGE, {"kind": "image"})])),
+            "rows": sum(e["rows"] for e in shards), "shards": shards, "shards_sha256": shards_digest(manifest["shards"])})
     atomic_write_json(out / MANIFEST, manifest)
     shutil.rmtree(progress)
     return ExtractResult("extracted", out, manifest["rows"], len(rejects))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.featureset import FeatureSet
+from pipeline.featureset import COLUMNS, IMAGE, FeatureSet
 
 
 def _mb(n: int) -> str:
@@ -25,12 +25,22 @@ def describe(path) -> str:
         f"tokenizer    {tok['name']}  {tok['resolution']} px -> {tok['grid'][0]}x{tok['grid'][1]} codes, codebook "
         f"{tok['codebook_size']} ({m['schema']['codes']}), weights {tok['weights']} sha256 {tok['weights_sha256'][:12]}",
     ]
-    for name, t in m["teachers"].items():
-        st = m["feature_stats"][name]
+    columns = fs.columns
+    stats = {**m["feature_stats"], **{n: c["feature_stats"] for n, c in columns.items() if c["kind"] == "teacher"}}
+    for name, t in fs.teachers.items():
+        st = stats[name]
         norm = f"|f| {st['norm_mean']:.3g} ± {st['norm_std']:.3g}" if st["rows"] else "no rows"
         bad = f", {st['nonfinite_rows']} rows non-finite!" if st["nonfinite_rows"] else ""
+        where = f"added in {COLUMNS}/{name}/ ({_mb(sum(s['bytes'] for s in columns[name]['shards']))})" if name in columns else "in the shards"
         lines.append(f"teacher      {name}  {t['dim']}-d {t['aggregation']} @{t['input_size']} px, column feat.{name} "
-                     f"float16, {norm}{bad}, weights {t['weights']} sha256 {t['weights_sha256'][:12]}")
+                     f"float16 {where}, {norm}{bad}, weights {t['weights']} sha256 {t['weights_sha256'][:12]}")
+    if IMAGE in columns:
+        kept = columns[IMAGE]
+        lines.append(f"images       canonical crops kept as {kept['encoding'].upper()} in {COLUMNS}/{IMAGE}/, "
+                     f"{_mb(sum(s['bytes'] for s in kept['shards']))}")
+    unfinished = sorted(p.name for p in (fs.path / COLUMNS).glob("*") if p.is_dir() and p.name not in columns)
+    if unfinished:
+        lines.append(f"unfinished   columns {', '.join(unfinished)} are being added (re-run the command to resume)")
     rej = m["rejects"]
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(rej["by_reason"].items(), key=lambda kv: -kv[1]))
     lines.append(f"rejects      {rej['total']}" + (f": {reasons} (see {rej['file']})" if rej["total"] else ""))

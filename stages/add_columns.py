@@ -1,0 +1,183 @@
+"""Add teachers to a finished feature set as columns, without running the tokenizer again.
+
+`arra-pipe extract --teacher NEW --out SET` on a finished SET that lacks NEW lands here. The
+images are the set's kept canonical crops (`--keep-images` at the first extraction) when the
+teachers saw the crop, else the records of the source recorded in the manifest (or given as
+SOURCE), whose fingerprint must not have changed. Each teacher sees exactly the view it would
+have seen in the first pass, and the batches are the set's members, so its features equal what
+a first extraction with it would have stored.
+
+For each shard, `columns/<teacher>/<shard>.tar` gets one member per member of the shard, same
+name, same keys in the same order, holding `key` and `feat.<teacher>`. Tars are written
+atomically and marked done in the column's `progress/`, so an interrupted run resumes; under
+torchrun rank r takes the shards s % world == r. When every shard is done rank 0 writes
+`columns/<teacher>/manifest.json`; only then do readers join the column.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from pipeline import __version__, distributed
+from pipeline.crops import crop_loader, kept_crop_loader
+from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, IMAGE, MANIFEST, VERSION, FeatureSet, column_field,
+                                 make_column_batch, read_members, schema_fields, shards_digest, write_shard)
+from pipeline.files import atomic_write_json, read_json
+from pipeline.registry import load_spec
+from pipeline.sources import SourceOptions, read_source
+from pipeline.weights import checkpoint_files, fingerprint, resolve
+from stages.extract import (EMPTY_SUMS, ExtractError, ExtractOptions, ExtractResult, PROGRESS, _diff, _packages,
+                            add_sums, build_teacher, feature_sums, summarize)
+
+
+def add_teachers(fs: FeatureSet, opts: ExtractOptions, names: list[str], log=print) -> ExtractResult:
+    _check_tokenizer_flags(fs, opts)
+    ranks = distributed.init()
+    device = torch.device(opts.device if opts.device != "cuda" else f"cuda:{ranks.local_rank}")
+    teachers = {t.name: t for t in (build_teacher(opts, name) for name in names)}
+    clash = sorted(set(teachers) & {IMAGE, *fs.manifest["teachers"]})
+    if clash:
+        raise ExtractError(f"{fs.path} already has {clash} as part of its shards")
+    pre, added = fs.manifest["preprocess"], fs.columns
+    digest = shards_digest(fs.manifest["shards"])
+    jobs = {name: {"teacher": t.describe(), "teacher_view": pre["teacher_view"], "shards_sha256": digest}
+            for name, t in teachers.items()}
+    for name in set(teachers) & set(added):
+        diffs = _diff({k: added[name].get(k) for k in jobs[name]}, jobs[name])
+        if diffs:
+            raise ExtractError(f"{fs.path / COLUMNS / name} holds other features; differences:\n  " + "\n  ".join(diffs[:12])
+                               + f"\nRemove {fs.path / COLUMNS / name} to compute it again.")
+    todo = {name: t.to(device).eval() for name, t in teachers.items() if name not in added}
+    if not todo:
+        distributed.shutdown()
+        return ExtractResult("up-to-date", fs.path, fs.rows, fs.manifest["rejects"]["total"])
+
+    progress = {name: fs.path / COLUMNS / name / PROGRESS for name in todo}
+    if ranks.is_main:
+        for name, folder in progress.items():
+            folder.mkdir(parents=True, exist_ok=True)
+            if (folder / "job.json").exists():
+                diffs = _diff(read_json(folder / "job.json"), jobs[name])
+                if diffs:
+                    raise ExtractError(f"{folder.parent} is being added with other settings:\n  " + "\n  ".join(diffs[:12])
+                                       + f"\nRemove {folder.parent} to start it again.")
+            else:
+                atomic_write_json(folder / "job.json", jobs[name])
+    distributed.barrier()
+
+    shards = fs.manifest["shards"]
+    mine = [i for i in range(ranks.rank, len(shards), ranks.world)
+            if not all((progress[n] / f"{Path(shards[i]['name']).stem}.json").exists() for n in todo)]
+    plan = [(i, member, batch.column("key")) for i in mine for member, batch in read_members(fs.path / shards[i]["name"])]
+    kept = IMAGE in added and pre["teacher_view"] == "crop"
+    log(f"adding {', '.join(todo)} to {fs.path}: {len(mine)} of {len(shards)} shards on this rank, "
+        f"images from {'the kept crops' if kept else 'the source'}")
+    views = (_kept_views(fs, added[IMAGE], plan, todo, opts.workers) if kept
+             else _source_views(fs, opts, plan, todo, device))
+    fields = {name: pa.field(f"feat.{name}", pa.list_(pa.float16(), t.dim), nullable=False) for name, t in todo.items()}
+    start, rows = time.perf_counter(), 0
+    bar = tqdm(total=sum(s["rows"] for i, s in enumerate(shards) if i in mine), unit="row",
+               desc=f"add {','.join(todo)} rank {ranks.rank}/{ranks.world}", disable=not (opts.progress and ranks.is_main))
+    members, counts = {i: [] for i in mine}, Counter(i for i, _, _ in plan)
+    for (i, member, keys), batch_views in zip(plan, views):
+        members[i].append((keys, {n: t(batch_views[t.input_size]).cpu().numpy().astype(np.float16) for n, t in todo.items()}))
+        rows += len(keys)
+        bar.update(len(keys))
+        if len(members[i]) == counts[i]:
+            _write(fs, shards[i], members.pop(i), fields, progress)
+    for i in members:  # shards without members (every record rejected)
+        _write(fs, shards[i], [], fields, progress)
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    distributed.barrier()
+    if ranks.is_main:
+        for name in todo:
+            _finish(fs, name, jobs[name], progress[name], "kept crops" if kept else "source")
+    distributed.barrier()
+    distributed.shutdown()
+    return ExtractResult("added", fs.path, fs.rows, fs.manifest["rejects"]["total"], seconds, rows)
+
+
+def _check_tokenizer_flags(fs: FeatureSet, opts: ExtractOptions) -> None:
+    """Adding columns never runs the tokenizer; refuse flags that ask for another one."""
+    tok = fs.manifest["tokenizer"]
+    if load_spec("tokenizers", opts.tokenizer)["name"] != tok["name"] and opts.tokenizer != "kmeans":
+        raise ExtractError(f"{fs.path} was tokenized with {tok['name']}, not {opts.tokenizer}; a set has one tokenizer")
+    if opts.tokenizer_path:
+        spec = load_spec("tokenizers", tok["name"])
+        digest, _ = fingerprint(checkpoint_files(spec, resolve("tokenizers", spec, opts.tokenizer_path)))
+        if digest != tok["weights_sha256"]:
+            raise ExtractError(f"{opts.tokenizer_path} is not the tokenizer {fs.path} was made with (sha256 differs)")
+
+
+def _source_views(fs: FeatureSet, opts: ExtractOptions, plan, todo: dict, device):
+    """Teacher views of each planned member, decoded from the source as the first extraction did."""
+    src, pre = fs.manifest["source"], fs.manifest["preprocess"]
+    path, fmt, options = ((opts.source, opts.source_format, opts.source_options) if opts.source else
+                          (src["path"], src["format"], SourceOptions(**src["options"])))
+    if not Path(path).exists():
+        raise ExtractError(f"the source of {fs.path}, {path}, is gone and the set keeps no images "
+                           f"(--keep-images); pass SOURCE where it is now")
+    source = read_source(path, fmt, options)
+    if source.fingerprint != src["fingerprint"]:
+        raise ExtractError(f"{path} is not the source {fs.path} was made from: its records changed "
+                           f"(fingerprint {source.fingerprint[:12]} vs {src['fingerprint'][:12]})")
+    index = {r.key: j for j, r in enumerate(source.records)}
+    loader = crop_loader(source.records, [[index[k] for k in keys.to_pylist()] for _, _, keys in plan], pre["resolution"],
+                         sorted({t.input_size for t in todo.values()}), pre["teacher_view"], pre["max_pixels"],
+                         opts.workers, pin_memory=device.type == "cuda")
+    for _, _, views, bad in loader:
+        if bad:
+            record, reason = source.records[bad[0][0]], bad[0][1]
+            raise ExtractError(f"{record.origin}: {reason}; it was extracted before, so the source changed since")
+        yield views
+
+
+def _kept_views(fs: FeatureSet, images: dict, plan, todo: dict, workers: int):
+    """Teacher views of each planned member, from the set's kept canonical crops."""
+    members = [(fs.path / images["shards"][i]["name"], member) for i, member, _ in plan]
+    loader = kept_crop_loader(members, sorted({t.input_size for t in todo.values()}), workers)
+    for (i, member, keys), (kept_keys, views) in zip(plan, loader):
+        if kept_keys != keys.to_pylist():
+            raise ExtractError(f"{images['shards'][i]['name']}: member {member} does not line up with the shard")
+        yield views
+
+
+def _write(fs: FeatureSet, shard: dict, members: list, fields: dict, progress: dict) -> None:
+    """One column tar per teacher for one shard, then its progress record."""
+    file = Path(shard["name"]).name
+    for name, field in fields.items():
+        batches = [make_column_batch(keys, field, feats[name]) for keys, feats in members]
+        entry = write_shard(fs.path / COLUMNS / name / file, batches, f"{COLUMNS}/{name}/{file}")
+        sums = functools.reduce(add_sums, (feature_sums(feats[name]) for _, feats in members), EMPTY_SUMS)
+        atomic_write_json(progress[name] / f"{Path(file).stem}.json", {**entry, "feature_sums": sums})
+
+
+def _finish(fs: FeatureSet, name: str, job: dict, progress: Path, images_from: str) -> None:
+    done = []
+    for shard in fs.manifest["shards"]:
+        p = progress / f"{Path(shard['name']).stem}.json"
+        if not p.exists():
+            raise ExtractError(f"{fs.path}: column {name} of {shard['name']} was not finished by its rank; "
+                               f"re-run the same command to resume")
+        done.append(read_json(p))
+    column = {"format": COLUMN_FORMAT, "version": VERSION, "kind": "teacher", "name": name,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "arra_pipe": __version__,
+              "packages": _packages(), **job, "images_from": images_from,
+              "feature_stats": summarize(functools.reduce(add_sums, (d["feature_sums"] for d in done))),
+              "rows": sum(d["rows"] for d in done),
+              "shards": [{k: d[k] for k in ("name", "rows", "bytes", "sha256")} for d in done]}
+    column["schema"] = {"key": "string", **schema_fields(pa.schema([column_field(name, column)]))}
+    atomic_write_json(fs.path / COLUMNS / name / MANIFEST, column)
+    shutil.rmtree(progress)
