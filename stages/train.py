@@ -336,7 +336,7 @@ def train(opts: TrainOptions, log=print) -> dict:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo" if opts.device == "cpu" else "nccl", verbose=False)
     layout, build, tokenizer = plan_model(opts, sets, model_dir, is_main)
-    exclude = frozenset(Path(opts.exclude).read_text().split()) if opts.exclude else frozenset()
+    exclude = frozenset(k for k in Path(opts.exclude).read_text(encoding="utf-8").splitlines() if k) if opts.exclude else frozenset()
     stream = TrainStream(sets, teacher if opts.lam > 0 else None, layout, opts.micro_batch, rank, world, opts.seed,
                          opts.shuffle_buffer, opts.cond_dropout, Conditioner(layout, tokenizer, opts.max_text_len),
                          opts.align_positions, exclude)
