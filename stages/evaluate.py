@@ -50,10 +50,12 @@ def column(fs: FeatureSet, name: str) -> np.ndarray:
     return np.stack(fs.table().column(name).to_numpy(zero_copy_only=False)).astype(np.float32)
 
 
-def reference_images(fs: FeatureSet, tokenizer_path: str | None, workers: int = 2) -> tuple[np.ndarray, str]:
-    """The set's images at the canonical crop, from its source; else decoded from its codes."""
+def reference_images(fs: FeatureSet, tokenizer_path: str | None, limit: int | None = None,
+                     workers: int = 2) -> tuple[np.ndarray, str]:
+    """The set's images (the first `limit` rows) at the canonical crop, from its source; else
+    decoded from its codes."""
     m = fs.manifest
-    keys = fs.table().column("key").to_pylist()
+    keys = fs.table().column("key").to_pylist()[:limit]
     try:
         src = m["source"]
         source = read_source(src["path"], src["format"], SourceOptions(**src["options"]))
@@ -73,18 +75,19 @@ def reference_images(fs: FeatureSet, tokenizer_path: str | None, workers: int = 
     except (ValueError, KeyError, OSError) as exc:
         from stages.sample import load_image_tokenizer
         tok = load_image_tokenizer({"tokenizer": m["tokenizer"]}, tokenizer_path, torch.device("cpu"))
-        codes = column(fs, "codes").astype(np.int64).reshape(-1, *m["tokenizer"]["grid"])
+        codes = column(fs, "codes")[:limit].astype(np.int64).reshape(-1, *m["tokenizer"]["grid"])
         images = np.concatenate([tok.decode(torch.from_numpy(codes[i:i + 256])).numpy() for i in range(0, len(codes), 256)])
         return images, f"tokenizer reconstructions (source unavailable: {exc})"
 
 
-def reference_inception(fs: FeatureSet, inception, tokenizer_path: str | None) -> tuple[np.ndarray, str]:
-    """Inception features of the reference images, cached per network file."""
-    cache = fs.path / "stats" / f"inception-{sha256_file(inception.path)[:12]}.npz"
+def reference_inception(fs: FeatureSet, inception, tokenizer_path: str | None, limit: int | None = None) -> tuple[np.ndarray, str]:
+    """Inception features of the (first `limit`) reference images, cached per network file and limit."""
+    n = min(limit or fs.rows, fs.rows)
+    cache = fs.path / "stats" / f"inception-{sha256_file(inception.path)[:12]}-{n}.npz"
     if cache.exists():
         with np.load(cache) as z:
             return z["features"].astype(np.float32), str(z["origin"])
-    images, origin = reference_images(fs, tokenizer_path)
+    images, origin = reference_images(fs, tokenizer_path, n)
     feats = inception.features(images)
     cache.parent.mkdir(exist_ok=True)
     buf = io.BytesIO()
@@ -111,7 +114,8 @@ def teacher_features(fs: FeatureSet, name: str, images: np.ndarray, weights: str
 
 def evaluate(generated: str, reference: str, teachers: list[str] | None = None, teacher_path: str | None = None,
              inception_path: str | None = None, fid: bool = True, train_set: str | None = None,
-             tokenizer_path: str | None = None, k: int = 3, device: str = "cpu", batch_size: int = 64) -> dict:
+             tokenizer_path: str | None = None, k: int = 3, device: str = "cpu", batch_size: int = 64,
+             fid_reference: int | None = None) -> dict:
     fs = FeatureSet.open(reference)
     images, rows = load_generated(Path(generated), fs.manifest["preprocess"]["resolution"])
     seeds = [r["seed"] for r in rows if "seed" in r]
@@ -121,7 +125,7 @@ def evaluate(generated: str, reference: str, teachers: list[str] | None = None, 
 
     def add(metric, value, space, **extra):
         result["metrics"].append({"metric": metric, "value": value, "space": space, "n_generated": n,
-                                  "n_reference": n_ref, **extra})
+                                  "n_reference": n_ref, **extra})  # extra may narrow n_reference
 
     gen_by_teacher = {}
     for name in teachers or list(fs.teachers):
@@ -135,13 +139,14 @@ def evaluate(generated: str, reference: str, teachers: list[str] | None = None, 
     if fid:
         from pipeline.inception import Inception
         net = Inception(inception_path, device)
-        ref_feats, origin = reference_inception(fs, net, tokenizer_path)
+        ref_feats, origin = reference_inception(fs, net, tokenizer_path, fid_reference)
         gen_feats = net.features(images)
         note = f"FID on {n} < {FID_MIN_IMAGES} generated images is biased upward; compare only at equal n" if n < FID_MIN_IMAGES else ""
-        add("FID", fd(gen_feats, ref_feats), f"TF-Inception pool3, reference = {origin}", note=note)
+        space = f"TF-Inception pool3, reference = {origin}"
+        add("FID", fd(gen_feats, ref_feats), space, note=note, n_reference=len(ref_feats))
         p, r = precision_recall(ref_feats, gen_feats, k)
-        add("precision inception", p, "TF-Inception pool3", k=k)
-        add("recall inception", r, "TF-Inception pool3", k=k)
+        add("precision inception", p, space, k=k, n_reference=len(ref_feats))
+        add("recall inception", r, space, k=k, n_reference=len(ref_feats))
     if train_set and rows and "class" in rows[0]:
         train = FeatureSet.open(train_set)
         name = (teachers or list(fs.teachers))[0]

@@ -1,0 +1,188 @@
+"""`arra-pipe run EXPERIMENT`: a controlled comparison of training arms, end to end.
+
+For the reference experiment (manifests/experiments/fmnist-arra-base.toml): fit the kmeans
+tokenizer on the training images, extract train and test sets with the teacher once, then for
+every seed train each arm (identical but for lambda: same seed, data order, steps), sample the
+same number of images per class, and evaluate every arm against the test set. The results table
+(markdown + JSON) gives each figure with its sample count, seeds, wall time and the commands that
+reproduce it. No arm is tuned that the others are not.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+
+from pipeline.files import atomic_write_json
+from pipeline.registry import RegistryError, available, manifest_dir
+from pipeline.sources import SourceOptions
+from stages.demo import default_data
+from stages.evaluate import evaluate
+from stages.export import export
+from stages.extract import ExtractOptions, extract
+from stages.sample import sample
+from stages.tokenizer_fit import fit_tokenizer
+from stages.train import TrainOptions, train
+
+HEADLINE = ("FID", "FD {teacher}", "class accuracy (proxy)")
+
+
+def load_experiment(name: str) -> tuple[Path, dict]:
+    path = Path(name)
+    if not (name.endswith(".toml") and path.is_file()):
+        path = manifest_dir("experiments") / f"{name}.toml"
+        if not path.is_file():
+            raise RegistryError(f"unknown experiment {name!r}; known: {', '.join(available('experiments'))}")
+    with open(path, "rb") as f:
+        return path, tomllib.load(f)
+
+
+def _options(table: dict) -> dict:
+    """TOML keys as written on the command line (dashes) -> Python keyword names."""
+    return {("lam" if k == "lambda" else k.replace("-", "_")): v for k, v in table.items()}
+
+
+def _flags(options: dict) -> str:
+    return " ".join(f"--{'lambda' if k == 'lam' else k.replace('_', '-')} {v}" for k, v in options.items())
+
+
+class Timer:
+    def __init__(self):
+        self.seconds = {}
+
+    def __call__(self, name, fn, *args, **kw):
+        start = time.perf_counter()
+        out = fn(*args, **kw)
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        return out
+
+
+def run_experiment(name: str, scale: str, seeds: int, out: str, data: str | None = None, ablations: bool = False,
+                   workers: int = 2, log=print) -> dict:
+    path, exp = load_experiment(name)
+    if scale not in exp["scales"]:
+        raise ValueError(f"unknown --scale {scale!r}; {path.name} has {sorted(exp['scales'])}")
+    conf = _options(exp["scales"][scale])
+    note, device = conf.pop("note", ""), conf.pop("device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--scale {scale} needs a CUDA device")
+    per_class, fid_reference = conf.pop("samples_per_class"), conf.pop("fid_reference")
+    out, data = Path(out), Path(data) if data else default_data()
+    out.mkdir(parents=True, exist_ok=True)
+    timer, commands = Timer(), []
+    tok, teacher = _options(exp["tokenizer"]), exp["teacher"]
+
+    # ---- stage 1, once for every arm and seed
+    codebook = out / "kmeans-codebook.safetensors"
+    if not codebook.exists():
+        timer("tokenizer fit", fit_tokenizer, str(data), str(codebook), workers=workers, log=log, **tok)
+    commands.append(f"arra-pipe tokenizer fit {data} --out {codebook} {_flags(tok)}")
+    sets = {}
+    for split in ("train", "test"):
+        sets[split] = out / split
+        timer(f"extract {split}", extract, ExtractOptions(
+            source=str(data), out=str(sets[split]), source_options=SourceOptions(split=split), tokenizer_path=str(codebook),
+            teachers=(teacher["name"],), teacher_resolution=teacher["resolution"], workers=workers, device=device), log=log)
+        commands.append(f"arra-pipe extract {data} --split {split} --out {sets[split]} --tokenizer-path {codebook} "
+                        f"--teacher {teacher['name']} --teacher-resolution {teacher['resolution']} --device {device}")
+
+    # ---- stage 2 onwards, per seed and arm
+    arms = exp["arms"] + (exp.get("ablations", []) if ablations else [])
+    sampling = _options(exp["sample"])
+    runs = []
+    for seed in range(seeds):
+        for arm in arms:
+            arm_opts = _options({k: v for k, v in arm.items() if k != "name"})
+            options = {**_options(exp["train"]), **conf, **arm_opts, "seed": seed, "device": device}
+            tag = f"{arm['name']}-seed{seed}"
+            run_dir, samples_dir = out / "runs" / tag, out / "samples" / tag
+            log(f"== {tag}: {_flags(arm_opts)}")
+            timer(f"train {tag}", train, TrainOptions(sets=[str(sets["train"])], run=str(run_dir), save_every=options["steps"],
+                                                       progress=False, **options), log=log)
+            model = timer(f"export {tag}", export, str(run_dir), str(out / "models" / tag))
+            from pipeline.generate import Sampling
+            timer(f"sample {tag}", sample, str(model), str(samples_dir), n=per_class, seed=1000 * seed,
+                  sampling=Sampling(**sampling), device=device, batch_size=200, progress=False)
+            result = timer(f"eval {tag}", evaluate, str(samples_dir), str(sets["test"]), train_set=str(sets["train"]),
+                           device=device, fid_reference=fid_reference)
+            runs.append({"arm": arm["name"], "seed": seed, "options": options,
+                         "metrics": {m["metric"]: m for m in result["metrics"]},
+                         "seconds": {k: v for k, v in timer.seconds.items() if tag in k}})
+            commands += [f"arra-pipe train {sets['train']} --out {run_dir} {_flags(options)} --save-every {options['steps']}",
+                         f"arra-pipe export {run_dir} --out {model}",
+                         f"arra-pipe sample {model} --out {samples_dir} --n {per_class} --seed {1000 * seed} {_flags(sampling)}",
+                         f"arra-pipe eval --generated {samples_dir} --reference {sets['test']} --train-set {sets['train']} "
+                         f"--fid-reference {fid_reference} --device {device}"]
+            log(summary_line(runs[-1], teacher["name"]))
+    report = {"experiment": str(path), "description": exp.get("description", ""), "scale": scale, "scale_note": note,
+              "data": str(data), "device": device, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+              "seeds": list(range(seeds)), "runs": runs, "summary": summarize(runs, [a["name"] for a in arms], teacher["name"]),
+              "seconds": timer.seconds, "commands": commands}
+    atomic_write_json(out / "results.json", report)
+    (out / "results.md").write_text(markdown(report, teacher["name"]))
+    return report
+
+
+def summary_line(run: dict, teacher: str) -> str:
+    parts = [f"{key.format(teacher=teacher)} {run['metrics'][key.format(teacher=teacher)]['value']:.4g}"
+             for key in HEADLINE if key.format(teacher=teacher) in run["metrics"]]
+    return f"   {run['arm']} seed {run['seed']}: " + ", ".join(parts)
+
+
+def summarize(runs: list[dict], arms: list[str], teacher: str) -> dict:
+    """Mean and sd per arm and metric over seeds, and each arm's relative change against the first."""
+    out = {}
+    for arm in arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        out[arm] = {}
+        for metric in mine[0]["metrics"]:
+            values = [r["metrics"][metric]["value"] for r in mine]
+            out[arm][metric] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+                                "n_seeds": len(values), "n_generated": mine[0]["metrics"][metric]["n_generated"],
+                                "n_reference": mine[0]["metrics"][metric]["n_reference"]}
+    base = arms[0]
+    for arm in arms[1:]:
+        for metric, stats in out[arm].items():
+            b = out[base][metric]["mean"]
+            stats[f"change_vs_{base}"] = (stats["mean"] - b) / abs(b) if b else None
+    return out
+
+
+def markdown(report: dict, teacher: str) -> str:
+    arms = list(report["summary"])
+    base = arms[0]
+    metrics = [m for m in report["summary"][base] if not m.startswith("class accuracy of real")]
+    lines = [f"# {Path(report['experiment']).stem} — scale `{report['scale']}`", "", report["description"].strip(), "",
+             f"Scale: {report['scale_note']}. Data: `{report['data']}`. Device: {report['device']} ({report['machine']}). "
+             f"Seeds: {report['seeds']}.", "",
+             "| metric | n_gen / n_ref | " + " | ".join(arms) + " | " + " | ".join(f"{a} vs {base}" for a in arms[1:]) + " |",
+             "|---|---|" + "---|" * (2 * len(arms) - 1)]
+    for metric in metrics:
+        s = report["summary"]
+        cells = []
+        for arm in arms:
+            v = s[arm][metric]
+            cells.append(f"{v['mean']:.4g}" + (f" ± {v['sd']:.2g}" if v["sd"] is not None else ""))
+        changes = [f"{s[a][metric][f'change_vs_{base}']:+.1%}" if s[a][metric].get(f"change_vs_{base}") is not None else "–"
+                   for a in arms[1:]]
+        lines.append(f"| {metric} | {s[base][metric]['n_generated']} / {s[base][metric]['n_reference']} | "
+                     + " | ".join(cells) + " | " + " | ".join(changes) + " |")
+    ceiling = [m for m in report["summary"][base] if m.startswith("class accuracy of real")]
+    if ceiling:
+        lines += ["", f"Class accuracy is a proxy for conditioning fidelity: a linear probe on {teacher} features of the "
+                      f"training set; on the real test images it scores {report['summary'][base][ceiling[0]]['mean']:.3f}."]
+    lines += ["", "FID uses the TF-Inception network; with fewer than 10,000 images it is biased upward, so compare arms "
+                  "only at equal sample counts, as here.", "", "## Runs", "",
+              "| arm | seed | " + " | ".join(metrics) + " | train s | total s |", "|---|---|" + "---|" * (len(metrics) + 2)]
+    for r in report["runs"]:
+        lines.append(f"| {r['arm']} | {r['seed']} | " + " | ".join(f"{r['metrics'][m]['value']:.4g}" for m in metrics)
+                     + f" | {sum(v for k, v in r['seconds'].items() if k.startswith('train'))} | {sum(r['seconds'].values()):.0f} |")
+    lines += ["", "## Wall time (s)", "", *[f"- {k}: {v}" for k, v in report["seconds"].items()], "",
+              "## Commands", "", "```", *report["commands"], "```", ""]
+    return "\n".join(lines)
