@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipeline.featureset import FeatureSet, feature_column, read_shard
+from pipeline.featureset import FeatureSet, feature_column
 from pipeline.vocab import VocabLayout
 
 IGNORE = -100
@@ -29,9 +29,10 @@ class ShardRef:
     featureset: FeatureSet
     index: int
     rows: int
+    columns: tuple[str, ...]  # added columns to join (a teacher added after the first extraction)
 
     def batches(self) -> Iterator[pa.RecordBatch]:
-        return read_shard(self.featureset.shard_paths()[self.index])
+        return self.featureset.shard_batches(self.index, list(self.columns))
 
 
 class Conditioner:
@@ -96,7 +97,8 @@ class TrainStream:
         self.shuffle_buffer, self.cond_dropout = max(shuffle_buffer, micro_batch), cond_dropout
         self.conditioner = conditioner or Conditioner(layout)
         self.align_positions, self.exclude = align_positions, exclude
-        self.shards = [ShardRef(fs, i, s["rows"]) for fs in sets for i, s in enumerate(fs.manifest["shards"])]
+        self.shards = [ShardRef(fs, i, s["rows"], tuple(c for c in fs.columns if c == teacher))
+                       for fs in sets for i, s in enumerate(fs.manifest["shards"])]
         self.by_shard = len(self.shards) >= world
 
     def rank_shards(self, rank: int) -> list[ShardRef]:

@@ -187,3 +187,22 @@ def test_lambda_zero_is_the_plain_baseline_with_the_same_lm_init(fmnist, tmp_pat
     assert not any(k.startswith("projector.") for k in plain) and any(k.startswith("projector.") for k in arra)
     assert all(torch.equal(v, arra[k]) for k, v in plain.items())
     assert "gva" not in metrics(tmp_path / "0")[0] and "gva" in metrics(tmp_path / "1")[0]
+
+
+def test_training_reads_a_teacher_added_as_a_column(run_extract_module, tmp_path):
+    import model_checkpoints as mc
+    from conftest import TEACHER_RES, write_image
+    from stages.extract import ExtractOptions, extract
+    for i in range(24):
+        write_image(tmp_path / "src" / f"c{i % 3}" / f"{i:02d}.png", seed=i)
+    out = run_extract_module(tmp_path / "src", name="added", shard_size=8, batch_size=4)
+    extract(ExtractOptions(source=None, out=str(out), teachers=("dinov2-s",),
+                           teacher_paths={"dinov2-s": str(mc.write_dinov2(tmp_path / "dino", 384))},
+                           teacher_resolution=TEACHER_RES, workers=0, progress=False, batch_size=4, shard_size=8),
+            log=lambda m: None)
+    assert "dinov2-s" in FeatureSet.open(out).columns
+    run = tmp_path / "run"
+    arra_pipe("train", out, "--out", run, "--teacher", "dinov2-s", "--steps", "2", "--micro-batch", "4", "--no-progress")
+    config = json.loads((run / "train_config.json").read_text())
+    assert (config["teacher"], config["teacher_dim"]) == ("dinov2-s", 384)
+    assert all("gva" in r for r in metrics(run))
