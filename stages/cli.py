@@ -370,7 +370,7 @@ def models():
 @click.option("--steps", default=300, show_default=True, help="Training steps of the tiny model.")
 def demo(out, data, workers, teacher_resolution, steps):
     """Run the pipeline on Fashion-MNIST: fit the tokenizer, extract train and test sets, train a
-    tiny ARRA model on CPU and export it."""
+    tiny ARRA model on CPU, export it, sample 10 images per class and evaluate them."""
     from stages.demo import run_demo
     try:
         run_demo(out, data, workers, teacher_resolution, steps, log=click.echo)

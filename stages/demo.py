@@ -3,7 +3,8 @@
 Uses Debian's full Fashion-MNIST (`apt-get install dataset-fashion-mnist`) when installed, else
 the 2,000 + 500 image subset committed in data/. It fits the kmeans tokenizer, extracts train and
 test sets with the EfficientNet-Lite0 teacher, trains a tiny class-conditional model with the ARRA
-loss (DeepSpeed, one CPU process) and exports it as a Hugging Face model.
+loss (DeepSpeed, one CPU process), exports it as a Hugging Face model, samples 10 images per class
+and evaluates them against the test split (FID, FD in teacher space, class-accuracy proxy).
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.generate import Sampling
 from pipeline.registry import load_recipe
 from pipeline.sources import SourceOptions
+from stages.evaluate import evaluate, format_table
+from stages.export import export
 from stages.extract import ExtractOptions, extract
 from stages.inspect import describe
+from stages.sample import sample
 from stages.tokenizer_fit import fit_tokenizer
-from stages.export import export
 from stages.train import TrainOptions, train
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -51,4 +55,9 @@ def run_demo(out: str, data: str | None, workers: int, teacher_resolution: int, 
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first, last = history[0], history[-1]
     log(f"trained {last['step']} steps: CE {first['ce']:.3f} -> {last['ce']:.3f}, GVA {first['gva']:.3f} -> {last['gva']:.3f}")
-    log(f"exported {export(str(run), str(out / 'model'))} (loads with transformers.AutoModelForCausalLM)")
+    model = export(str(run), str(out / "model"))
+    log(f"exported {model} (loads with transformers.AutoModelForCausalLM)")
+    samples = sample(str(model), str(out / "samples"), n=10, sampling=Sampling(cfg=2.0), progress=False)
+    log(f"sampled 10 images per class: {samples / 'grid.png'} (one row per class)")
+    result = evaluate(str(samples), str(out / "test"), train_set=str(out / "train"), fid_reference=500)
+    log(format_table(result))
