@@ -38,8 +38,8 @@ def available(kind: str) -> list[str]:
     return sorted(p.stem for p in manifest_dir(kind).glob("*.toml"))
 
 
-def load_spec(kind: str, name: str) -> dict:
-    """The manifest for `name` (a shipped name or a path to a .toml file) as a dict."""
+def read_manifest(kind: str, name: str) -> tuple[Path, dict]:
+    """(path, contents) of manifests/<kind>/<name>.toml, or of `name` itself when it is a .toml path."""
     path = Path(name)
     if not (name.endswith(".toml") and path.is_file()):
         path = manifest_dir(kind) / f"{name}.toml"
@@ -47,7 +47,17 @@ def load_spec(kind: str, name: str) -> dict:
             raise RegistryError(f"unknown {kind[:-1]} {name!r}; known: {', '.join(available(kind))} "
                                 f"(or pass a path to a .toml manifest)")
     with open(path, "rb") as f:
-        spec = tomllib.load(f)
+        return path, tomllib.load(f)
+
+
+def option_names(table: dict) -> dict:
+    """TOML keys written as command-line flags (`align-layer`, `lambda`) -> Python names."""
+    return {("lam" if k == "lambda" else k.replace("-", "_")): v for k, v in table.items()}
+
+
+def load_spec(kind: str, name: str) -> dict:
+    """The manifest for `name` (a shipped name or a path to a .toml file) as a dict."""
+    path, spec = read_manifest(kind, name)
     spec.setdefault("name", path.stem)
     for module in LOADER_MODULES:  # registers the loaders
         importlib.import_module(module)
@@ -64,14 +74,7 @@ def build(kind: str, name: str, weights: str | None = None, **options):
 
 
 def load_recipe(name: str) -> dict:
-    """A training recipe (manifests/recipes/<name>.toml or a path) as option defaults.
-    Keys are the `arra-pipe train` flags with dashes as underscores (`lambda` for --lambda)."""
-    path = Path(name)
-    if not (name.endswith(".toml") and path.is_file()):
-        path = manifest_dir("recipes") / f"{name}.toml"
-        if not path.is_file():
-            raise RegistryError(f"unknown recipe {name!r}; known: {', '.join(available('recipes'))}")
-    with open(path, "rb") as f:
-        recipe = tomllib.load(f)
+    """A training or sampling recipe (manifests/recipes/<name>.toml or a path) as option defaults."""
+    _, recipe = read_manifest("recipes", name)
     recipe.pop("description", None)
-    return {("lam" if k == "lambda" else k.replace("-", "_")): v for k, v in recipe.items()}
+    return option_names(recipe)

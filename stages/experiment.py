@@ -14,13 +14,12 @@ import json
 import platform
 import statistics
 import time
-import tomllib
 from pathlib import Path
 
 import torch
 
 from pipeline.files import atomic_write_json
-from pipeline.registry import RegistryError, available, manifest_dir
+from pipeline.registry import option_names, read_manifest
 from pipeline.sources import SourceOptions
 from stages.demo import default_data
 from stages.evaluate import evaluate
@@ -32,20 +31,6 @@ from stages.train import TrainOptions, train
 
 HEADLINE = ("FID", "FD {teacher}", "class accuracy (proxy)")
 
-
-def load_experiment(name: str) -> tuple[Path, dict]:
-    path = Path(name)
-    if not (name.endswith(".toml") and path.is_file()):
-        path = manifest_dir("experiments") / f"{name}.toml"
-        if not path.is_file():
-            raise RegistryError(f"unknown experiment {name!r}; known: {', '.join(available('experiments'))}")
-    with open(path, "rb") as f:
-        return path, tomllib.load(f)
-
-
-def _options(table: dict) -> dict:
-    """TOML keys as written on the command line (dashes) -> Python keyword names."""
-    return {("lam" if k == "lambda" else k.replace("-", "_")): v for k, v in table.items()}
 
 
 def _flags(options: dict) -> str:
@@ -65,10 +50,10 @@ class Timer:
 
 def run_experiment(name: str, scale: str, seeds: int, out: str, data: str | None = None, ablations: bool = False,
                    workers: int = 2, log=print) -> dict:
-    path, exp = load_experiment(name)
+    path, exp = read_manifest("experiments", name)
     if scale not in exp["scales"]:
         raise ValueError(f"unknown --scale {scale!r}; {path.name} has {sorted(exp['scales'])}")
-    conf = _options(exp["scales"][scale])
+    conf = option_names(exp["scales"][scale])
     note, device = conf.pop("note", ""), conf.pop("device", "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--scale {scale} needs a CUDA device")
@@ -76,7 +61,7 @@ def run_experiment(name: str, scale: str, seeds: int, out: str, data: str | None
     out, data = Path(out), Path(data) if data else default_data()
     out.mkdir(parents=True, exist_ok=True)
     timer, commands = Timer(), []
-    tok, teacher = _options(exp["tokenizer"]), exp["teacher"]
+    tok, teacher = option_names(exp["tokenizer"]), exp["teacher"]
 
     # ---- stage 1, once for every arm and seed
     codebook = out / "kmeans-codebook.safetensors"
@@ -94,12 +79,12 @@ def run_experiment(name: str, scale: str, seeds: int, out: str, data: str | None
 
     # ---- stage 2 onwards, per seed and arm
     arms = exp["arms"] + (exp.get("ablations", []) if ablations else [])
-    sampling = _options(exp["sample"])
+    sampling = option_names(exp["sample"])
     runs = []
     for seed in range(seeds):
         for arm in arms:
-            arm_opts = _options({k: v for k, v in arm.items() if k != "name"})
-            options = {**_options(exp["train"]), **conf, **arm_opts, "seed": seed, "device": device}
+            arm_opts = option_names({k: v for k, v in arm.items() if k != "name"})
+            options = {**option_names(exp["train"]), **conf, **arm_opts, "seed": seed, "device": device}
             tag = f"{arm['name']}-seed{seed}"
             run_dir, samples_dir = out / "runs" / tag, out / "samples" / tag
             log(f"== {tag}: {_flags(arm_opts)}")
