@@ -151,7 +151,8 @@ def verify(featureset):
         click.echo(f"BAD {p}", err=True)
     if problems:
         sys.exit(1)
-    click.echo(f"OK {featureset}: {len(fs.manifest['shards'])} shards, {fs.rows} rows verified")
+    columns = f" with added columns {', '.join(fs.columns)}" if fs.columns else ""
+    click.echo(f"OK {featureset}: {len(fs.manifest['shards'])} shards, {fs.rows} rows verified{columns}")
 
 
 @main.group()
