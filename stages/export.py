@@ -24,8 +24,8 @@ def consolidated_state_dict(checkpoints: Path, tag: str | None) -> dict[str, tor
     files = sorted((checkpoints / tag).glob("*model_states.pt"))
     if not files:
         raise ValueError(f"{checkpoints / tag}: no DeepSpeed model states")
-    if (checkpoints / tag / "mp_rank_00_model_states.pt").exists() and not list((checkpoints / tag).glob("*optim_states.pt")) \
-            or _zero_stage(checkpoints / tag) == 0:
+    if _zero_stage(checkpoints / tag) == 0:
+        # our own run's checkpoint; DeepSpeed stores non-tensor objects beside the weights
         state = torch.load(checkpoints / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return {k: v.float() for k, v in state["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

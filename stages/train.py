@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -78,7 +78,6 @@ class TrainOptions:
     exclude: str | None = None
     deepspeed_config: str | None = None
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +345,7 @@ def train(opts: TrainOptions, log=print) -> dict:
                          f"{opts.grad_accum} accumulation")
     total = opts.steps or math.ceil((opts.epochs or 1.0) * per_epoch)
     ds_config = deepspeed_config(opts, world)
-    config = {"options": {k: v for k, v in asdict(opts).items() if k != "extra"}, "layout": layout.to_dict(),
+    config = {"options": asdict(opts), "layout": layout.to_dict(),
               "model": opts.init or opts.model, "teacher": teacher if opts.lam > 0 else None,
               "teacher_dim": teacher_dim if opts.lam > 0 else None, "condition": layout.condition,
               "sets": [str(fs.path.resolve()) for fs in sets], "steps": total, "steps_per_epoch": per_epoch,
