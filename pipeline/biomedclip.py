@@ -5,7 +5,8 @@ The image tower is open_clip's `TimmModel`: a timm ViT named by `vision_cfg.timm
 keeps timm's default, the CLS token after the final norm) goes through a bias-free linear
 projection to `embed_dim` (512). The network is written here with timm's parameter names, so the
 checkpoint's `visual.trunk.*` / `visual.head.proj.weight` tensors load as they are; neither
-open_clip nor timm is needed. The text tower (`text.*`, `logit_scale`) is not used.
+open_clip nor timm is needed. The text tower (`text.*`: PubMedBERT and a projection) is opened
+only for CLIP-Score, with the tokenizer files the release ships beside the weights.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.registry import RegistryError, register
-from pipeline.teachers import ViTTeacher, check_state_dict
+from pipeline.teachers import TextTower, ViTTeacher, check_state_dict, load_tokenizer
 from pipeline.weights import load_torch
 
 # timm ViT sizes: width, depth, heads (MLP 4x width, LayerNorm eps 1e-6, qkv bias, exact GELU)
@@ -87,14 +88,66 @@ def timm_vit(name: str, image_size: int) -> TimmViT:
     return TimmViT(width, depth, heads, int(match[2]), image_size)
 
 
+def tower_state(weights: Path, prefix: str) -> dict:
+    """The tensors under `prefix` (`visual.`, `text.`) in an open_clip checkpoint, prefix removed."""
+    state = load_torch(weights / "open_clip_pytorch_model.bin")
+    state = state.get("state_dict", state)  # open_clip training checkpoints nest it (with DDP's "module.")
+    return {k.removeprefix("module.")[len(prefix):]: v for k, v in state.items()
+            if k.removeprefix("module.").startswith(prefix)}
+
+
+class OpenCLIPHFTextTower(TextTower):
+    """open_clip's `HFTextEncoder` as BiomedCLIP configures it: BERT, the CLS token of the last
+    hidden state, then an MLP (Linear-GELU-Linear, no biases) or linear projection to `embed_dim`.
+    The release has no BERT config, so it is read off the tensor shapes (heads = width / 64, as
+    in every BERT-base/large)."""
+
+    POOLERS = ("cls_last_hidden_state_pooler",)
+    PROJECTIONS = ("mlp", "linear")
+
+    def __init__(self, name: str, folder: Path, config: dict):
+        from transformers import BertConfig, BertModel
+        text = config["text_cfg"]
+        pooler, proj = text.get("hf_pooler_type"), text.get("hf_proj_type")
+        if pooler not in self.POOLERS or proj not in self.PROJECTIONS:
+            raise RegistryError(f"{name}: text tower with hf_pooler_type {pooler!r} / hf_proj_type {proj!r} is not "
+                                f"supported (pooler {self.POOLERS}, projection {self.PROJECTIONS})")
+        super().__init__(load_tokenizer(name, folder), int(text.get("context_length", 77)))
+        state = {k: v for k, v in tower_state(folder, "text.").items()
+                 if not re.match(r"transformer\.(embeddings\.position_ids$|pooler\.)", k)}
+        try:
+            vocab, width = state["transformer.embeddings.word_embeddings.weight"].shape
+            layers = 1 + max(int(m[1]) for k in state if (m := re.match(r"transformer\.encoder\.layer\.(\d+)\.", k)))
+            bert = BertConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
+                              intermediate_size=state["transformer.encoder.layer.0.intermediate.dense.weight"].shape[0],
+                              max_position_embeddings=state["transformer.embeddings.position_embeddings.weight"].shape[0],
+                              type_vocab_size=state["transformer.embeddings.token_type_embeddings.weight"].shape[0],
+                              pad_token_id=self.tokenizer.pad_token_id)
+        except (KeyError, ValueError) as exc:
+            raise RegistryError(f"{name}: {folder / 'open_clip_pytorch_model.bin'} has no BERT text tower under "
+                                f"text.transformer.* ({exc!r})") from exc
+        self.transformer = BertModel(bert, add_pooling_layer=False)
+        dim = config["embed_dim"]
+        self.proj = (nn.Linear(width, dim, bias=False) if proj == "linear" else
+                     nn.Sequential(nn.Linear(width, (width + dim) // 2, bias=False), nn.GELU(),
+                                   nn.Linear((width + dim) // 2, dim, bias=False)))
+        check_state_dict(name, self, state)
+        self.load_state_dict(state)
+
+    def embed(self, input_ids, attention_mask):
+        return self.proj(self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0])
+
+
 @register("teachers", "open-clip-timm")
 class BiomedCLIPTeacher(ViTTeacher):
     """`cls` = open_clip's `encode_image` (projected CLS, not normalised), the feature ARRA uses;
     `avgpool` projects the mean of the final-norm patch tokens."""
 
+    has_text_tower = True
+
     def __init__(self, spec: dict, weights: Path, **options):
         super().__init__(spec, weights, **options)
-        config = json.loads((weights / "open_clip_config.json").read_text())["model_cfg"]
+        self.config = config = json.loads((weights / "open_clip_config.json").read_text())["model_cfg"]
         vision = config["vision_cfg"]
         if vision.get("timm_pool", "") or vision.get("timm_proj", "linear") != "linear":
             raise RegistryError(f"{self.name}: only timm_pool \"\" with timm_proj \"linear\" is supported, "
@@ -105,10 +158,7 @@ class BiomedCLIPTeacher(ViTTeacher):
         self.visual.trunk = trunk
         self.visual.head = nn.Module()
         self.visual.head.proj = nn.Linear(trunk.norm.normalized_shape[0], config["embed_dim"], bias=False)
-        state = load_torch(weights / "open_clip_pytorch_model.bin")
-        state = state.get("state_dict", state)  # open_clip training checkpoints nest it (with DDP's "module.")
-        state = {k.removeprefix("module.")[len("visual."):]: v for k, v in state.items()
-                 if k.removeprefix("module.").startswith("visual.")}
+        state = tower_state(weights, "visual.")
         check_state_dict(self.name, self.visual, state)
         self.visual.load_state_dict(state)
         self.visual.eval()
@@ -119,3 +169,6 @@ class BiomedCLIPTeacher(ViTTeacher):
 
     def head(self, pooled):
         return self.visual.head.proj(pooled)
+
+    def text_tower(self) -> OpenCLIPHFTextTower:
+        return OpenCLIPHFTextTower(self.name, self.weights_path, self.config).to(self.device).eval()

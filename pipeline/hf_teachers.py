@@ -7,6 +7,7 @@ older checkpoint keys applies; safetensors or `torch.load(weights_only=True)` re
 no hub is contacted and no remote code runs. Keys the teacher does not use (the text tower of a
 full CLIP checkpoint, SAM's prompt encoder and mask decoder, buffers older transformers saved)
 are dropped by name; any other missing, unexpected or mis-shaped key is refused, naming it.
+CLIP's text tower is opened separately (`CLIPTeacher.text_tower()`), only for CLIP-Score.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.registry import RegistryError, register
-from pipeline.teachers import Teacher, ViTTeacher, refuse_mismatch
+from pipeline.teachers import Teacher, TextTower, ViTTeacher, load_tokenizer, refuse_mismatch
 
 BUFFERS_OLD_TRANSFORMERS_SAVED = r"(^|\.)position_ids$"
 
@@ -41,17 +42,38 @@ def load_pretrained(name: str, model_cls, folder: Path, config=None, unused: str
     return model.eval()
 
 
+def clip_tower_config(config_cls, folder: Path):
+    """One tower's config from a full CLIPModel `config.json`, which keeps the projection width at the top level."""
+    config = config_cls.from_pretrained(folder)
+    config.projection_dim = json.loads((folder / "config.json").read_text()).get("projection_dim", config.projection_dim)
+    return config
+
+
+class CLIPTextTower(TextTower):
+    """CLIP's text tower: `get_text_features` (the projected end-of-text token)."""
+
+    def __init__(self, name: str, folder: Path):
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+        config = clip_tower_config(CLIPTextConfig, folder)
+        super().__init__(load_tokenizer(name, folder), config.max_position_embeddings)
+        unused = rf"^(vision_model\.|visual_projection\.|logit_scale$)|{BUFFERS_OLD_TRANSFORMERS_SAVED}"
+        self.net = load_pretrained(name, CLIPTextModelWithProjection, folder, config, unused)
+
+    def embed(self, input_ids, attention_mask):
+        return self.net(input_ids=input_ids, attention_mask=attention_mask).text_embeds
+
+
 @register("teachers", "clip")
 class CLIPTeacher(ViTTeacher):
     """CLIP's vision tower: `cls` is `get_image_features` (projected CLS, not normalised);
     `avgpool` puts the mean patch token through the same final norm and projection."""
 
+    has_text_tower = True
+
     def __init__(self, spec: dict, weights: Path, **options):
         super().__init__(spec, weights, **options)
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-        config = CLIPVisionConfig.from_pretrained(weights)
-        # a full CLIPModel config keeps the projection width at the top level
-        config.projection_dim = json.loads((weights / "config.json").read_text()).get("projection_dim", config.projection_dim)
+        config = clip_tower_config(CLIPVisionConfig, weights)
         self.check_width(config.projection_dim)
         unused = rf"^(text_model\.|text_projection\.|logit_scale$)|{BUFFERS_OLD_TRANSFORMERS_SAVED}"
         self.net = load_pretrained(self.name, CLIPVisionModelWithProjection, weights, config, unused)
@@ -62,6 +84,9 @@ class CLIPTeacher(ViTTeacher):
 
     def head(self, pooled):
         return self.net.visual_projection(self.net.vision_model.post_layernorm(pooled))
+
+    def text_tower(self) -> CLIPTextTower:
+        return CLIPTextTower(self.name, self.weights_path).to(self.device).eval()
 
 
 @register("teachers", "dinov2")

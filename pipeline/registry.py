@@ -59,11 +59,16 @@ def load_spec(kind: str, name: str) -> dict:
     """The manifest for `name` (a shipped name or a path to a .toml file) as a dict."""
     path, spec = read_manifest(kind, name)
     spec.setdefault("name", path.stem)
-    for module in LOADER_MODULES:  # registers the loaders
-        importlib.import_module(module)
-    if spec.get("loader") not in LOADERS[kind]:
+    if spec.get("loader") not in loaders(kind):
         raise RegistryError(f"{path}: loader {spec.get('loader')!r} is not one of {sorted(LOADERS[kind])}")
     return spec
+
+
+def loaders(kind: str) -> dict[str, type]:
+    """Loader name -> class, with every loader module imported (they register on import)."""
+    for module in LOADER_MODULES:
+        importlib.import_module(module)
+    return LOADERS[kind]
 
 
 def build(kind: str, name: str, weights: str | None = None, **options):

@@ -4,10 +4,12 @@ The extractor hands a teacher uint8 images already resized to its `input_size`; 
 normalises them with its own mean/std and aggregates its output (`avgpool`, `cls`, ...) into a
 `dim`-wide vector. The families live in their own modules: transformers checkpoints
 (`hf_teachers`), BiomedCLIP's open_clip layout (`biomedclip`) and EfficientNet-Lite here.
+CLIP-family teachers also open their text tower (`text_tower()`), for CLIP-Score.
 """
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from pipeline.weights import load_torch
 
 class Teacher(FrozenModel):
     aggregations: tuple[str, ...] = ("avgpool",)  # what the family can pool into a global feature
+    has_text_tower = False  # True for CLIP-family teachers: `text_tower()` embeds captions
 
     def __init__(self, spec: dict, weights: Path, input_size: int | None = None, aggregation: str | None = None):
         super().__init__(spec, weights)
@@ -46,10 +49,44 @@ class Teacher(FrozenModel):
         with self.autocast():
             return self.features(x).float()
 
+    def text_tower(self) -> TextTower:
+        """The text encoder whose embeddings live in the same space as the `cls` image feature."""
+        raise RegistryError(f"{self.name} has no text tower; CLIP-Score needs a CLIP-family teacher "
+                            f"(biomedclip, clip-l, clip-l-336)")
+
     def describe(self) -> dict:
         return {"name": self.name, "loader": self.spec["loader"], "dim": self.dim,
                 "aggregation": self.aggregation, "input_size": self.input_size,
                 "mean": self.spec["mean"], "std": self.spec["std"], **self.describe_weights()}
+
+
+class TextTower(torch.nn.Module):
+    """A CLIP-family text encoder: captions in, embeddings in the teacher's image-embedding space out.
+    Captions are whitespace-cleaned as open_clip does, then padded to the longest and truncated."""
+
+    def __init__(self, tokenizer, max_length: int):
+        super().__init__()
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def forward(self, captions: list[str]) -> torch.Tensor:
+        clean = [" ".join(html.unescape(c).split()) for c in captions]
+        batch = self.tokenizer(clean, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        device = next(self.parameters()).device
+        return self.embed(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float()
+
+
+def load_tokenizer(name: str, folder: Path):
+    """The text tokenizer saved beside a CLIP-family checkpoint (tokenizer.json / vocab files)."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise RegistryError(f"{name}: no text tokenizer in {folder} (tokenizer_config.json with tokenizer.json or "
+                            f"its vocabulary files, as in the published repository): {exc}") from exc
 
 
 class ViTTeacher(Teacher):

@@ -312,12 +312,16 @@ def sample(model, out, prompts, prompts_file, classes, cfg, top_k, top_p, temper
 @click.option("--fid/--no-fid", default=True, show_default=True, help="Compute FID with the Inception network.")
 @click.option("--train-set", type=click.Path(exists=True, file_okay=False), help="Fit the class-accuracy probe on this set's cached teacher features.")
 @click.option("--tokenizer-path", type=click.Path(exists=True, dir_okay=False), help="Image tokenizer weights (only when the reference source is gone).")
+@click.option("--clip-model", help="CLIP-family teacher for CLIP-Score (biomedclip, clip-l); default: the reference "
+              "set's, when every sample has a prompt.")
+@click.option("--clip-model-path", type=click.Path(exists=True), help="Its weights folder (with the tokenizer files), "
+              "when not where the registry finds them.")
 @click.option("--k", default=3, show_default=True, help="k of the k-NN precision/recall.")
 @click.option("--fid-reference", type=int, help="Use only the first N reference images for FID (Inception is slow on CPU).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="JSON report (default: GENERATED/eval.json).")
 def evaluate(generated, reference, teachers, out, **kw):
-    """FID, FD in teacher space (from cached features), precision/recall and class accuracy."""
+    """FID, FD in teacher space (from cached features), CLIP-Score, precision/recall and class accuracy."""
     from stages.evaluate import evaluate as run, format_table
     try:
         result = run(generated, reference, list(teachers) or None, **kw)

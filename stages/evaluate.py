@@ -5,6 +5,9 @@
   report says so); their Inception features are cached in `<set>/stats/` for the next eval.
 - FD in each teacher's feature space: the reference side is the set's cached features, never
   recomputed; generated images go through the same teacher, weights (sha256 checked) and view.
+- CLIP-Score, when the samples have prompts: the mean cosine between each image's and its
+  prompt's embeddings in a CLIP-family teacher (BiomedCLIP, CLIP), as the paper reports it
+  (a raw cosine, not x100). By default the reference set's CLIP-family teacher is used.
 - k-NN precision/recall (faiss) in both spaces.
 - Class accuracy of generated images under a linear probe fitted on a training set's cached
   teacher features: a proxy for conditioning fidelity, labelled as such.
@@ -22,7 +25,7 @@ import torch
 from PIL import Image
 
 from pipeline.crops import crop_loader
-from pipeline.featureset import FeatureSet, feature_column
+from pipeline.featureset import IMAGE, FeatureSet, feature_column
 from pipeline.files import atomic_write_bytes, sha256_file
 from pipeline.images import center_crop, resize_square, to_array
 from pipeline.metrics import fd, fit_linear_probe, precision_recall
@@ -46,16 +49,18 @@ def load_generated(folder: Path, resolution: int) -> tuple[np.ndarray, list[dict
     return images, rows
 
 
-def column(fs: FeatureSet, name: str) -> np.ndarray:
-    return np.stack(fs.table().column(name).to_numpy(zero_copy_only=False)).astype(np.float32)
+def column(table, name: str) -> np.ndarray:
+    """A fixed-size-list column of a feature-set table as a float32 (rows, width) array."""
+    return np.stack(table.column(name).to_numpy(zero_copy_only=False)).astype(np.float32)
 
 
 def reference_images(fs: FeatureSet, tokenizer_path: str | None, limit: int | None = None,
-                     workers: int = 2) -> tuple[np.ndarray, str]:
+                     workers: int = 2, table=None) -> tuple[np.ndarray, str]:
     """The set's images (the first `limit` rows) at the canonical crop, from its source; else
     decoded from its codes."""
     m = fs.manifest
-    keys = fs.table().column("key").to_pylist()[:limit]
+    table = table if table is not None else fs.table()
+    keys = table.column("key").to_pylist()[:limit]
     try:
         src = m["source"]
         source = read_source(src["path"], src["format"], SourceOptions(**src["options"]))
@@ -75,25 +80,35 @@ def reference_images(fs: FeatureSet, tokenizer_path: str | None, limit: int | No
     except (ValueError, KeyError, OSError) as exc:
         from stages.sample import load_image_tokenizer
         tok = load_image_tokenizer({"tokenizer": m["tokenizer"]}, tokenizer_path, torch.device("cpu"))
-        codes = column(fs, "codes")[:limit].astype(np.int64).reshape(-1, *m["tokenizer"]["grid"])
+        codes = column(table, "codes")[:limit].astype(np.int64).reshape(-1, *m["tokenizer"]["grid"])
         images = np.concatenate([tok.decode(torch.from_numpy(codes[i:i + 256])).numpy() for i in range(0, len(codes), 256)])
         return images, f"tokenizer reconstructions (source unavailable: {exc})"
 
 
-def reference_inception(fs: FeatureSet, inception, tokenizer_path: str | None, limit: int | None = None) -> tuple[np.ndarray, str]:
+def reference_inception(fs: FeatureSet, inception, tokenizer_path: str | None, limit: int | None = None,
+                        table=None) -> tuple[np.ndarray, str]:
     """Inception features of the (first `limit`) reference images, cached per network file and limit."""
     n = min(limit or fs.rows, fs.rows)
     cache = fs.path / "stats" / f"inception-{sha256_file(inception.path)[:12]}-{n}.npz"
     if cache.exists():
         with np.load(cache) as z:
             return z["features"].astype(np.float32), str(z["origin"])
-    images, origin = reference_images(fs, tokenizer_path, n)
+    images, origin = reference_images(fs, tokenizer_path, n, table=table)
     feats = inception.features(images)
     cache.parent.mkdir(exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, features=feats.astype(np.float16), origin=np.array(origin))
     atomic_write_bytes(cache, buf.getvalue())
     return feats, origin
+
+
+def embed_images(teacher, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Images through `teacher`, each resized to its input size as at extraction."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        views = np.stack([to_array(resize_square(Image.fromarray(x), teacher.input_size)) for x in images[i:i + batch_size]])
+        out.append(teacher(torch.from_numpy(views)).cpu().numpy())
+    return np.concatenate(out)
 
 
 def teacher_features(fs: FeatureSet, name: str, images: np.ndarray, weights: str | None, device: str, batch_size: int) -> np.ndarray:
@@ -104,19 +119,34 @@ def teacher_features(fs: FeatureSet, name: str, images: np.ndarray, weights: str
     if teacher.weights_sha256 != desc["weights_sha256"]:
         raise ValueError(f"teacher {name}: weights sha256 {teacher.weights_sha256[:12]}... differ from the ones that made "
                          f"{fs.path} ({desc['weights_sha256'][:12]}...); pass --teacher-path")
-    size = desc["input_size"]
-    out = []
-    for i in range(0, len(images), batch_size):
-        views = np.stack([to_array(resize_square(Image.fromarray(x), size)) for x in images[i:i + batch_size]])
-        out.append(teacher(torch.from_numpy(views)).cpu().numpy())
-    return np.concatenate(out)
+    return embed_images(teacher, images, batch_size)
+
+
+def default_clip_model(fs: FeatureSet) -> str | None:
+    """The reference set's first CLIP-family teacher (one with a text tower), if any."""
+    from pipeline.registry import loaders
+    return next((name for name, desc in fs.teachers.items()
+                 if getattr(loaders("teachers").get(desc["loader"]), "has_text_tower", False)), None)
+
+
+def clip_scores(name: str, weights: str | None, images: np.ndarray, prompts: list[str], device: str,
+                batch_size: int) -> np.ndarray:
+    """Per-image cosine between the image embedding (the teacher's `cls` feature at its own input
+    size) and the prompt's text embedding."""
+    from pipeline.registry import build
+    teacher = build("teachers", name, weights, aggregation="cls").to(device).eval()
+    text = teacher.text_tower()
+    image_emb = torch.from_numpy(embed_images(teacher, images, batch_size))
+    text_emb = torch.cat([text(prompts[i:i + batch_size]).cpu() for i in range(0, len(prompts), batch_size)])
+    return torch.nn.functional.cosine_similarity(image_emb, text_emb, dim=1).numpy()
 
 
 def evaluate(generated: str, reference: str, teachers: list[str] | None = None, teacher_path: str | None = None,
              inception_path: str | None = None, fid: bool = True, train_set: str | None = None,
              tokenizer_path: str | None = None, k: int = 3, device: str = "cpu", batch_size: int = 64,
-             fid_reference: int | None = None) -> dict:
+             fid_reference: int | None = None, clip_model: str | None = None, clip_model_path: str | None = None) -> dict:
     fs = FeatureSet.open(reference)
+    table = fs.table([c for c in fs.columns if c != IMAGE])  # read once; kept crops are not needed
     images, rows = load_generated(Path(generated), fs.manifest["preprocess"]["resolution"])
     seeds = [r["seed"] for r in rows if "seed" in r]
     n, n_ref = len(images), fs.rows
@@ -130,7 +160,7 @@ def evaluate(generated: str, reference: str, teachers: list[str] | None = None, 
     gen_by_teacher = {}
     for name in teachers or list(fs.teachers):
         gen = teacher_features(fs, name, images, teacher_path, device, batch_size)
-        ref = column(fs, feature_column(name))
+        ref = column(table, feature_column(name))
         gen_by_teacher[name] = gen
         add(f"FD {name}", fd(gen, ref), f"{name} ({fs.teachers[name]['dim']}-d), reference features cached")
         p, r = precision_recall(ref, gen, k)
@@ -139,7 +169,7 @@ def evaluate(generated: str, reference: str, teachers: list[str] | None = None, 
     if fid:
         from pipeline.inception import Inception
         net = Inception(inception_path, device)
-        ref_feats, origin = reference_inception(fs, net, tokenizer_path, fid_reference)
+        ref_feats, origin = reference_inception(fs, net, tokenizer_path, fid_reference, table)
         gen_feats = net.features(images)
         note = f"FID on {n} < {FID_MIN_IMAGES} generated images is biased upward; compare only at equal n" if n < FID_MIN_IMAGES else ""
         space = f"TF-Inception pool3, reference = {origin}"
@@ -147,15 +177,24 @@ def evaluate(generated: str, reference: str, teachers: list[str] | None = None, 
         p, r = precision_recall(ref_feats, gen_feats, k)
         add("precision inception", p, space, k=k, n_reference=len(ref_feats))
         add("recall inception", r, space, k=k, n_reference=len(ref_feats))
+    prompts = [r.get("prompt") for r in rows]
+    if clip_model and not all(prompts):
+        raise ValueError(f"--clip-model {clip_model}: {generated} has images without a prompt in samples.jsonl")
+    clip_model = clip_model or (default_clip_model(fs) if all(prompts) else None)
+    if clip_model:
+        scores = clip_scores(clip_model, clip_model_path or teacher_path, images, prompts, device, batch_size)
+        add(f"CLIP-Score {clip_model}", float(scores.mean()), f"{clip_model} image-prompt cosine (sd {scores.std():.4f})",
+            n_reference=0)
     if train_set and rows and "class" in rows[0]:
         train = FeatureSet.open(train_set)
         name = (teachers or list(fs.teachers))[0]
-        probe = fit_linear_probe(column(train, feature_column(name)), np.asarray(train.table().column("label")))
+        train_table = train.table([name] if name in train.columns else [])
+        probe = fit_linear_probe(column(train_table, feature_column(name)), np.asarray(train_table.column("label")))
         wanted = np.array([r["class"] for r in rows])
         add("class accuracy (proxy)", float((probe(gen_by_teacher[name]) == wanted).mean()),
             f"linear probe on {name} features of {train.path}")
-        ref_labels = np.asarray(fs.table().column("label"))
-        add("class accuracy of real reference images (probe ceiling)", float((probe(column(fs, feature_column(name))) == ref_labels).mean()),
+        ref_labels = np.asarray(table.column("label"))
+        add("class accuracy of real reference images (probe ceiling)", float((probe(column(table, feature_column(name))) == ref_labels).mean()),
             f"same probe on {fs.path}")
     return result
 

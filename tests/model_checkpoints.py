@@ -26,15 +26,43 @@ def _rand(*shape, seed=[0]):  # noqa: B006 (a counter shared by the writers: dif
 # transformers checkpoints (written by save_pretrained, which keeps the published key names)
 
 
+def _byte_chars() -> list[str]:
+    """The 256 printable stand-ins of byte-level BPE (GPT-2 / CLIP): printable Latin-1 as is, the rest above 255."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return [chr(b) for b in keep] + [chr(256 + i) for i in range(256 - len(keep))]
+
+
+def clip_tokenizer():
+    """A CLIP BPE tokenizer over bytes plus a few merges (the real one has 49,408 entries)."""
+    from transformers import CLIPTokenizer
+    chars = _byte_chars()
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["ch", "che", "chest</w>"])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    return CLIPTokenizer(vocab=vocab, merges=[("c", "h"), ("ch", "e")])
+
+
+def bert_tokenizer():
+    """A WordPiece vocabulary for the BiomedCLIP text tower (PubMedBERT's has 30,522 entries)."""
+    from transformers import BertTokenizer
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "chest", "x", "-", "ray", "left", "right", "lung",
+             "normal", "effusion", "fundus", "image", ",", "."]
+    return BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+
+
 def write_clip(folder: Path, image_size: int = 224, tiny: bool = True, bin_file: bool = False) -> Path:
-    """openai/clip-vit-large-patch14 layout: a full CLIPModel (text tower too), projection 768."""
+    """openai/clip-vit-large-patch14 layout: a full CLIPModel (text tower too), projection 768,
+    and its tokenizer files."""
     from transformers import CLIPConfig, CLIPModel
     vision = (dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37) if tiny else
               dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096))
-    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, projection_dim=768)
+    tokenizer = clip_tokenizer()
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, projection_dim=768,
+                vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
     config = CLIPConfig(text_config=text, projection_dim=768,
                         vision_config=dict(vision, image_size=image_size, patch_size=14, projection_dim=768))
     CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     # the published files (saved by transformers 4.2x) also hold the position_ids buffers
     extra = {f"{tower}.embeddings.position_ids": torch.arange(n)[None]
              for tower, n in (("vision_model", (image_size // 14) ** 2 + 1), ("text_model", 77))}
@@ -81,9 +109,15 @@ def write_sam(folder: Path, tiny: bool = True) -> Path:
 # BiomedCLIP (open_clip) and EfficientNet-Lite
 
 
+BIOMEDCLIP_TINY_BERT = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                           max_position_embeddings=256)
+
+
 def write_biomedclip(folder: Path, tiny: bool = True) -> Path:
     """microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224: open_clip_config.json + a
-    state dict of timm ViT names under `visual.trunk.`, the projection, a BERT text tower."""
+    state dict of timm ViT names under `visual.trunk.`, the projection, a BERT text tower under
+    `text.transformer.` with its MLP projection `text.proj.{0,2}`, and the BERT tokenizer files."""
+    from transformers import BertConfig, BertModel
     timm_name = "vit_tiny_patch16_224" if tiny else "vit_base_patch16_224"
     width, depth = (192, 12) if tiny else (768, 12)
     config = {"model_cfg": {"embed_dim": 512,
@@ -108,11 +142,19 @@ def write_biomedclip(folder: Path, tiny: bool = True) -> Path:
                             ("attn.proj", (width, width)), ("mlp.fc1", (4 * width, width)), ("mlp.fc2", (width, 4 * width))):
             state[f"{b}{name}.weight"] = (1 + _rand(*shape)) if name.startswith("norm") else _rand(*shape)
             state[f"{b}{name}.bias"] = _rand(shape[0])
-    state.update({"text.transformer.embeddings.word_embeddings.weight": _rand(30, 8),
-                  "text.transformer.embeddings.position_ids": torch.arange(256)[None],
-                  "text.proj.0.weight": _rand(16, 8), "text.proj.2.weight": _rand(512, 16),
+    tokenizer = bert_tokenizer()
+    bert = BertModel(BertConfig(vocab_size=len(tokenizer), **BIOMEDCLIP_TINY_BERT) if tiny else
+                     BertConfig(max_position_embeddings=512), add_pooling_layer=False)
+    torch.manual_seed(0)
+    for p in bert.parameters():  # BERT's init leaves biases and LayerNorms at 0/1: perturb them all
+        p.data.add_(torch.randn_like(p) * 0.05)
+    hidden = bert.config.hidden_size
+    state.update({f"text.transformer.{k}": v for k, v in bert.state_dict().items()})
+    state.update({"text.transformer.embeddings.position_ids": torch.arange(bert.config.max_position_embeddings)[None],
+                  "text.proj.0.weight": _rand((hidden + 512) // 2, hidden), "text.proj.2.weight": _rand(512, (hidden + 512) // 2),
                   "logit_scale": torch.tensor(4.6052)})
     torch.save(state, folder / "open_clip_pytorch_model.bin")
+    tokenizer.save_pretrained(folder)
     return folder
 
 

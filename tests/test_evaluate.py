@@ -80,7 +80,7 @@ def test_fd_from_cached_features_equals_fd_from_recomputed_features(sets):
     fs = FeatureSet.open(test)
     generated = reference_images(FeatureSet.open(train), None)[0]
     gen = teacher_features(fs, "efficientnet-lite0", generated, None, "cpu", 64)
-    cached = column(fs, "feat.efficientnet-lite0")
+    cached = column(fs.table(), "feat.efficientnet-lite0")
     recomputed = teacher_features(fs, "efficientnet-lite0", reference_images(fs, None)[0], None, "cpu", 64)
     assert np.abs(recomputed - cached).max() < 0.05 * np.abs(cached).max()      # float16 storage only
     assert fd(gen, cached) == pytest.approx(fd(gen, recomputed), rel=1e-3)
@@ -94,3 +94,47 @@ def test_class_accuracy_proxy_with_a_probe_on_cached_training_features(sets, tmp
     result = {m["metric"]: m for m in evaluate(str(real), str(test), fid=False, train_set=str(train))["metrics"]}
     acc = result["class accuracy (proxy)"]["value"]
     assert acc > 0.4 and acc == pytest.approx(result["class accuracy of real reference images (probe ceiling)"]["value"], abs=0.02)
+
+
+def test_clip_score_is_the_mean_image_prompt_cosine_and_needs_prompts(sets, tmp_path):
+    import torch
+    from transformers import AutoTokenizer, CLIPModel
+
+    import model_checkpoints as mc
+    from pipeline.images import resize_square, to_array
+    test, _, _ = sets
+    clip = mc.write_clip(tmp_path / "clip")
+    real = reference_images(FeatureSet.open(test), None)[0][:6]
+    prompts = ["a chest x-ray", "left lung", "fundus image", "a", "normal", "right lung effusion"]
+    folder = write_pngs(tmp_path / "prompted", real)
+    rows = [dict(json.loads(line), prompt=p) for line, p in zip((folder / "samples.jsonl").read_text().splitlines(), prompts)]
+    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    result = evaluate(str(folder), str(test), fid=False, clip_model="clip-l", clip_model_path=str(clip))
+    score = {m["metric"]: m for m in result["metrics"]}["CLIP-Score clip-l"]
+
+    model = CLIPModel.from_pretrained(clip).eval()
+    views = torch.from_numpy(np.stack([to_array(resize_square(Image.fromarray(x), 224)) for x in real]))
+    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    with torch.inference_mode():
+        image = model.get_image_features(pixel_values=((views.float() / 255 - mean) / std).permute(0, 3, 1, 2))
+        text = model.get_text_features(**AutoTokenizer.from_pretrained(clip)(prompts, padding=True, return_tensors="pt"))
+    image, text = (getattr(t, "pooler_output", t) for t in (image, text))
+    expected = torch.nn.functional.cosine_similarity(image, text).mean().item()
+    assert score["value"] == pytest.approx(expected, abs=1e-4) and score["n_generated"] == 6
+
+    unprompted = write_pngs(tmp_path / "classes", real, classes=[0] * 6)
+    metrics = [m["metric"] for m in evaluate(str(unprompted), str(test), fid=False)["metrics"]]
+    assert not any(m.startswith("CLIP-Score") for m in metrics)  # no prompts, no CLIP-Score
+    with pytest.raises(ValueError, match="--clip-model clip-l: .* has images without a prompt"):
+        evaluate(str(unprompted), str(test), fid=False, clip_model="clip-l", clip_model_path=str(clip))
+
+
+def test_clip_score_defaults_to_the_reference_sets_clip_family_teacher():
+    from types import SimpleNamespace
+
+    from stages.evaluate import default_clip_model
+    teachers = {"efficientnet-lite0": {"loader": "efficientnet-lite"}, "biomedclip": {"loader": "open-clip-timm"},
+                "clip-l": {"loader": "clip"}}
+    assert default_clip_model(SimpleNamespace(teachers=teachers)) == "biomedclip"
+    assert default_clip_model(SimpleNamespace(teachers={"dinov2-s": {"loader": "dinov2"}})) is None

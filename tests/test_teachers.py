@@ -119,6 +119,64 @@ def test_biomedclip_matches_transformers_vit_on_the_converted_weights(tmp_path):
     torch.testing.assert_close(teacher(x), cls @ state["visual.head.proj.weight"].T, rtol=1e-4, atol=1e-4)
 
 
+CAPTIONS = ["a chest x-ray", "left lung effusion, right lung normal", "fundus image"]
+
+
+def test_clip_text_tower_is_get_text_features(tmp_path):
+    from transformers import AutoTokenizer, CLIPModel
+    path = mc.write_clip(tmp_path / "clip")
+    tower = build("teachers", "clip-l", str(path)).text_tower()
+    batch = AutoTokenizer.from_pretrained(path)(CAPTIONS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        reference = CLIPModel.from_pretrained(path).eval().get_text_features(**batch)
+    reference = getattr(reference, "pooler_output", reference)
+    embeddings = tower(CAPTIONS)
+    assert embeddings.shape == (3, 768)
+    torch.testing.assert_close(embeddings, reference, rtol=1e-4, atol=1e-5)
+    # padding to a longer caption in the batch and messy whitespace change nothing
+    torch.testing.assert_close(tower(["  a chest\n x-ray "]), embeddings[:1], rtol=1e-4, atol=1e-5)
+
+
+def test_biomedclip_text_tower_is_bert_cls_through_the_mlp_projection(tmp_path):
+    """Against transformers' BertModel built from the config the fixture used, the checkpoint's
+    `text.*` tensors loaded by hand, and open_clip's MLP head written out."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    path = mc.write_biomedclip(tmp_path / "biomedclip")
+    teacher = build("teachers", "biomedclip", str(path), input_size=112)
+    assert teacher.has_text_tower
+    tower = teacher.text_tower()
+    state = torch.load(path / "open_clip_pytorch_model.bin", weights_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    bert = BertModel(BertConfig(vocab_size=len(tokenizer), **mc.BIOMEDCLIP_TINY_BERT), add_pooling_layer=False).eval()
+    bert.load_state_dict({k[len("text.transformer."):]: v for k, v in state.items()
+                          if k.startswith("text.transformer.") and not k.endswith("position_ids")})
+    batch = tokenizer(CAPTIONS, padding="max_length", max_length=256, return_tensors="pt")
+    with torch.inference_mode():
+        cls = bert(input_ids=batch["input_ids"], attention_mask=(batch["input_ids"] != 0).long()).last_hidden_state[:, 0]
+        reference = torch.nn.functional.gelu(cls @ state["text.proj.0.weight"].T) @ state["text.proj.2.weight"].T
+    embeddings = tower(CAPTIONS)
+    assert embeddings.shape == (3, 512) and tower.max_length == 256
+    torch.testing.assert_close(embeddings, reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tower(["fundus   image"]), embeddings[2:], rtol=1e-4, atol=1e-5)
+
+
+def test_text_towers_refuse_what_they_cannot_read(tmp_path):
+    path = mc.write_biomedclip(tmp_path / "biomedclip")
+    teacher = build("teachers", "biomedclip", str(path), input_size=112)
+    (path / "tokenizer.json").unlink()
+    (path / "tokenizer_config.json").unlink()
+    with pytest.raises(RegistryError, match=f"biomedclip: no text tokenizer in {path}"):
+        teacher.text_tower()
+    config = json.loads((path / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["hf_pooler_type"] = "mean_pooler"
+    (path / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(RegistryError, match="hf_pooler_type 'mean_pooler'"):
+        build("teachers", "biomedclip", str(path), input_size=112).text_tower()
+    dino = build("teachers", "dinov2-s", str(mc.write_dinov2(tmp_path / "dino", 384)))
+    with pytest.raises(RegistryError, match="dinov2-s has no text tower; CLIP-Score needs a CLIP-family teacher"):
+        dino.text_tower()
+
+
 def test_wrong_checkpoints_are_refused_naming_the_keys(tmp_path):
     path = mc.write_clip(tmp_path / "clip")
     state = load_file(path / "model.safetensors")
