@@ -16,6 +16,25 @@ from pipeline.models import FrozenModel
 from pipeline.registry import RegistryError, register
 
 
+def load_recorded_tokenizer(ref: dict, override: str | None = None, device: str | torch.device = "cpu") -> "Tokenizer":
+    """The image tokenizer a feature set or an exported model recorded (name, weights path, sha256):
+    from `override`, else the recorded path, else wherever the registry finds that name (so a
+    model or set moved to another machine still decodes); refused unless its sha256 is the recorded one."""
+    from pipeline.registry import build
+    recorded = ref.get("weights_path")
+    path = override or (recorded if recorded and Path(recorded).exists() else None)
+    want = ref["weights_sha256"]
+    try:
+        tok = build("tokenizers", ref["name"], path)
+    except (ValueError, OSError) as exc:  # WeightsError, RegistryError
+        raise RegistryError(f"the {ref['name']} image tokenizer is not at the recorded {recorded!r}, nor where the registry "
+                            f"looks: {exc}\nPass --tokenizer-path (weights with sha256 {want[:12]}...)") from exc
+    if tok.weights_sha256 != want:
+        raise RegistryError(f"{tok.weights_path}: sha256 {tok.weights_sha256[:12]}... is not the {ref['name']} tokenizer "
+                            f"recorded ({want[:12]}...); pass --tokenizer-path")
+    return tok.to(device).eval()
+
+
 class Tokenizer(FrozenModel):
     """The VQ families (LlamaGen, Chameleon) live in `vq`, `llamagen` and `chameleon`."""
 

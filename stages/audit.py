@@ -294,15 +294,11 @@ def decode_rows(fs: FeatureSet, keys: list[str], tokenizer_path: str | None) -> 
     """Images of the rows `keys`, decoded from their codes with the set's tokenizer; ({}, why)
     when the tokenizer weights are not at hand."""
     import torch
-    from pipeline.registry import build
-    tok = fs.manifest["tokenizer"]
-    path = tokenizer_path or tok.get("weights_path") or tok.get("path")
-    if not path or not Path(path).exists():
-        return {}, (f"training images not shown: the {tok['name']} tokenizer weights of {fs.path} were not found "
-                    f"({path or 'no path recorded'}); pass --tokenizer-path")
-    model = build("tokenizers", tok["name"], str(path)).eval()
-    if model.weights_sha256 != tok.get("weights_sha256"):
-        return {}, f"training images not shown: {path} is not the tokenizer that made {fs.path} (sha256 differs)"
+    from pipeline.tokenizers import load_recorded_tokenizer
+    try:
+        model = load_recorded_tokenizer(fs.manifest["tokenizer"], tokenizer_path)
+    except ValueError as exc:
+        return {}, f"training images not shown ({fs.path}): {exc}"
     wanted = pa.array(sorted(set(keys)), pa.string())
     images = {}
     for batch in fs.batches():

@@ -347,7 +347,7 @@ def run_experiment(experiment, scale, seeds, ablations, out, data, workers):
     resumes: finished sets and runs are reused."""
     from stages.experiment import run_experiment as run
     try:
-        report = run(experiment, scale, seeds, out, data, ablations, workers, log=lambda m: click.echo(m, err=True))
+        run(experiment, scale, seeds, out, data, ablations, workers, log=lambda m: click.echo(m, err=True))
     except ValueError as exc:
         fail(exc)
     click.echo((Path(out) / "results.md").read_text())

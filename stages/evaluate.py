@@ -78,8 +78,8 @@ def reference_images(fs: FeatureSet, tokenizer_path: str | None, limit: int | No
             crops.append(batch.numpy())
         return np.concatenate(crops), "source images"
     except (ValueError, KeyError, OSError) as exc:
-        from stages.sample import load_image_tokenizer
-        tok = load_image_tokenizer({"tokenizer": m["tokenizer"]}, tokenizer_path, torch.device("cpu"))
+        from pipeline.tokenizers import load_recorded_tokenizer
+        tok = load_recorded_tokenizer(m["tokenizer"], tokenizer_path)
         codes = column(table, "codes")[:limit].astype(np.int64).reshape(-1, *m["tokenizer"]["grid"])
         images = np.concatenate([tok.decode(torch.from_numpy(codes[i:i + 256])).numpy() for i in range(0, len(codes), 256)])
         return images, f"tokenizer reconstructions (source unavailable: {exc})"

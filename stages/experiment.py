@@ -10,7 +10,6 @@ reproduce it. No arm is tuned that the others are not.
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from pipeline.files import atomic_write_json
+from pipeline.generate import Sampling
 from pipeline.registry import option_names, read_manifest
 from pipeline.sources import SourceOptions
 from stages.demo import default_data
@@ -30,7 +30,6 @@ from stages.tokenizer_fit import fit_tokenizer
 from stages.train import TrainOptions, train
 
 HEADLINE = ("FID", "FD {teacher}", "class accuracy (proxy)")
-
 
 
 def _flags(options: dict) -> str:
@@ -91,7 +90,6 @@ def run_experiment(name: str, scale: str, seeds: int, out: str, data: str | None
             timer(f"train {tag}", train, TrainOptions(sets=[str(sets["train"])], run=str(run_dir), save_every=options["steps"],
                                                        progress=False, **options), log=log)
             model = timer(f"export {tag}", export, str(run_dir), str(out / "models" / tag))
-            from pipeline.generate import Sampling
             timer(f"sample {tag}", sample, str(model), str(samples_dir), n=per_class, seed=1000 * seed,
                   sampling=Sampling(**sampling), device=device, batch_size=200, progress=False)
             result = timer(f"eval {tag}", evaluate, str(samples_dir), str(sets["test"]), train_set=str(sets["train"]),

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from pipeline.generate import Sampling, generate
 from pipeline.lm import LAYOUT_FILE
+from pipeline.tokenizers import load_recorded_tokenizer
 from pipeline.train_data import Conditioner
 from pipeline.vocab import VocabLayout
 
@@ -34,20 +35,6 @@ def resolve_model(path: str) -> Path:
         out = p / f"export-{tag}"
         return out if (out / LAYOUT_FILE).exists() else export(str(p), str(out))
     raise ValueError(f"{path}: neither an exported model (config.json + {LAYOUT_FILE}) nor a run directory with checkpoints")
-
-
-def load_image_tokenizer(layout: dict, override: str | None, device):
-    from pipeline.registry import build
-    ref = layout["tokenizer"]
-    path = override or ref.get("weights_path")
-    if not path or not Path(path).exists():
-        raise ValueError(f"the image tokenizer {ref['name']} weights are not at {path!r}; pass --tokenizer-path "
-                         f"(a file with sha256 {ref['weights_sha256'][:12]}...)")
-    tok = build("tokenizers", ref["name"], path).to(device).eval()
-    if tok.weights_sha256 != ref["weights_sha256"]:
-        raise ValueError(f"{path}: sha256 {tok.weights_sha256[:12]}... is not the tokenizer the model was trained with "
-                         f"({ref['weights_sha256'][:12]}...)")
-    return tok
 
 
 def save_grid(images: list[np.ndarray], path: Path, cols: int | None = None) -> None:
@@ -85,7 +72,7 @@ def sample(model_path: str, out: str, prompts: list[str] | None = None, classes:
             raise ValueError("this model is text-conditioned: give --prompt or --prompts")
         wanted = [("prompt", p, ids) for p, ids in zip(prompts, conditioner.encode(prompts))]
     jobs = [(kind, value, ids) for kind, value, ids in wanted for _ in range(n)]
-    image_tok = load_image_tokenizer(meta, tokenizer_path, dev)
+    image_tok = load_recorded_tokenizer(meta["tokenizer"], tokenizer_path, dev)
     (out / "images").mkdir(parents=True, exist_ok=True)
     images, records = [], []
     for start in tqdm(range(0, len(jobs), batch_size), unit="batch", desc="sample", disable=not progress):

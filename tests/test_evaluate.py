@@ -138,3 +138,22 @@ def test_clip_score_defaults_to_the_reference_sets_clip_family_teacher():
                 "clip-l": {"loader": "clip"}}
     assert default_clip_model(SimpleNamespace(teachers=teachers)) == "biomedclip"
     assert default_clip_model(SimpleNamespace(teachers={"dinov2-s": {"loader": "dinov2"}})) is None
+
+
+def test_reference_images_fall_back_to_tokenizer_reconstructions_when_the_source_is_gone(sets, tmp_path):
+    import shutil
+
+    import torch
+
+    from pipeline.tokenizers import load_recorded_tokenizer
+    test, _, _ = sets
+    moved = shutil.copytree(test, tmp_path / "moved")
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["source"]["path"] = str(tmp_path / "gone")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    fs = FeatureSet.open(moved)
+    images, origin = reference_images(fs, None, limit=5)
+    assert origin.startswith("tokenizer reconstructions (source unavailable") and images.shape == (5, 16, 16, 3)
+    codes = column(fs.table(), "codes")[:5].astype(np.int64).reshape(5, *manifest["tokenizer"]["grid"])
+    expected = load_recorded_tokenizer(manifest["tokenizer"]).decode(torch.from_numpy(codes)).numpy()
+    assert np.array_equal(images, expected)

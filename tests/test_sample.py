@@ -74,12 +74,23 @@ def test_sample_cli_writes_pngs_grid_and_jsonl(codebook, tmp_path):
     assert Image.open(out / "grid.png").size == (32, 48)
 
 
-def test_sample_refuses_a_different_tokenizer(codebook, tmp_path):
+def test_sample_refuses_a_different_tokenizer_and_says_where_the_moved_one_was(codebook, tmp_path):
+    import shutil
+
     import numpy as np
     from pipeline.tokenizers import save_kmeans_codebook
-    tiny_export(tmp_path / "model", codebook)
+    codebook = shutil.copy(codebook, tmp_path / "codebook.safetensors")
+    tiny_export(tmp_path / "model", str(codebook))
     other = tmp_path / "other.safetensors"
     save_kmeans_codebook(other, np.zeros((64, 48), dtype=np.float32), patch=4, resolution=16)
     result = CliRunner().invoke(main, ["sample", str(tmp_path / "model"), "--out", str(tmp_path / "s"),
                                        "--tokenizer-path", str(other), "--no-progress"])
-    assert result.exit_code != 0 and "is not the tokenizer the model was trained with" in result.output
+    assert result.exit_code != 0 and "is not the kmeans tokenizer recorded" in result.output
+    moved = tmp_path / "moved.safetensors"
+    codebook.rename(moved)  # the recorded path is gone: say so and how to point at the weights
+    result = CliRunner().invoke(main, ["sample", str(tmp_path / "model"), "--out", str(tmp_path / "s"), "--no-progress"])
+    assert result.exit_code != 0 and f"the kmeans image tokenizer is not at the recorded '{codebook}'" in result.output
+    assert "Pass --tokenizer-path" in result.output
+    result = CliRunner().invoke(main, ["sample", str(tmp_path / "model"), "--out", str(tmp_path / "s"), "--no-progress",
+                                       "--tokenizer-path", str(moved), "--class", "1"])
+    assert result.exit_code == 0, result.output
