@@ -64,26 +64,23 @@ def make_sequences(layout: VocabLayout, conditions: list[list[int]], codes: np.n
     b, n = codes.shape
     lengths = np.array([len(c) for c in conditions])
     t = int(lengths.max()) + n + 2
+    tail = np.empty((b, n + 2), dtype=np.int64)                      # <boi> c_1 .. c_N <eoi>
+    tail[:, 0], tail[:, -1] = layout.boi, layout.eoi
+    np.add(codes, layout.image_offset, out=tail[:, 1:-1], casting="unsafe")
     ids = np.full((b, t), layout.pad, dtype=np.int64)
-    rows = np.arange(b)[:, None]
-    if (lengths == lengths[0]).all():
-        ids[:, :lengths[0]] = np.asarray(conditions, dtype=np.int64).reshape(b, lengths[0])
-    else:
-        for i, cond in enumerate(conditions):
-            ids[i, :len(cond)] = cond
-    image_cols = lengths[:, None] + 1 + np.arange(n)[None]          # where c_1..c_N sit in each row
-    ids[rows[:, 0], lengths] = layout.boi
-    ids[rows, image_cols] = codes.astype(np.int64) + layout.image_offset
-    ids[rows[:, 0], lengths + n + 1] = layout.eoi
     labels = np.full((b, t), IGNORE, dtype=np.int64)
-    target_cols = np.concatenate([image_cols, image_cols[:, -1:] + 1], axis=1)  # codes and <eoi>
-    labels[rows, target_cols] = ids[rows, target_cols]
-    attn = (np.arange(t)[None] < (lengths + n + 2)[:, None]).astype(np.int64)
     align = np.zeros((b, t), dtype=bool)
-    if align_positions == "rep-token":
-        align[rows[:, 0], lengths] = True
+    if (lengths == lengths[0]).all():  # class tokens, or captions of one length: whole-batch slices
+        rows = [(slice(None), int(lengths[0]), np.asarray(conditions, dtype=np.int64).reshape(b, lengths[0]))]
     else:
-        align[rows, image_cols - 1] = True                           # <boi> .. c_{N-1} predict c_1 .. c_N
+        rows = [(i, int(c), cond) for i, (c, cond) in enumerate(zip(lengths, conditions))]
+    span = 1 if align_positions == "rep-token" else n                # <boi> only, or <boi> .. c_{N-1}
+    for r, c, cond in rows:
+        ids[r, :c] = cond
+        ids[r, c:c + n + 2] = tail[r]
+        labels[r, c + 1:c + n + 2] = tail[r, 1:]                     # codes and <eoi>
+        align[r, c:c + span] = True                                  # positions whose next token is a code
+    attn = (np.arange(t)[None] < (lengths + n + 2)[:, None]).astype(np.int64)
     return ids, attn, labels, align
 
 

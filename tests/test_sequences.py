@@ -31,6 +31,19 @@ def test_mask_covers_exactly_the_positions_that_predict_image_codes_with_padding
         assert attn[i].sum() == k + 8 and (row[attn[i] == 0] == LAYOUT.pad).all()
 
 
+def test_a_row_is_laid_out_alike_alone_and_in_a_batch_of_other_lengths():
+    """Equal-length batches take whole-batch slices, mixed ones go row by row: same layout."""
+    conditions = [[1, 7, 8], [1], [1, 5]]
+    codes = np.random.default_rng(0).integers(0, 16, (3, 6)).astype(np.uint16)
+    for positions in ("image", "rep-token"):
+        batch = make_sequences(LAYOUT, conditions, codes, positions)
+        for i, cond in enumerate(conditions):
+            alone = make_sequences(LAYOUT, [cond], codes[i:i + 1], positions)
+            t = alone[0].shape[1]
+            for together, single, fill in zip(batch, alone, (LAYOUT.pad, 0, IGNORE, False)):
+                assert np.array_equal(together[i, :t], single[0]) and (together[i, t:] == fill).all()
+
+
 def test_rep_token_aligns_only_the_boi_position():
     _, _, _, align = make_sequences(LAYOUT, [[1, 2], [1]], np.zeros((2, 6), dtype=np.uint16), "rep-token")
     assert align.sum() == 2 and align[0, 2] and align[1, 1]
