@@ -158,7 +158,7 @@ class TrainStream:
         out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
                "labels": torch.from_numpy(labels), "align_mask": torch.from_numpy(align)}
         if "feat" in rows:
-            out["teacher"] = torch.from_numpy(rows["feat"].astype(np.float32))
+            out["teacher"] = torch.from_numpy(rows["feat"])  # float16 as stored; the loss casts on the device
         return out
 
 
