@@ -15,7 +15,6 @@ measured against exact search.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,6 @@ dataset, not a law. Measured with EfficientNet-Lite0: exact copies score 1 and +
 above 0.998, while distinct look-alikes of a low-variety domain come close (Fashion-MNIST at 112 px:
 test items reach 0.943 against train, and two different shirts 0.96). Read the cosines in the
 reports and the memorization histogram, and raise it (0.98) for such domains."""
-SAMPLES = "samples.jsonl"
 
 
 class AuditError(ValueError):
@@ -253,15 +251,6 @@ def leakage(train_path: str, test_path: str, out: str, opts: AuditOptions = Audi
 # memorization
 
 
-def generated_files(folder: Path) -> list[Path]:
-    """The images `arra-pipe sample` listed in samples.jsonl, else every PNG but grid.png."""
-    listed = folder / SAMPLES
-    if listed.is_file():
-        rows = [json.loads(line) for line in listed.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return [folder / r["file"] for r in rows]
-    return sorted(p for p in folder.rglob("*.png") if p.name != "grid.png")
-
-
 def embed_images(files: list[Path], root: Path, fs: FeatureSet, teacher: str, teacher_path: str | None,
                  batch_size: int = 32) -> tuple[Rows, list[dict]]:
     """Teacher features of image files, through the crop and teacher view the set was made with
@@ -378,7 +367,8 @@ def memorization(generated: str, path: str, out: str, opts: AuditOptions = Audit
         check_same_space(fs, gen_fs, teacher)
         gen = load_rows(gen_fs, teacher)
     else:
-        files = generated_files(generated)
+        from stages.sample import SAMPLES, read_samples
+        files, _ = read_samples(generated)
         if not files:
             raise AuditError(f"{generated}: no {SAMPLES} and no PNG images")
         log(f"memorization: embedding {len(files)} generated images with {teacher}")

@@ -17,7 +17,6 @@ Every figure carries the number of images and the seeds.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +34,12 @@ FID_MIN_IMAGES = 10_000
 
 
 def load_generated(folder: Path, resolution: int) -> tuple[np.ndarray, list[dict]]:
-    """Images listed in samples.jsonl (or every PNG), as uint8 at the reference resolution."""
-    listing = folder / "samples.jsonl"
-    if listing.exists():
-        rows = [json.loads(line) for line in listing.read_text().splitlines()]
-        files = [folder / r["file"] for r in rows]
-    else:
-        files = sorted(folder.rglob("*.png"))
-        rows = [{"file": str(f.relative_to(folder))} for f in files]
+    """The generated images (see `read_samples`) as uint8 at the reference resolution, with their rows."""
+    from stages.sample import read_samples
+    files, rows = read_samples(folder)
     if not files:
         raise ValueError(f"{folder}: no generated images (samples.jsonl or *.png)")
-    images = np.stack([to_array(center_crop(Image.open(f).convert("RGB"), resolution)) for f in files])
-    return images, rows
+    return np.stack([to_array(center_crop(Image.open(f).convert("RGB"), resolution)) for f in files]), rows
 
 
 def column(table, name: str) -> np.ndarray:

@@ -24,6 +24,20 @@ from pipeline.train_data import Conditioner
 from pipeline.vocab import VocabLayout
 
 
+SAMPLES = "samples.jsonl"
+
+
+def read_samples(folder: Path) -> tuple[list[Path], list[dict]]:
+    """The images `sample` listed in samples.jsonl with their rows (condition, seed, settings);
+    for any other folder every PNG but grid.png, with rows holding only the file name."""
+    listed = folder / SAMPLES
+    if listed.is_file():
+        rows = [json.loads(line) for line in listed.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        rows = [{"file": p.relative_to(folder).as_posix()} for p in sorted(folder.rglob("*.png")) if p.name != "grid.png"]
+    return [folder / r["file"] for r in rows], rows
+
+
 def resolve_model(path: str) -> Path:
     """An export directory as is; a run directory is exported (once per checkpoint) into <run>/export-<tag>."""
     p = Path(path)
@@ -89,5 +103,5 @@ def sample(model_path: str, out: str, prompts: list[str] | None = None, classes:
             records.append({"index": index, "file": name, kind: value, "seed": seeds[i], **asdict(sampling),
                             "model": str(model_dir), "codes": codes[i].tolist()})
     save_grid(images, out / "grid.png", cols=n if n > 1 else None)  # one row per prompt or class
-    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / SAMPLES).write_text("".join(json.dumps(r) + "\n" for r in records))
     return out
