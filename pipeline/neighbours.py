@@ -1,10 +1,13 @@
 """Nearest neighbours by cosine over teacher features, with faiss.
 
 Rows are L2-normalised float32, so inner product = cosine. Small databases get an exact
-`IndexFlatIP`; large ones an `IndexIVFFlat` (nlist ~ 4*sqrt(n)) or `IndexHNSWFlat`, whose search
-breadth (nprobe / efSearch) is raised until recall@1 against exact search reaches a target on a
-sample of queries. The recall is then measured again on another sample, so that every report can
-say how far an approximate answer may be from the exact one.
+`IndexFlatIP`; large ones an HNSW graph (the default: 4x faster than IVF at higher recall on
+1M teacher-like rows, docs/benchmarks/audit-scale/) or an IVF index (nlist ~ 4*sqrt(n)), both over
+8-bit codes whose candidates are re-ranked by exact float cosine. The search breadth (nprobe /
+efSearch) is raised until recall@1 against exact search reaches a target on a sample of queries,
+but never past the point where exact search would be cheaper; the recall is then measured again on
+another sample, so that every report says how far an approximate answer may be from the exact one
+and whether the target was reached.
 """
 
 from __future__ import annotations
@@ -16,10 +19,15 @@ import faiss
 import numpy as np
 
 KINDS = ("auto", "exact", "ivf", "hnsw")
-EXACT_MAX_ROWS = 50_000  # auto: exact search below this many database rows, IVF above
+EXACT_MAX_ROWS = 50_000  # auto: exact search up to this many database rows, HNSW above
 HNSW_M = 32
 QUERY_BLOCK = 1 << 25  # queries x max(k, nprobe) per faiss call: bounds the coarse results to ~400 MB
 TIE = 1e-5  # an approximate neighbour this close to the exact one's cosine is a hit (ties, rounding)
+REFINE = 2  # approximate kinds: k * REFINE candidates from 8-bit codes, re-ranked by exact cosine
+MAX_SCAN = 1 / 32  # widen no further than comparing each query with this share of the database:
+# approximate scans run ~10x slower per pair than exact search's matrix products, so wider would
+# cost about as much as exact search
+HNSW_MIN_EF = 16
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -39,6 +47,8 @@ class Neighbours:
     params: dict = field(default_factory=dict)
     recall: float = 1.0  # recall@1 against exact search; 1 by construction for `exact`
     recall_queries: int = 0  # queries the recall was measured on (0: not measured, exact)
+    recall_target: float | None = None
+    widest: bool = False  # the tuning stopped at the widest search allowed, short of the target
 
     def search(self, queries: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(cosines, row ids), each n x k, best first; ids are -1 where fewer than k were found.
@@ -60,12 +70,17 @@ class Neighbours:
         params = ", ".join(f"{k}={v}" for k, v in self.params.items())
         if self.kind == "exact":
             return f"exact (IndexFlatIP over {self.db.shape[0]} rows): recall@1 = 1 by construction"
-        return (f"{self.kind} ({params}) over {self.db.shape[0]} rows: recall@1 against exact search "
+        text = (f"{self.kind} ({params}) over {self.db.shape[0]} rows: recall@1 against exact search "
                 f"{self.recall:.4f} measured on {self.recall_queries} sampled queries")
+        if self.widest:
+            text += (f"; WARNING: the search stopped widening short of the recall target {self.recall_target} "
+                     f"(wider would cost about as much as exact search): pass --index exact for exact answers")
+        return text
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "rows": int(self.db.shape[0]), "params": self.params,
-                "recall_at_1": self.recall, "recall_queries": self.recall_queries}
+                "recall_at_1": self.recall, "recall_queries": self.recall_queries,
+                "recall_target": self.recall_target, "stopped_at_widest_search": self.widest}
 
 
 def drop_self(sims: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -81,7 +96,7 @@ def drop_self(sims: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> tuple[np.n
 def choose_kind(n: int, kind: str = "auto") -> str:
     if kind not in KINDS:
         raise ValueError(f"index must be one of {', '.join(KINDS)}, not {kind!r}")
-    return ("exact" if n <= EXACT_MAX_ROWS else "ivf") if kind == "auto" else kind
+    return ("exact" if n <= EXACT_MAX_ROWS else "hnsw") if kind == "auto" else kind
 
 
 def build(db: np.ndarray, kind: str = "auto", queries: np.ndarray | None = None, recall_target: float = 0.95,
@@ -97,24 +112,33 @@ def build(db: np.ndarray, kind: str = "auto", queries: np.ndarray | None = None,
         return Neighbours(db, kind, index)
     if kind == "ivf":
         nlist = max(1, min(round(4 * math.sqrt(n)), n // 39))  # faiss wants >= 39 training points a list
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.niter = 10  # faiss's default 25: k-means is the bulk of building a 1M index
+        base = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                             faiss.METRIC_INNER_PRODUCT)
+        base.cp.niter = 10  # faiss's default 25: k-means is the bulk of building a 1M IVF index
         train = db[np.random.default_rng(seed).choice(n, min(n, 40 * nlist), replace=False)]
-        index.train(np.ascontiguousarray(train))
-        steps, setter, params = _doublings(1, nlist), lambda v: setattr(index, "nprobe", v), {"nlist": nlist}
+        steps, setter = _doublings(1, max(1, int(nlist * MAX_SCAN))), lambda v: setattr(base, "nprobe", v)
+        params = {"nlist": nlist}
     else:
-        index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        steps, setter, params = _doublings(16, 4096), lambda v: setattr(index.hnsw, "efSearch", v), {"M": HNSW_M}
+        base = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_8bit, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        train = db  # the 8-bit ranges of each dimension: one pass over every row
+        widest = max(4 * HNSW_MIN_EF, int(n * MAX_SCAN / (2 * HNSW_M)))  # efSearch e compares with up to 2M*e rows
+        steps, setter = _doublings(HNSW_MIN_EF, widest), lambda v: setattr(base.hnsw, "efSearch", v)
+        params = {"M": HNSW_M}
+    base.train(np.ascontiguousarray(train))
+    index = faiss.IndexRefineFlat(base)
+    index.k_factor = REFINE
     index.add(db)
-    nb = Neighbours(db, kind, index, params)
-    name = "nprobe" if kind == "ivf" else "efSearch"
+    params |= {"codes": "SQ8", "refine": REFINE}
+    nb = Neighbours(db, kind, index, params, recall_target=recall_target)
     tune_rows = _sample(db if queries is None else queries, sample // 2, seed + 1)
     exact = exact_top1(db, queries, tune_rows)
     for value in steps:
         setter(value)
         if recall_at_1(nb, queries, tune_rows, exact) >= recall_target:
             break
-    nb.params[name] = value
+    else:
+        nb.widest = True
+    nb.params["nprobe" if kind == "ivf" else "efSearch"] = value
     rows = _sample(db if queries is None else queries, sample, seed)
     nb.recall, nb.recall_queries = recall_at_1(nb, queries, rows), len(rows)
     return nb

@@ -60,6 +60,27 @@ class Teacher(FrozenModel):
                 "mean": self.spec["mean"], "std": self.spec["std"], **self.describe_weights()}
 
 
+IDENTITY = ("name", "dim", "aggregation", "input_size", "mean", "std", "weights_sha256")  # equal: comparable features
+
+
+def identity_diffs(a: dict, b: dict, where: tuple[str, str]) -> list[str]:
+    """The fields of two teacher descriptions (`Teacher.describe()` or a manifest's record) that
+    differ, each naming where its two values come from."""
+    return [f"{k}: {a.get(k)!r} {where[0]}, {b.get(k)!r} {where[1]}" for k in IDENTITY if a.get(k) != b.get(k)]
+
+
+def load_recorded_teacher(record: dict, weights: str | None, made: str) -> Teacher:
+    """The teacher that made a feature set (`made` names it), with the recorded input size and
+    aggregation; refused unless network, weights and view are the recorded ones."""
+    from pipeline.registry import build
+    teacher = build("teachers", record["name"], weights, input_size=record["input_size"], aggregation=record["aggregation"])
+    diffs = identity_diffs(teacher.describe(), record, ("here", f"in {made}"))
+    if diffs:
+        raise RegistryError(f"the {record['name']} teacher built here is not the one that made {made}: "
+                            + "; ".join(diffs) + "; pass --teacher-path")
+    return teacher.eval()
+
+
 class TextTower(torch.nn.Module):
     """A CLIP-family text encoder: captions in, embeddings in the teacher's image-embedding space out.
     Captions are whitespace-cleaned as open_clip does, then padded to the longest and truncated."""

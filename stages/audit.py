@@ -91,9 +91,8 @@ def check_same_space(a: FeatureSet, b: FeatureSet, teacher: str) -> None:
     """Cosines across two sets mean something only for one teacher, weights and view."""
     if teacher not in b.teachers:
         raise AuditError(f"{b.path} has no teacher {teacher!r}; it has {sorted(b.teachers)}")
-    keys = ("name", "dim", "aggregation", "input_size", "mean", "std", "weights_sha256")
-    ta, tb = a.teachers[teacher], b.teachers[teacher]
-    diffs = [f"teacher {k}: {ta.get(k)!r} vs {tb.get(k)!r}" for k in keys if ta.get(k) != tb.get(k)]
+    from pipeline.teachers import identity_diffs
+    diffs = [f"teacher {d}" for d in identity_diffs(a.teachers[teacher], b.teachers[teacher], (f"in {a.path}", f"in {b.path}"))]
     pre_a, pre_b = a.manifest["preprocess"], b.manifest["preprocess"]
     diffs += [f"preprocess {k}: {pre_a.get(k)!r} vs {pre_b.get(k)!r}"
               for k in ("resolution", "teacher_view") if pre_a.get(k) != pre_b.get(k)]
@@ -256,15 +255,10 @@ def embed_images(files: list[Path], root: Path, fs: FeatureSet, teacher: str, te
     """Teacher features of image files, through the crop and teacher view the set was made with
     (the extractor's crop loader) and rounded to float16 as the set stores them."""
     from pipeline.crops import crop_loader
-    from pipeline.registry import build
     from pipeline.sources import Record
-    desc, pre = fs.teachers[teacher], fs.manifest["preprocess"]
-    model = build("teachers", desc["name"], teacher_path, input_size=desc["input_size"]).eval()
-    built = model.describe()
-    diffs = [f"{k}: {built.get(k)!r} here, {desc.get(k)!r} in the set"
-             for k in ("dim", "aggregation", "input_size", "mean", "std", "weights_sha256") if built.get(k) != desc.get(k)]
-    if diffs:
-        raise AuditError(f"the {teacher} teacher built here is not the one that made {fs.path}: " + "; ".join(diffs))
+    from pipeline.teachers import load_recorded_teacher
+    pre = fs.manifest["preprocess"]
+    model = load_recorded_teacher(fs.teachers[teacher], teacher_path, str(fs.path))
     records = [Record(f.relative_to(root).as_posix(), "", -1, ("file", str(f)), f.name) for f in files]
     batches = [list(range(i, min(i + batch_size, len(files)))) for i in range(0, len(files), batch_size)]
     loader = crop_loader(records, batches, pre["resolution"], [model.input_size], pre["teacher_view"], pre["max_pixels"], 0)

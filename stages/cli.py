@@ -396,8 +396,8 @@ def audit_flags(fn):
         click.option("--threshold", default=DEFAULT_THRESHOLD, show_default=True,
                      help="Cosine at or above which two images count as the same (exact and lightly edited copies score above 0.99; check the reported cosines on your data)."),
         click.option("--index", type=click.Choice(["auto", "exact", "ivf", "hnsw"]), default="auto", show_default=True,
-                     help="auto: exact up to 50,000 rows, IVF above; approximate indexes report their measured recall."),
-        click.option("--recall-target", default=0.95, show_default=True, help="IVF/HNSW: widen the search until recall@1 vs exact reaches this on a sample."),
+                     help="auto: exact up to 50,000 rows, HNSW above; approximate indexes report their measured recall."),
+        click.option("--recall-target", default=0.95, show_default=True, help="IVF/HNSW: widen the search until recall@1 vs exact reaches this on a sample, but not past comparing each query with 1/32 of the set (wider costs about as much as exact search); the report warns if the target was not reached."),
         click.option("--seed", default=0, show_default=True, help="Seed of the recall samples and IVF training sample."),
     ]
     for flag in reversed(flags):

@@ -106,13 +106,8 @@ def embed_images(teacher, images: np.ndarray, batch_size: int) -> np.ndarray:
 
 def teacher_features(fs: FeatureSet, name: str, images: np.ndarray, weights: str | None, device: str, batch_size: int) -> np.ndarray:
     """Generated images through the set's teacher, with the same weights and view."""
-    from pipeline.registry import build
-    desc = fs.teachers[name]
-    teacher = build("teachers", name, weights, input_size=desc["input_size"]).to(device).eval()
-    if teacher.weights_sha256 != desc["weights_sha256"]:
-        raise ValueError(f"teacher {name}: weights sha256 {teacher.weights_sha256[:12]}... differ from the ones that made "
-                         f"{fs.path} ({desc['weights_sha256'][:12]}...); pass --teacher-path")
-    return embed_images(teacher, images, batch_size)
+    from pipeline.teachers import load_recorded_teacher
+    return embed_images(load_recorded_teacher(fs.teachers[name], weights, str(fs.path)).to(device), images, batch_size)
 
 
 def default_clip_model(fs: FeatureSet) -> str | None:

@@ -170,19 +170,29 @@ def clustered(n: int, d: int = 32, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_index_is_tuned_to_the_recall_target_and_measured(kind):
-    x = clustered(4000)
+    x, queries = np.split(clustered(4300), [4000])  # queries from the same clusters, as a test set is
     nb = neighbours.build(x, kind, recall_target=0.95, sample=400)
-    assert nb.kind == kind and nb.recall_queries == 400 and nb.recall >= 0.9
+    assert nb.kind == kind and nb.recall_queries == 400 and nb.recall >= 0.9 and not nb.widest
     sims, ids = nb.search(None, 3)
     assert not (ids == np.arange(len(x))[:, None]).any()  # the self-join leaves each row's own match out
     exact_sims, exact_ids = neighbours.build(x, "exact").search(None, 1)
     assert np.mean(sims[:, 0] >= exact_sims[:, 0] - neighbours.TIE) >= 0.9
-    queries = clustered(300, seed=1)
-    nq = neighbours.build(x, kind, queries=queries, recall_target=0.99, sample=300)
-    assert nq.recall_queries == 300 and nq.recall >= 0.95
+    nq = neighbours.build(x, kind, queries=queries, recall_target=0.95, sample=300)
+    assert nq.recall_queries == 300 and nq.recall >= 0.95 and not nq.widest
+
+
+def test_ivf_stops_widening_where_exact_search_is_cheaper_and_says_so():
+    """Unclustered 64-d noise: no nearest neighbour is local, so the target is out of reach."""
+    x = neighbours.normalise(np.random.default_rng(0).normal(size=(4000, 64)))
+    nb = neighbours.build(x, "ivf", recall_target=0.95, sample=400)
+    nlist = nb.params["nlist"]
+    assert nb.widest and nb.params["nprobe"] == int(nlist * neighbours.MAX_SCAN) < nlist
+    assert nb.recall < 0.95 and nb.recall_queries == 400  # measured all the same
+    assert "short of the recall target 0.95" in nb.describe() and "--index exact" in nb.describe()
+    assert nb.to_dict()["stopped_at_widest_search"] is True
 
 
 def test_auto_index_by_size():
-    assert neighbours.choose_kind(1000) == "exact" and neighbours.choose_kind(10 ** 6) == "ivf"
+    assert neighbours.choose_kind(1000) == "exact" and neighbours.choose_kind(10 ** 6) == "hnsw"
     with pytest.raises(ValueError):
         neighbours.choose_kind(10, "lsh")

@@ -70,6 +70,18 @@ def test_clip_matches_get_image_features_and_aggregations(tmp_path):
     assert not torch.allclose(cls(x), avg(x))
 
 
+def test_the_recorded_teacher_is_rebuilt_with_its_view_and_refused_if_it_differs(tmp_path):
+    """eval and audit embed generated images with the teacher a set recorded: its aggregation and
+    input size, not the registry's defaults, and never other weights."""
+    from pipeline.teachers import load_recorded_teacher
+    path = mc.write_clip(tmp_path / "clip")
+    record = build("teachers", "clip-l", str(path), aggregation="avgpool").describe()
+    rebuilt = load_recorded_teacher(record, str(path), "sets/x")
+    assert rebuilt.aggregation == "avgpool" and rebuilt.describe() == record
+    with pytest.raises(RegistryError, match=r"made sets/x: weights_sha256: '[0-9a-f]{64}' here, '0+' in sets/x"):
+        load_recorded_teacher({**record, "weights_sha256": "0" * 64}, str(path), "sets/x")
+
+
 def test_medsam_is_sams_image_embedding_average_pooled(tmp_path):
     from transformers import SamModel
     path = mc.write_sam(tmp_path / "sam")
