@@ -1,7 +1,7 @@
 """Nearest neighbours by cosine over teacher features, with faiss.
 
 Rows are L2-normalised float32, so inner product = cosine. Small databases get an exact
-`IndexFlatIP`; large ones an HNSW graph (the default: 4x faster than IVF at higher recall on
+`IndexFlatIP`; large ones an HNSW graph (the default: 3.8x faster than IVF at higher recall on
 1M teacher-like rows, docs/benchmarks/audit-scale/) or an IVF index (nlist ~ 4*sqrt(n)), both over
 8-bit codes whose candidates are re-ranked by exact float cosine. The search breadth (nprobe /
 efSearch) is raised until recall@1 against exact search reaches a target on a sample of queries,
