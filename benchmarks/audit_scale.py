@@ -90,7 +90,7 @@ def teacher_like(n: int, d: int, per_cluster: int, seed: int, spectrum: dict) ->
 def recall_curve(x: np.ndarray, steps=(1, 2, 4, 8, 16, 32)) -> list[float]:
     """recall@1 of the self-join against exact search at each nprobe of the audit's IVF index."""
     nb = neighbours.build(x, "ivf", recall_target=0.0)
-    rows = neighbours._sample(x, 1000, 1)
+    rows = neighbours.sample_rows(x, 1000, 1)
     exact = neighbours.exact_top1(x, None, rows)
     curve = []
     for nprobe in steps:

@@ -130,7 +130,7 @@ def build(db: np.ndarray, kind: str = "auto", queries: np.ndarray | None = None,
     index.add(db)
     params |= {"codes": "SQ8", "refine": REFINE}
     nb = Neighbours(db, kind, index, params, recall_target=recall_target)
-    tune_rows = _sample(db if queries is None else queries, sample // 2, seed + 1)
+    tune_rows = sample_rows(db if queries is None else queries, sample // 2, seed + 1)
     exact = exact_top1(db, queries, tune_rows)
     for value in steps:
         setter(value)
@@ -139,7 +139,7 @@ def build(db: np.ndarray, kind: str = "auto", queries: np.ndarray | None = None,
     else:
         nb.widest = True
     nb.params["nprobe" if kind == "ivf" else "efSearch"] = value
-    rows = _sample(db if queries is None else queries, sample, seed)
+    rows = sample_rows(db if queries is None else queries, sample, seed)
     nb.recall, nb.recall_queries = recall_at_1(nb, queries, rows), len(rows)
     return nb
 
@@ -151,7 +151,7 @@ def _doublings(start: int, stop: int) -> list[int]:
     return steps
 
 
-def _sample(x: np.ndarray, size: int, seed: int) -> np.ndarray:
+def sample_rows(x: np.ndarray, size: int, seed: int) -> np.ndarray:
     n = x.shape[0]
     return np.sort(np.random.default_rng(seed).choice(n, min(n, size), replace=False))
 
