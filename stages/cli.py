@@ -252,6 +252,8 @@ def train(featuresets, procs, gpus, hostfile, **kw):
         last = run(TrainOptions(sets=list(featuresets), **kw), log=lambda m: click.echo(m, err=True))
     except (TrainError, ValueError) as exc:
         fail(exc)
+    from pipeline import distributed
+    distributed.shutdown()  # gloo aborts the process at exit (SIGABRT) when its group is left alive
     if last and int(os.environ.get("RANK", "0")) == 0:
         click.echo("done: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float)))
 
