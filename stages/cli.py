@@ -248,12 +248,13 @@ def train(featuresets, procs, gpus, hostfile, **kw):
     cmd = launch_command(procs, gpus, hostfile, sys.argv[1:])
     if cmd:
         sys.exit(run_launcher(cmd, kw["device"]))
+    from pipeline import distributed
     try:
         last = run(TrainOptions(sets=list(featuresets), **kw), log=lambda m: click.echo(m, err=True))
     except (TrainError, ValueError) as exc:
+        distributed.shutdown()
         fail(exc)
-    from pipeline import distributed
-    distributed.shutdown()  # gloo aborts the process at exit (SIGABRT) when its group is left alive
+    distributed.shutdown()  # a gloo group left alive can abort the process at exit (SIGABRT)
     if last and int(os.environ.get("RANK", "0")) == 0:
         click.echo("done: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float)))
 
