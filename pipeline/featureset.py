@@ -39,6 +39,9 @@ REJECTS = "rejects.jsonl"
 COLUMNS = "columns"
 COLUMN_FORMAT = "arra-pipe-column"
 IMAGE = "image"
+PROGRESS = "progress"  # an unfinished extraction's job file and per-shard done markers
+STATS = "stats"  # caches of later stages (eval's Inception features of the set's images)
+OWN_ENTRIES = (MANIFEST, REJECTS, SHARDS, COLUMNS, PROGRESS, STATS)
 
 
 class FeatureSetError(ValueError):
@@ -149,6 +152,32 @@ def read_members(path: Path) -> Iterator[tuple[str, pa.RecordBatch]]:
 def shards_digest(shards: list[dict]) -> str:
     """One sha256 for a set's shards: a column records it to say which shards it lines up with."""
     return hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
+
+
+def set_entries_to_remove(path: str | Path, source: str | Path | None) -> list[Path]:
+    """What `extract --overwrite` may delete at `path`: the entries of an arra-pipe set, nothing else.
+    Refused (FeatureSetError) unless the folder is missing, empty or holds a set (finished or not),
+    and whenever it is or holds the source or the working directory. Other files stay."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    where = path.resolve()
+    for what, other in (("the source", source), ("the working directory", Path.cwd())):
+        if other is not None and Path(other).resolve().is_relative_to(where):
+            raise FeatureSetError(f"--overwrite refused: {path} is or holds {what} ({other}); nothing was deleted")
+    if not path.is_dir():
+        raise FeatureSetError(f"--overwrite refused: {path} is not a folder; nothing was deleted")
+    if any(path.iterdir()) and not (_is_set_manifest(path / MANIFEST) or (path / PROGRESS / "job.json").is_file()):
+        raise FeatureSetError(f"--overwrite refused: {path} holds files but no arra-pipe feature set "
+                              f"({MANIFEST} or {PROGRESS}/job.json); it deletes only sets it made. Nothing was deleted")
+    return [path / name for name in OWN_ENTRIES if (path / name).exists() or (path / name).is_symlink()]
+
+
+def _is_set_manifest(path: Path) -> bool:
+    try:
+        return read_json(path).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @dataclass

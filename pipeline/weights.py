@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import importlib.resources
 import os
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -141,12 +143,39 @@ def fingerprint(files: list[Path]) -> tuple[str, dict[str, str]]:
     return hashlib.sha256(lines.encode()).hexdigest(), digests
 
 
-def load_torch(path: Path) -> dict:
+# Plain-data classes DeepSpeed pickles beside the tensors of its checkpoints (ZeRO optimizer
+# states: the loss scaler, the stage, bf16 fragment addresses); nothing else is allowed.
+DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                     "deepspeed.runtime.zero.config.ZeroStageEnum",
+                     "deepspeed.utils.tensor_fragment.fragment_address")
+_torch_load = torch.load  # the real one, also while `deepspeed_loads_weights_only` is active
+
+
+def load_torch(path, *args, allowed=(argparse.Namespace,), **kwargs):
     """`torch.load` with weights_only=True. Training checkpoints often carry their argparse
     Namespace (LlamaGen's do); that one plain-data class is allowed, nothing else."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    kwargs["weights_only"] = True
+    if not args:
+        kwargs.setdefault("map_location", "cpu")
+    with torch.serialization.safe_globals(list(allowed)):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return _torch_load(path, *args, **kwargs)
         except pickle.UnpicklingError as exc:
             raise WeightsError(f"{path}: holds objects other than tensors and plain data, "
                                f"refused ({str(exc).splitlines()[0]})") from None
+
+
+@contextmanager
+def deepspeed_loads_weights_only():
+    """DeepSpeed reads its own checkpoints with `torch.load(weights_only=False)` (engine.load_checkpoint,
+    zero_to_fp32), which runs whatever a pickle names. Inside this block every torch.load is
+    `load_torch` with only DEEPSPEED_GLOBALS allowed, so a checkpoint from elsewhere is refused,
+    naming its file, instead of executing."""
+    allowed = [getattr(importlib.import_module(mod), name)
+               for mod, _, name in (g.rpartition(".") for g in DEEPSPEED_GLOBALS)]
+    torch.load = lambda f, *args, **kwargs: load_torch(f, *args, allowed=allowed, **kwargs)
+    try:
+        yield
+    finally:
+        torch.load = _torch_load

@@ -30,13 +30,14 @@ from tqdm import tqdm
 
 from pipeline import __version__, distributed
 from pipeline.crops import crop_loader, kept_crop_loader
-from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, IMAGE, MANIFEST, VERSION, FeatureSet, column_field,
+from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, IMAGE, MANIFEST, PROGRESS, VERSION, FeatureSet, column_field,
                                  make_column_batch, read_members, schema_fields, shards_digest, write_shard)
 from pipeline.files import atomic_write_json, read_json
+from pipeline.images import DEFAULT_MAX_SIDE
 from pipeline.registry import load_spec
 from pipeline.sources import SourceOptions, read_source
 from pipeline.weights import checkpoint_files, fingerprint, resolve
-from stages.extract import (EMPTY_SUMS, ExtractError, ExtractOptions, ExtractResult, PROGRESS, _diff, _packages,
+from stages.extract import (EMPTY_SUMS, ExtractError, ExtractOptions, ExtractResult, _diff, _packages,
                             add_sums, build_teacher, feature_sums, summarize)
 
 
@@ -136,7 +137,8 @@ def _source_views(fs: FeatureSet, opts: ExtractOptions, plan, todo: dict, device
     index = {r.key: j for j, r in enumerate(source.records)}
     loader = crop_loader(source.records, [[index[k] for k in keys.to_pylist()] for _, _, keys in plan], pre["resolution"],
                          sorted({t.input_size for t in todo.values()}), pre["teacher_view"], pre["max_pixels"],
-                         opts.workers, pin_memory=device.type == "cuda")
+                         opts.workers, pin_memory=device.type == "cuda", max_side=pre.get("max_side", DEFAULT_MAX_SIDE),
+                         max_file_bytes=options.max_file_bytes)
     for _, _, views, bad in loader:
         if bad:
             record, reason = source.records[bad[0][0]], bad[0][1]

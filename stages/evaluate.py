@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 
 from pipeline.crops import crop_loader
-from pipeline.featureset import IMAGE, FeatureSet, feature_column
+from pipeline.featureset import IMAGE, STATS, FeatureSet, feature_column
 from pipeline.files import atomic_write_bytes, sha256_file
-from pipeline.images import center_crop, resize_square, to_array
+from pipeline.images import DEFAULT_MAX_SIDE, center_crop, resize_square, to_array
 from pipeline.metrics import fd, fit_linear_probe, precision_recall
 from pipeline.sources import SourceOptions, read_source
 
@@ -56,14 +56,16 @@ def reference_images(fs: FeatureSet, tokenizer_path: str | None, limit: int | No
     keys = table.column("key").to_pylist()[:limit]
     try:
         src = m["source"]
-        source = read_source(src["path"], src["format"], SourceOptions(**src["options"]))
+        options = SourceOptions(**src["options"])
+        source = read_source(src["path"], src["format"], options)
         if source.fingerprint != src["fingerprint"]:
             raise ValueError("the source changed since extraction")
         index = {r.key: i for i, r in enumerate(source.records) if not r.reject}
         order = [index[k] for k in keys]
         batches = [order[i:i + 256] for i in range(0, len(order), 256)]
-        loader = crop_loader(source.records, batches, m["preprocess"]["resolution"], [], "crop",
-                             m["preprocess"]["max_pixels"], workers)
+        pre = m["preprocess"]
+        loader = crop_loader(source.records, batches, pre["resolution"], [], "crop", pre["max_pixels"], workers,
+                             max_side=pre.get("max_side", DEFAULT_MAX_SIDE), max_file_bytes=options.max_file_bytes)
         crops = []
         for _, batch, _, bad in loader:
             if bad:
@@ -82,7 +84,7 @@ def reference_inception(fs: FeatureSet, inception, tokenizer_path: str | None, l
                         table=None) -> tuple[np.ndarray, str]:
     """Inception features of the (first `limit`) reference images, cached per network file and limit."""
     n = min(limit or fs.rows, fs.rows)
-    cache = fs.path / "stats" / f"inception-{sha256_file(inception.path)[:12]}-{n}.npz"
+    cache = fs.path / STATS / f"inception-{sha256_file(inception.path)[:12]}-{n}.npz"
     if cache.exists():
         with np.load(cache) as z:
             return z["features"].astype(np.float32), str(z["origin"])

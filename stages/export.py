@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pipeline.lm import LAYOUT_FILE, PROJECTOR_FILE
+from pipeline.weights import deepspeed_loads_weights_only
 
 
 def consolidated_state_dict(checkpoints: Path, tag: str | None) -> dict[str, torch.Tensor]:
@@ -24,12 +25,12 @@ def consolidated_state_dict(checkpoints: Path, tag: str | None) -> dict[str, tor
     files = sorted((checkpoints / tag).glob("*model_states.pt"))
     if not files:
         raise ValueError(f"{checkpoints / tag}: no DeepSpeed model states")
-    if _zero_stage(checkpoints / tag) == 0:
-        # our own run's checkpoint; DeepSpeed stores non-tensor objects beside the weights
-        state = torch.load(checkpoints / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() for k, v in state["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
+    with deepspeed_loads_weights_only():
+        if _zero_stage(checkpoints / tag) == 0:  # the whole model is in one file
+            state = torch.load(checkpoints / tag / "mp_rank_00_model_states.pt")
+            return {k: v.float() for k, v in state["module"].items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=tag)
 
 
 def _zero_stage(tag_dir: Path) -> int:

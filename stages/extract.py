@@ -30,16 +30,15 @@ import torch
 from tqdm import tqdm
 
 from pipeline import __version__, distributed
-from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, FORMAT, IMAGE, MANIFEST, REJECTS, SHARDS, VERSION, FeatureSet,
-                                 column_field, make_batch, make_column_batch, make_schema, schema_fields, shards_digest,
-                                 write_shard)
+from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, FORMAT, IMAGE, MANIFEST, PROGRESS, REJECTS, SHARDS, VERSION,
+                                 FeatureSet, column_field, make_batch, make_column_batch, make_schema, schema_fields,
+                                 set_entries_to_remove, shards_digest, write_shard)
 from pipeline.files import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.crops import KEPT, crop_loader
-from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from pipeline.registry import build, load_spec
 from pipeline.sources import SourceOptions, read_source
 
-PROGRESS = "progress"
 TEACHER_VIEWS = ("crop", "original")
 
 
@@ -64,6 +63,7 @@ class ExtractOptions:
     device: str = "cpu"
     shard_size: int = 4096
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_side: int = DEFAULT_MAX_SIDE
     max_reject_rate: float = 0.1
     progress: bool = True
     keep_images: bool = False
@@ -152,6 +152,7 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
     if not opts.teachers:
         raise ExtractError("give at least one --teacher")
     out = Path(opts.out)
+    stale = set_entries_to_remove(out, opts.source) if overwrite else []
     if (out / MANIFEST).exists() and not overwrite:
         fs = FeatureSet.open(out)
         new = [name for name in opts.teachers if load_spec("teachers", name)["name"] not in fs.manifest["teachers"]]
@@ -171,7 +172,8 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
     job = {"source": {"format": source.format, "path": source.path, "fingerprint": source.fingerprint,
                       "records": len(records), "options": asdict(opts.source_options)},
            "preprocess": {"resolution": tokenizer.resolution, "crop": "center", "resample": "bicubic",
-                          "teacher_view": opts.teacher_view, "max_pixels": opts.max_pixels},
+                          "teacher_view": opts.teacher_view, "max_pixels": opts.max_pixels,
+                          "max_side": opts.max_side},
            "tokenizer": {**tokenizer.describe(), "code_len": code_len, "weights_path": str(tokenizer.weights_path.resolve())},
            "teachers": {name: t.describe() for name, t in teachers.items()},
            "layout": {"shard_size": opts.shard_size, "batch_size": opts.batch_size, "keep_images": opts.keep_images}}
@@ -184,8 +186,11 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
 
     progress = out / PROGRESS
     if ranks.is_main:
-        if overwrite and out.exists():
-            shutil.rmtree(out)
+        for entry in stale:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
         (out / SHARDS).mkdir(parents=True, exist_ok=True)
         if opts.keep_images:
             (out / COLUMNS / IMAGE).mkdir(parents=True, exist_ok=True)
@@ -212,7 +217,8 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
         plan += [(s, j == len(chunks) - 1, c) for j, c in enumerate(chunks)]
     teacher_sizes = sorted({t.input_size for t in teachers.values()})
     loader = crop_loader(records, [c for _, _, c in plan], tokenizer.resolution, teacher_sizes, opts.teacher_view,
-                         opts.max_pixels, opts.workers, pin_memory=device.type == "cuda", keep_images=opts.keep_images)
+                         opts.max_pixels, opts.workers, pin_memory=device.type == "cuda", keep_images=opts.keep_images,
+                         max_side=opts.max_side, max_file_bytes=opts.source_options.max_file_bytes)
 
     todo = sum(len(c) for _, _, c in plan)
     if ranks.is_main and todo < len(records):

@@ -32,6 +32,7 @@ from pipeline.files import atomic_write_json, read_json
 from pipeline.lm import LAYOUT_FILE, build_from_preset, extend_vocab, load_text_lm, read_layout
 from pipeline.train_data import Conditioner, TrainStream
 from pipeline.vocab import VocabLayout
+from pipeline.weights import deepspeed_loads_weights_only, load_torch
 
 
 class TrainError(ValueError):
@@ -384,9 +385,10 @@ def train(opts: TrainOptions, log=print) -> dict:
     step = 0
     if (ckpt_dir / "latest").exists():
         tag = (ckpt_dir / "latest").read_text().strip()
-        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        with deepspeed_loads_weights_only():
+            _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
         step = client["step"]
-        state = torch.load(ckpt_dir / tag / f"arra_state_rank{rank}.pt", weights_only=True)
+        state = load_torch(ckpt_dir / tag / f"arra_state_rank{rank}.pt")
         torch.set_rng_state(state["rng"])
         if is_main:
             log(f"resumed from {ckpt_dir / tag} at step {step}")
