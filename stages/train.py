@@ -453,5 +453,6 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, keep: int) -> 
     torch.save({"step": step, "rng": torch.get_rng_state()}, ckpt_dir / tag / f"arra_state_rank{rank}.pt")
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
     if rank == 0 and keep > 0:
-        for old in sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())[:-keep]:
+        ours = (p for p in ckpt_dir.glob("step" + "[0-9]" * 8) if (p / "arra_state_rank0.pt").is_file())
+        for old in sorted(ours)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
