@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.images import Rejected, center_crop, resize_square, to_array
-from pipeline.sources import Record, load_image
+from pipeline.images import DEFAULT_MAX_SIDE, Rejected, center_crop, resize_square, to_array
+from pipeline.sources import DEFAULT_MAX_FILE_BYTES, Record, load_image
 
 KEPT = "png"  # views key of the kept canonical crops
 
@@ -34,9 +34,10 @@ class CropDataset(Dataset):
     """
 
     def __init__(self, records: list[Record], resolution: int, teacher_sizes: list[int], view: str, max_pixels: int,
-                 keep_images: bool = False):
+                 keep_images: bool = False, max_side: int = DEFAULT_MAX_SIDE, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
         self.records, self.resolution, self.teacher_sizes = records, resolution, teacher_sizes
         self.view, self.max_pixels, self.keep_images = view, max_pixels, keep_images
+        self.max_side, self.max_file_bytes = max_side, max_file_bytes
 
     def __len__(self):
         return len(self.records)
@@ -46,9 +47,9 @@ class CropDataset(Dataset):
         if record.reject:
             return i, record.reject
         try:
-            img = load_image(record.ref, self.max_pixels)
-            crop = center_crop(img, self.resolution)
-            views = {s: to_array(resize_square(crop, s) if self.view == "crop" else center_crop(img, s))
+            img = load_image(record.ref, self.max_pixels, self.max_side, self.max_file_bytes)
+            crop = center_crop(img, self.resolution, self.max_pixels)
+            views = {s: to_array(resize_square(crop, s) if self.view == "crop" else center_crop(img, s, self.max_pixels))
                      for s in self.teacher_sizes}
         except Rejected as exc:
             return i, str(exc)
@@ -81,9 +82,11 @@ def _worker_init(_):
 
 
 def crop_loader(records: list[Record], batches: list[list[int]], resolution: int, teacher_sizes: list[int],
-                view: str, max_pixels: int, workers: int, pin_memory: bool = False, keep_images: bool = False) -> DataLoader:
+                view: str, max_pixels: int, workers: int, pin_memory: bool = False, keep_images: bool = False,
+                max_side: int = DEFAULT_MAX_SIDE, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> DataLoader:
     """A DataLoader that yields `collate` batches for exactly `batches` (lists of record indices), in order."""
-    return DataLoader(CropDataset(records, resolution, teacher_sizes, view, max_pixels, keep_images), batch_sampler=batches,
+    dataset = CropDataset(records, resolution, teacher_sizes, view, max_pixels, keep_images, max_side, max_file_bytes)
+    return DataLoader(dataset, batch_sampler=batches,
                       num_workers=workers, collate_fn=collate, worker_init_fn=_worker_init if workers else None,
                       prefetch_factor=4 if workers else None, pin_memory=pin_memory)
 

@@ -13,11 +13,12 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-# Decompression bombs are rejected by our own `max_pixels` check on the header, before decoding.
+# Decompression bombs are rejected by our own `max_pixels` / `max_side` checks on the header, before decoding.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_SIDE = 16384
 
 
 class Rejected(Exception):
@@ -25,8 +26,9 @@ class Rejected(Exception):
     written "<category>: <detail>" so that counts can be grouped by category."""
 
 
-def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode encoded image bytes to an 8-bit RGB image, or raise `Rejected`."""
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE) -> Image.Image:
+    """Decode encoded image bytes to an 8-bit RGB image, or raise `Rejected`. The size the header
+    declares is checked against `max_pixels` and `max_side` before any pixel is decoded."""
     if not data:
         raise Rejected("empty: the file has no bytes")
     try:
@@ -36,9 +38,13 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             w, h = img.size
             if w * h > max_pixels:
                 raise Rejected(f"oversized: {w}x{h} pixels is more than --max-pixels {max_pixels}")
+            if max(w, h) > max_side:
+                raise Rejected(f"oversized: {w}x{h} pixels has a side longer than --max-side {max_side}")
             img.load()
     except Rejected:
         raise
+    except Image.DecompressionBombError as exc:  # PIL's own limit, when something set Image.MAX_IMAGE_PIXELS
+        raise Rejected(f"oversized: {exc}") from None
     except UnidentifiedImageError:
         raise Rejected("not-an-image: no image format recognised") from None
     except Exception as exc:  # untrusted bytes: any decoder failure is a reject, not a crash
@@ -64,11 +70,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize the short side to `size` (bicubic), then take the centre `size`x`size` square."""
+def center_crop(img: Image.Image, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Resize the short side to `size` (bicubic), then take the centre `size`x`size` square.
+    Raises `Rejected` when the resized image would exceed `max_pixels` (a 1x16384 image becomes
+    256x4194304 for a 256 px crop: a file of a few bytes must not make the crop take gigabytes)."""
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if nw * nh > max_pixels:
+        raise Rejected(f"oversized: {w}x{h} pixels resized to {size} px on the short side is {nw}x{nh}, "
+                       f"more than --max-pixels {max_pixels}")
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2

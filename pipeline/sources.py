@@ -5,6 +5,15 @@ conversation JSON, image folders, tables (CSV/TSV/JSONL/Parquet), img2dataset ou
 Fashion-MNIST idx files. Reading a source never decodes an image; records that are already known
 to be bad (duplicate key, caption that is not UTF-8, ...) carry a `reject` reason and flow through
 extraction like the others, so that every input row ends up either in a shard or in rejects.
+
+What is read: a folder source (image folder, img2dataset or Fashion-MNIST folder) is read only
+inside the folder. A file in it that is a symlink leading outside (an image, a `.txt` caption, a
+tar, parquet or idx file) is not followed unless `follow_symlinks` (--follow-symlinks): an image
+or caption makes its record an `outside-root` reject, a tar, parquet or idx file stops the read
+with a `SourceError`; links to folders are never walked. Images that a conversation JSON or a
+table names were named on purpose and may be anywhere. Whatever the source, only regular files
+are opened (a FIFO, device or folder is a `not-a-file` reject, found without blocking on it), and
+no file of more than `max_file_bytes` (--max-file-bytes) is read.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import gzip
 import hashlib
 import json
 import os
+import stat
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +39,7 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot")
 FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k"}
+DEFAULT_MAX_FILE_BYTES = 256 << 20
 
 
 class SourceError(ValueError):
@@ -59,6 +70,8 @@ class SourceOptions:
     key_column: str | None = None
     image_root: str | None = None
     split: str = "train"
+    follow_symlinks: bool = False
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
 
 @dataclass
@@ -151,6 +164,55 @@ def _text(value, what: str) -> tuple[str, str | None]:
         return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), f"bad-utf8: {what} is not valid UTF-8"
 
 
+def _escapes(file: Path, root: Path, options: SourceOptions) -> str | None:
+    """The reject reason of a file of a folder source that is a symlink leading outside the folder,
+    unless --follow-symlinks; None when it may be read. `root` is resolved and the folders walked
+    are real (links to folders are not walked), so only the file itself can lead out."""
+    if options.follow_symlinks or not file.is_symlink():
+        return None
+    real = file.resolve()
+    if real.is_relative_to(root):
+        return None
+    return (f"outside-root: {file.relative_to(root)} is a symlink to {real}, outside the source folder "
+            f"(--follow-symlinks reads it)")
+
+
+def _container(file: Path, root: Path, options: SourceOptions) -> Path:
+    """A tar, parquet or idx file of a folder source, checked like images before it is opened."""
+    reason = _escapes(file, root, options)
+    if reason is None and not file.is_file():
+        reason = f"not-a-file: {file} is not a regular file"
+    if reason:
+        raise SourceError(reason)
+    return file
+
+
+NOT_REGULAR = {"p": "a FIFO", "c": "a character device", "b": "a block device", "d": "a folder"}
+
+
+def read_file(path: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` bytes, or `Rejected`. It is opened
+    non-blocking (a FIFO never blocks), refused unless fstat says it is a regular file, and read
+    with a bound, so neither its size nor growth while it is read can exhaust memory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise Rejected(f"missing: no file {path}") from None
+    except OSError as exc:
+        raise Rejected(f"unreadable: {path}: {exc.strerror}") from None
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = NOT_REGULAR.get(stat.filemode(st.st_mode)[0], "a special file")
+            raise Rejected(f"not-a-file: {path} is {kind}, not a regular file")
+        if st.st_size > max_bytes:
+            raise Rejected(f"oversized: {path} has {st.st_size} bytes, more than --max-file-bytes {max_bytes}")
+        data = f.read(st.st_size + 1)
+    if len(data) > st.st_size:
+        raise Rejected(f"unreadable: {path} grew while it was read")
+    return data
+
+
 def _resolve(image: str, base: Path, image_root: str | None) -> str:
     p = Path(image)
     if not p.is_absolute():
@@ -197,7 +259,8 @@ CAPTION_SIDECARS = (".txt",)
 
 def _read_imagefolder(path: Path, options: SourceOptions):
     """A folder of images; immediate subfolders are classes (label = sorted index), a `.txt`
-    file with the same stem is the caption, otherwise the class name is."""
+    file with the same stem is the caption, otherwise the class name is. Images and captions that
+    are symlinks leading outside the folder are rejects (see the module's docstring)."""
     classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     label_of = {c: i for i, c in enumerate(classes)}
     records = []
@@ -211,12 +274,18 @@ def _read_imagefolder(path: Path, options: SourceOptions):
             top = rel.parts[0] if len(rel.parts) > 1 else None
             label = label_of.get(top, -1)
             sidecar = file.with_suffix(".txt")
+            caption, bad = (top or "").replace("_", " "), None
             if sidecar.exists():
-                caption, bad = _text(sidecar.read_bytes().strip(), f"caption file {sidecar.name}")
-            else:
-                caption, bad = (top or "").replace("_", " "), None
+                caption, bad = "", _escapes(sidecar, path, options)
+                if bad is None:
+                    try:
+                        caption, bad = _text(read_file(str(sidecar), options.max_file_bytes).strip(),
+                                             f"caption file {sidecar.name}")
+                    except Rejected as exc:
+                        bad = str(exc)
             key, bad_name = _text(rel.as_posix(), "file name")
-            records.append(Record(key, caption, label, ("file", str(file)), key, bad_name or bad))
+            records.append(Record(key, caption, label, ("file", str(file)), key,
+                                  bad_name or _escapes(file, path, options) or bad))
     if not records:
         raise SourceError(f"{path}: no files found in this image folder")
     return records, {}
@@ -319,6 +388,8 @@ def _read_img2dataset(path: Path, options: SourceOptions):
         meta_path = tar_path.with_suffix(".parquet")
         if not meta_path.exists():
             raise SourceError(f"{tar_path}: no {meta_path.name} beside it (img2dataset writes both)")
+        _container(tar_path, path, options)
+        _container(meta_path, path, options)
         members = {}
         with tarfile.open(tar_path) as tf:
             for m in tf:
@@ -343,19 +414,20 @@ def _read_img2dataset(path: Path, options: SourceOptions):
     return records, skipped
 
 
-def _idx_pair(path: Path, split: str) -> tuple[Path, Path]:
+def _idx_pair(path: Path, options: SourceOptions) -> tuple[Path, Path]:
+    root = path if path.is_dir() else path.parent
     if path.is_dir():
-        prefix = FASHION_MNIST_SPLITS.get(split)
+        prefix = FASHION_MNIST_SPLITS.get(options.split)
         if prefix is None:
-            raise SourceError(f"unknown --split {split!r} for fashion-mnist; use train or test")
+            raise SourceError(f"unknown --split {options.split!r} for fashion-mnist; use train or test")
         found = sorted(path.glob(f"{prefix}-images-idx3-ubyte*"))
         if not found:
-            raise SourceError(f"{path}: no {prefix}-images-idx3-ubyte[.gz] file for split {split!r}")
+            raise SourceError(f"{path}: no {prefix}-images-idx3-ubyte[.gz] file for split {options.split!r}")
         path = found[0]
     labels = path.with_name(path.name.replace("-images-idx3-ubyte", "-labels-idx1-ubyte"))
     if not labels.exists():
         raise SourceError(f"{path}: the labels file {labels.name} is missing")
-    return path, labels
+    return _container(path, root, options), _container(labels, root, options)
 
 
 @functools.lru_cache(maxsize=4)
@@ -376,7 +448,7 @@ def read_idx(path: str) -> np.ndarray:
 
 def _read_fashion_mnist(path: Path, options: SourceOptions):
     """Fashion-MNIST idx files; captions are "a photo of a <class>", labels are kept."""
-    images, labels_path = _idx_pair(path, options.split)
+    images, labels_path = _idx_pair(path, options)
     labels = read_idx(str(labels_path))
     n = read_idx(str(images)).shape[0]
     if len(labels) != n:
@@ -391,25 +463,20 @@ def _read_fashion_mnist(path: Path, options: SourceOptions):
 # loading one record's image
 
 
-def load_image(ref: tuple, max_pixels: int) -> Image.Image:
+def load_image(ref: tuple, max_pixels: int, max_side: int, max_file_bytes: int) -> Image.Image:
     """Load and decode the image a record points at, as 8-bit RGB; raise `Rejected` if unusable."""
     kind = ref[0]
     if kind == "idx":
         return Image.fromarray(read_idx(ref[1])[ref[2]], mode="L").convert("RGB")
     if kind == "tar":
+        if ref[3] > max_file_bytes:
+            raise Rejected(f"oversized: {ref[1]} holds a {ref[3]}-byte image, more than --max-file-bytes {max_file_bytes}")
         with open(ref[1], "rb") as f:
             f.seek(ref[2])
             data = f.read(ref[3])
         if len(data) != ref[3]:
             raise Rejected(f"corrupt: truncated tar member in {ref[1]}")
-        return decode_rgb(data, max_pixels)
+        return decode_rgb(data, max_pixels, max_side)
     if not ref[1]:
         raise Rejected("bad-row: no image path")
-    try:
-        with open(ref[1], "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise Rejected(f"missing: no file {ref[1]}") from None
-    except OSError as exc:
-        raise Rejected(f"unreadable: {ref[1]}: {exc.strerror}") from None
-    return decode_rgb(data, max_pixels)
+    return decode_rgb(read_file(ref[1], max_file_bytes), max_pixels, max_side)

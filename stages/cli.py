@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.images import DEFAULT_MAX_PIXELS
-from pipeline.sources import FORMATS, SourceOptions
+from pipeline.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from pipeline.sources import DEFAULT_MAX_FILE_BYTES, FORMATS, SourceOptions
 
 
 def source_flags(fn):
@@ -25,6 +25,9 @@ def source_flags(fn):
         click.option("--image-root", type=click.Path(file_okay=False), help="Resolve relative image paths against this folder (default: the file's folder)."),
         click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]), help="Fashion-MNIST folders: which split."),
         click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, help="Reject images with more pixels than this (decompression bombs)."),
+        click.option("--max-side", default=DEFAULT_MAX_SIDE, show_default=True, help="Reject images with a side longer than this, from the header, before decoding."),
+        click.option("--max-file-bytes", default=DEFAULT_MAX_FILE_BYTES, show_default=True, help="Reject image and caption files larger than this, before reading them."),
+        click.option("--follow-symlinks", is_flag=True, help="Folder sources: also read files that are symlinks leading outside the folder (default: reject them)."),
         click.option("--workers", default=2, show_default=True, help="DataLoader worker processes that decode and crop images."),
         click.option("--progress/--no-progress", default=True, help="Show a progress bar."),
     ]
@@ -34,8 +37,8 @@ def source_flags(fn):
 
 
 def source_options(kw: dict) -> SourceOptions:
-    return SourceOptions(**{k: kw.pop(k) for k in ("image_column", "caption_column", "caption_template",
-                                                     "label_column", "key_column", "image_root", "split")})
+    return SourceOptions(**{k: kw.pop(k) for k in ("image_column", "caption_column", "caption_template", "label_column",
+                                                     "key_column", "image_root", "split", "follow_symlinks", "max_file_bytes")})
 
 
 def per_teacher(items, teachers, flag: str) -> dict[str, str]:

@@ -7,7 +7,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.crops import crop_loader
-from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from pipeline.sources import SourceOptions, read_source
 from pipeline.tokenizers import fit_kmeans_codebook, save_kmeans_codebook, to_patches
 
@@ -16,16 +16,18 @@ def fit_tokenizer(source: str, out: str, resolution: int = 32, patch: int = 4, c
                   source_format: str | None = None, source_options: SourceOptions | None = None,
                   max_images: int = 20000, patches_per_code: int = 256, iterations: int = 25, seed: int = 0,
                   workers: int = 2, batch_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  progress: bool = True, log=print) -> dict:
+                  max_side: int = DEFAULT_MAX_SIDE, progress: bool = True, log=print) -> dict:
     """Sample up to `max_images` images (seeded), cut every canonical crop into patches, keep at most
     `patches_per_code * codebook_size` of them and run faiss k-means. Returns a summary."""
     if resolution % patch:
         raise ValueError(f"--resolution {resolution} is not a multiple of --patch {patch}")
+    source_options = source_options or SourceOptions()
     records = [r for r in read_source(source, source_format, source_options).records if not r.reject]
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(records), size=min(max_images, len(records)), replace=False).tolist())
     batches = [chosen[i:i + batch_size] for i in range(0, len(chosen), batch_size)]
-    loader = crop_loader(records, batches, resolution, [], "crop", max_pixels, workers)
+    loader = crop_loader(records, batches, resolution, [], "crop", max_pixels, workers, max_side=max_side,
+                         max_file_bytes=source_options.max_file_bytes)
     parts, used = [], 0
     for ok, crops, _, _ in tqdm(loader, total=len(batches), unit="batch", desc="read crops", disable=not progress):
         if ok:
