@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from pipeline.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from pipeline.sources import DEFAULT_MAX_FILE_BYTES, FORMATS, SourceOptions
@@ -58,8 +59,15 @@ def fail(exc: Exception):
     raise click.ClickException(str(exc)) from None
 
 
+def local_rank_flag(_ctx, _param, value):
+    """The deepspeed launcher passes --local_rank=K before the subcommand; LOCAL_RANK says the same."""
+    if value is not None:
+        os.environ.setdefault("LOCAL_RANK", str(value))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="arra-pipe")
+@click.option("--local_rank", "--local-rank", type=int, hidden=True, expose_value=False, callback=local_rank_flag)
 def main():
     """arra-pipe: train autoregressive text-to-image models with ARRA.
 
@@ -221,9 +229,11 @@ def recipe_defaults(ctx: click.Context, _param, value):
 @click.option("--zero", type=click.IntRange(0, 3), default=0, show_default=True, help="DeepSpeed ZeRO stage.")
 @click.option("--offload", type=click.Choice(["none", "cpu"]), default="none", show_default=True, help="Offload optimizer (and ZeRO-3 params) to CPU.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--procs", default=1, show_default=True, help="CPU processes (gloo), launched with torchrun.")
-@click.option("--gpus", default=1, show_default=True, help="GPUs on this node, launched with the deepspeed launcher.")
-@click.option("--hostfile", type=click.Path(exists=True, dir_okay=False), help="DeepSpeed hostfile for several nodes.")
+@click.option("--procs", default=1, show_default=True, help="Ranks on this node: CPU processes (gloo), or GPUs with --device cuda.")
+@click.option("--gpus", type=click.IntRange(1), help="GPUs on this node, one rank each: --procs N --device cuda.")
+@click.option("--hostfile", type=click.Path(dir_okay=False), help="DeepSpeed hostfile: ranks on several nodes (its slots), --launcher deepspeed.")
+@click.option("--launcher", type=click.Choice(["torchrun", "deepspeed"]),
+              help="What starts the ranks (default: deepspeed on cuda or with --hostfile, torchrun otherwise).")
 @click.option("--micro-batch", default=8, show_default=True, help="Sequences per rank per micro-step.")
 @click.option("--grad-accum", default=1, show_default=True, help="Micro-steps per optimizer step.")
 @click.option("--steps", type=int, help="Optimizer steps (default: --epochs).")
@@ -240,15 +250,26 @@ def recipe_defaults(ctx: click.Context, _param, value):
 @click.option("--exclude-keys", "exclude", type=click.Path(exists=True, dir_okay=False), help="File of keys (one per line) to leave out, e.g. from `arra-pipe audit`.")
 @click.option("--deepspeed-config", type=click.Path(exists=True, dir_okay=False), help="Use this DeepSpeed JSON config instead of the generated one.")
 @click.option("--progress/--no-progress", default=True)
-def train(featuresets, procs, gpus, hostfile, **kw):
+@click.pass_context
+def train(ctx, featuresets, procs, gpus, hostfile, launcher, **kw):
     """Train on FEATURESETS (made by `extract`) with CE + lambda * GVA under DeepSpeed ZeRO.
 
-    With --procs N (CPU) or --gpus N / --hostfile the ranks are launched for you; started by
-    torchrun or deepspeed, each process joins the existing ranks. Re-running into the same --out
-    resumes from its last checkpoint with the very next batch.
+    With --procs N (CPU), --gpus N (one node) or --hostfile (several nodes) the ranks are launched
+    for you; started by torchrun or deepspeed yourself, each process joins the existing ranks.
+    Re-running into the same --out resumes from its last checkpoint with the very next batch.
     """
     from stages.train import TrainError, TrainOptions, launch_command, run_launcher, train as run
-    cmd = launch_command(procs, gpus, hostfile, sys.argv[1:])
+    if gpus:
+        if kw["device"] == "cpu" and ctx.get_parameter_source("device") == ParameterSource.COMMANDLINE:
+            raise click.BadParameter("--gpus trains on GPUs; leave out --device cpu (or use --procs)", param_hint="--gpus")
+        if procs > 1 and procs != gpus:
+            raise click.BadParameter(f"--procs {procs} and --gpus {gpus} disagree; give one", param_hint="--gpus")
+        procs, kw["device"] = gpus, "cuda"
+    launcher = launcher or ("deepspeed" if kw["device"] == "cuda" or hostfile else "torchrun")
+    try:
+        cmd = launch_command(procs, hostfile, launcher, sys.argv[1:])
+    except TrainError as exc:
+        fail(exc)
     if cmd:
         sys.exit(run_launcher(cmd, kw["device"]))
     from pipeline import distributed

@@ -85,15 +85,35 @@ class TrainOptions:
 # launching: re-run ourselves under a launcher when more than one process is asked for
 
 
-def launch_command(procs: int, gpus: int, hostfile: str | None, argv: list[str]) -> list[str] | None:
-    """The launcher command that runs `arra-pipe <argv>` on every rank, or None to run in-process."""
-    if "WORLD_SIZE" in os.environ or (procs <= 1 and gpus <= 1 and not hostfile):
+def launch_command(procs: int, hostfile: str | None, launcher: str, argv: list[str],
+                   env: dict | None = None) -> list[str] | None:
+    """The launcher command that runs `arra-pipe <argv>` as `procs` ranks on this node (or on the
+    hostfile's nodes), or None to train in this process: one rank, or already started as a rank.
+    Launchers run from this interpreter (no venv on PATH needed) on a free master port, so a second
+    job on the node does not collide with the first."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env or (procs <= 1 and not hostfile):
         return None
-    if gpus > 1 or hostfile:
-        cmd = ["deepspeed"] + (["--hostfile", hostfile] if hostfile else ["--num_gpus", str(gpus)])
-        return cmd + ["--module", "stages.cli", *argv]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-            "-m", "stages.cli", *argv]
+    if launcher == "torchrun":
+        if hostfile:
+            raise TrainError("--hostfile starts ranks on several nodes with --launcher deepspeed, not torchrun")
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+                "-m", "stages.cli", *argv]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", env.get("MASTER_PORT") or str(_free_port())]
+    if hostfile:
+        if not Path(hostfile).is_file():
+            raise TrainError(f"--hostfile {hostfile}: no such file")
+        cmd += ["--hostfile", hostfile]
+    elif env.get("CUDA_VISIBLE_DEVICES"):
+        # the runner drops CUDA_VISIBLE_DEVICES when told a GPU count; naming the devices keeps them
+        visible = [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+        if procs > len(visible):
+            raise TrainError(f"{procs} ranks asked for but CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} "
+                             f"shows {len(visible)} GPUs")
+        cmd += ["--include", "localhost:" + ",".join(visible[:procs])]
+    else:
+        cmd += ["--num_gpus", str(procs)]
+    return cmd + ["--module", "stages.cli", *argv]
 
 
 def run_launcher(cmd: list[str], device: str) -> int:

@@ -58,8 +58,9 @@ def test_zero3_two_processes_ce_and_gva_fall(zero3_run):
 
 
 def test_zero0_two_processes_ce_and_gva_fall(fmnist, tmp_path):
+    """Started by the DeepSpeed launcher (as --gpus is), which passes --local_rank to every rank."""
     run = tmp_path / "run"
-    arra_pipe("train", fmnist, "--out", run, "--zero", "0", "--procs", "2", *TRAIN)
+    arra_pipe("train", fmnist, "--out", run, "--zero", "0", "--procs", "2", "--launcher", "deepspeed", *TRAIN)
     m = metrics(run)
     assert falls([r["ce"] for r in m]) and falls([r["gva"] for r in m]), m
     assert all(r["grad_norm"] > 0 for r in m)
