@@ -6,11 +6,13 @@ checkpoint's own names, but no decoder (transformers does not generate Chameleon
 decoder is taming's, assembled here from the same transformers blocks with the checkpoint's
 names (`decoder.up.<level>.block.<i>`, levels indexed from full resolution), so images can be
 made from codes. `vqgan.yaml`'s `model.params` gives the architecture; the checkpoint is a
-Lightning file whose `state_dict` may also hold the training loss' networks (`loss.*`, unused).
+Lightning file (its training objects are read as inert placeholders, never run) whose
+`state_dict` also holds entries that are not the VQGAN (`loss.*`, `*custom_layer*`), left out.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ from torch import nn
 from pipeline.registry import RegistryError, register
 from pipeline.teachers import check_state_dict
 from pipeline.vq import VQTokenizer, without_init
-from pipeline.weights import load_torch
+from pipeline.weights import load_torch_tensors
 
 
 class TamingDecoder(nn.Module):
@@ -97,8 +99,16 @@ class ChameleonVQGAN(VQTokenizer):
         with without_init():
             vq = ChameleonVQVAE(config)
             vq.decoder = TamingDecoder(config, out_channels)
-        checkpoint = load_torch(weights / "vqgan.ckpt")
-        state = {k: v for k, v in checkpoint.get("state_dict", checkpoint).items() if not k.startswith("loss.")}
+        checkpoint = load_torch_tensors(weights / "vqgan.ckpt")
+        state = checkpoint.get("state_dict", checkpoint)
+        # Meta's file also holds entries that are not the VQGAN (`loss.*`, `*custom_layer*`): those are
+        # left out, saying so; anything else that differs from the architecture is still refused
+        parts = {k.split(".")[0] for k in vq.state_dict()}
+        dropped = sorted(k for k in state if k.split(".")[0] not in parts or "custom_layer" in k)
+        if dropped:
+            warnings.warn(f"{weights / 'vqgan.ckpt'}: {len(dropped)} entries that are not part of the VQGAN "
+                          f"were not loaded: {', '.join(dropped[:6])}{' …' if len(dropped) > 6 else ''}", stacklevel=2)
+        state = {k: v for k, v in state.items() if k not in dropped}
         check_state_dict(self.name, vq, state)
         vq.load_state_dict(state)
         self.attach(vq, 2 ** (len(config.channel_multiplier) - 1))

@@ -162,8 +162,29 @@ def load_torch(path, *args, allowed=(argparse.Namespace,), **kwargs):
         try:
             return _torch_load(path, *args, **kwargs)
         except pickle.UnpicklingError as exc:
-            raise WeightsError(f"{path}: holds objects other than tensors and plain data, "
-                               f"refused ({str(exc).splitlines()[0]})") from None
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            why = next((line for line in lines if "GLOBAL" in line or "global" in line), lines[0] if lines else "")
+            raise WeightsError(f"{path}: holds objects other than tensors and plain data, refused ({why.strip()})") from None
+
+
+class Inert:
+    """Stands in for any class or function a checkpoint names beyond tensors and plain data: it
+    keeps what it was given and runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def load_torch_tensors(path: Path) -> dict:
+    """`load_torch` for checkpoints that also pickle training objects (Lightning's callbacks and
+    hyper-parameter containers in Chameleon's vqgan.ckpt): every global the file names that is not
+    allowed for weights_only becomes `Inert`, so the tensors load and none of the objects runs.
+    torch refuses outright the modules no checkpoint has reason to name (os, sys, subprocess, …)."""
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    return load_torch(path, allowed=[argparse.Namespace, *((Inert, name) for name in names)])
 
 
 @contextmanager

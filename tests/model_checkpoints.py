@@ -237,6 +237,11 @@ def write_llamagen(path: Path, tiny: bool = True) -> Path:
     return path
 
 
+class LightningCallbackState(argparse.Namespace):
+    """Stands for the training objects a Lightning checkpoint pickles beside the weights (a class
+    of the training code, unknown to arra-pipe)."""
+
+
 def write_chameleon(folder: Path, tiny: bool = True, attn_resolutions: tuple = ()) -> Path:
     """Meta's tokenizer/vqgan.yaml + tokenizer/vqgan.ckpt (a Lightning checkpoint of taming's VQModel)."""
     ch, blocks, z, dim = (32, 1, 32, 8) if tiny else (128, 2, 256, 256)
@@ -251,5 +256,7 @@ def write_chameleon(folder: Path, tiny: bool = True, attn_resolutions: tuple = (
     (folder / "vqgan.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     state = vqgan_state("taming", ch, (1, 1, 2, 2, 4), blocks, z, 8192, dim, 512, tuple(attn_resolutions))
     state["loss.discriminator.main.0.weight"] = _rand(8, 3, 4, 4)
-    torch.save({"epoch": 0, "global_step": 0, "pytorch-lightning_version": "1.6.0", "state_dict": state}, folder / "vqgan.ckpt")
+    state["encoder.custom_layer.weight"] = _rand(4)
+    torch.save({"epoch": 0, "global_step": 0, "pytorch-lightning_version": "1.6.0", "state_dict": state,
+                "callbacks": {"ModelCheckpoint": LightningCallbackState(monitor="val/rec_loss")}}, folder / "vqgan.ckpt")
     return folder

@@ -3,6 +3,8 @@ Meta's vqgan.yaml + vqgan.ckpt) and round-trip codes -> images -> codes."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from fractions import Fraction
 
 import numpy as np
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 
 import model_checkpoints as mc
 from pipeline.registry import RegistryError, build
+from pipeline.weights import Inert, load_torch_tensors
 
 RES = 64  # fully convolutional: 64 px -> 4x4 codes keeps CPU tests fast
 
@@ -97,7 +100,7 @@ def test_wrong_tokenizer_checkpoints_are_refused(tmp_path):
         build("tokenizers", "llamagen-vq16", str(tmp_path / "other.pt"))
 
     folder = mc.write_chameleon(tmp_path / "tokenizer")
-    checkpoint = torch.load(folder / "vqgan.ckpt", weights_only=True)
+    checkpoint = load_torch_tensors(folder / "vqgan.ckpt")
     checkpoint["state_dict"]["decoder.up.9.block.0.conv1.weight"] = torch.zeros(1)
     torch.save(checkpoint, folder / "vqgan.ckpt")
     with pytest.raises(RegistryError, match=r"unexpected keys \['decoder.up.9.block.0.conv1.weight'\]"):
@@ -108,3 +111,37 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"model": Fraction(1, 3)}, tmp_path / "vq_ds16_c2i.pt")
     with pytest.raises(ValueError, match="holds objects other than tensors"):
         build("tokenizers", "llamagen-vq16", str(tmp_path / "vq_ds16_c2i.pt"))
+
+
+class Call:
+    """Unpickling this calls `fn(*args)`: what a hostile or careless checkpoint can do."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def test_lightning_objects_in_a_chameleon_checkpoint_load_inert(tmp_path):
+    """Meta's vqgan.ckpt is a Lightning file: its pickled objects must not run, its weights must
+    load, and the entries that are not the VQGAN are left out by name, saying which."""
+    folder = mc.write_chameleon(tmp_path / "tokenizer")
+    checkpoint = load_torch_tensors(folder / "vqgan.ckpt")
+    assert isinstance(checkpoint["callbacks"]["ModelCheckpoint"], Inert)
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    checkpoint["hyper_parameters"] = Call(shutil.rmtree, str(keep))
+    torch.save(checkpoint, folder / "vqgan.ckpt")
+    with pytest.warns(UserWarning, match=r"2 entries that are not part of the VQGAN were not loaded: "
+                                         r"encoder.custom_layer.weight, loss.discriminator.main.0.weight"):
+        tok = build("tokenizers", "chameleon", str(folder))
+    assert keep.is_dir()
+    codebook = next(v for k, v in tok.state_dict().items() if k.endswith("quantize.embedding.weight"))
+    assert torch.equal(codebook, checkpoint["state_dict"]["quantize.embedding.weight"])
+    # a call into the operating system is refused outright, naming the file
+    checkpoint["hyper_parameters"] = Call(os.system, f"touch {tmp_path / 'pwned'}")
+    torch.save(checkpoint, folder / "vqgan.ckpt")
+    with pytest.raises(ValueError, match=r"vqgan.ckpt: holds objects other than tensors .*posix.system"):
+        build("tokenizers", "chameleon", str(folder))
+    assert not (tmp_path / "pwned").exists()
