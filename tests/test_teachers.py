@@ -90,6 +90,12 @@ def test_medsam_is_sams_image_embedding_average_pooled(tmp_path):
     embedding = SamModel.from_pretrained(path).eval().get_image_embeddings(normalised(teacher, x))
     assert embedding.shape == (2, 256, 4, 4)
     torch.testing.assert_close(teacher(x), embedding.mean(dim=(2, 3)), rtol=1e-4, atol=1e-5)
+    # the inputs ARRA's feature script made: flaviagiammarino's SamProcessor (rescale, no normalisation)
+    from transformers import SamImageProcessor
+    official = SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64}, do_normalize=False,
+                                 image_mean=[0, 0, 0], image_std=[1, 1, 1], resample=3)
+    pixels = official(images=list(x.numpy()), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(normalised(teacher, x), pixels)
     with pytest.raises(RegistryError, match="aggregation 'cls' is not one of avgpool"):
         build("teachers", "medsam", str(path), input_size=64, aggregation="cls")
     with pytest.raises(RegistryError, match="takes 64 px inputs only"):
