@@ -105,14 +105,15 @@ class OpenCLIPHFTextTower(TextTower):
     POOLERS = ("cls_last_hidden_state_pooler",)
     PROJECTIONS = ("mlp", "linear")
 
-    def __init__(self, name: str, folder: Path, config: dict):
+    def __init__(self, spec: dict, folder: Path, config: dict):
+        name = spec["name"]
         from transformers import BertConfig, BertModel
         text = config["text_cfg"]
         pooler, proj = text.get("hf_pooler_type"), text.get("hf_proj_type")
         if pooler not in self.POOLERS or proj not in self.PROJECTIONS:
             raise RegistryError(f"{name}: text tower with hf_pooler_type {pooler!r} / hf_proj_type {proj!r} is not "
                                 f"supported (pooler {self.POOLERS}, projection {self.PROJECTIONS})")
-        super().__init__(load_tokenizer(name, folder), int(text.get("context_length", 77)))
+        super().__init__(load_tokenizer(spec, folder), int(text.get("context_length", 77)))
         state = {k: v for k, v in tower_state(folder, "text.").items()
                  if not re.match(r"transformer\.(embeddings\.position_ids$|pooler\.)", k)}
         try:
@@ -171,4 +172,4 @@ class BiomedCLIPTeacher(ViTTeacher):
         return self.visual.head.proj(pooled)
 
     def text_tower(self) -> OpenCLIPHFTextTower:
-        return OpenCLIPHFTextTower(self.name, self.weights_path, self.config).to(self.device).eval()
+        return OpenCLIPHFTextTower(self.spec, self.weights_path, self.config).to(self.device).eval()

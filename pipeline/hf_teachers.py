@@ -52,10 +52,11 @@ def clip_tower_config(config_cls, folder: Path):
 class CLIPTextTower(TextTower):
     """CLIP's text tower: `get_text_features` (the projected end-of-text token)."""
 
-    def __init__(self, name: str, folder: Path):
+    def __init__(self, spec: dict, folder: Path):
+        name = spec["name"]
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection
         config = clip_tower_config(CLIPTextConfig, folder)
-        super().__init__(load_tokenizer(name, folder), config.max_position_embeddings)
+        super().__init__(load_tokenizer(spec, folder), config.max_position_embeddings)
         unused = rf"^(vision_model\.|visual_projection\.|logit_scale$)|{BUFFERS_OLD_TRANSFORMERS_SAVED}"
         self.net = load_pretrained(name, CLIPTextModelWithProjection, folder, config, unused)
 
@@ -86,7 +87,7 @@ class CLIPTeacher(ViTTeacher):
         return self.net.visual_projection(self.net.vision_model.post_layernorm(pooled))
 
     def text_tower(self) -> CLIPTextTower:
-        return CLIPTextTower(self.name, self.weights_path).to(self.device).eval()
+        return CLIPTextTower(self.spec, self.weights_path).to(self.device).eval()
 
 
 @register("teachers", "dinov2")

@@ -83,7 +83,9 @@ def load_recorded_teacher(record: dict, weights: str | None, made: str) -> Teach
 
 class TextTower(torch.nn.Module):
     """A CLIP-family text encoder: captions in, embeddings in the teacher's image-embedding space out.
-    Captions are whitespace-cleaned as open_clip does, then padded to the longest and truncated."""
+    Captions are cleaned as open_clip does (HTML entities, whitespace), then padded to the longest
+    and truncated. open_clip's ftfy mojibake repair is left out: extraction already refuses
+    captions that are not valid UTF-8, which is what ftfy repairs."""
 
     def __init__(self, tokenizer, max_length: int):
         super().__init__()
@@ -100,14 +102,17 @@ class TextTower(torch.nn.Module):
         return self.embed(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float()
 
 
-def load_tokenizer(name: str, folder: Path):
-    """The text tokenizer saved beside a CLIP-family checkpoint (tokenizer.json / vocab files)."""
+def load_tokenizer(spec: dict, folder: Path):
+    """The text tokenizer saved beside a CLIP-family checkpoint: the manifest's `text_files`, which
+    the published repository ships beside the weights."""
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
-        raise RegistryError(f"{name}: no text tokenizer in {folder} (tokenizer_config.json with tokenizer.json or "
-                            f"its vocabulary files, as in the published repository): {exc}") from exc
+        files = ", ".join(spec.get("text_files", ["tokenizer_config.json", "tokenizer.json"]))
+        source = f" from https://huggingface.co/{spec['hf_repo']}" if spec.get("hf_repo") else ""
+        raise RegistryError(f"{spec['name']}: CLIP-Score needs the text tokenizer beside the weights: put {files}"
+                            f"{source} in {folder} ({exc})") from exc
 
 
 class ViTTeacher(Teacher):

@@ -100,9 +100,11 @@ def resolve(kind: str, spec: dict, override: str | None = None) -> Path:
         repo = spec["hf_repo"]
         where.append(f"  {hf_cache_dir()}/models--{repo.replace('/', '--')}/snapshots/*/ (Hugging Face cache)")
         fetch = (f"\nThey are published at https://huggingface.co/{repo}; on a machine with hub access "
-                 f"`huggingface-cli download {repo} {' '.join(f.split('|')[0] for f in files)}` fills that cache.")
+                 f"`huggingface-cli download {repo} {' '.join([f.split('|')[0] for f in files] + spec.get('text_files', []))}` "
+                 "fills that cache.")
     raise WeightsError(f"{kind[:-1]} {name}: weights not found. Looked for {spell(files)} in\n" + "\n".join(where)
                        + f"\nPut {spell(files)} in {local}/ (or set ARRA_PIPE_MODELS), or pass {flag} PATH."
+                       + (f" CLIP-Score also reads {', '.join(spec['text_files'])} from there." if spec.get("text_files") else "")
                        + (f"\n{spec['weights_hint']}" if spec.get("weights_hint") else "") + fetch)
 
 

@@ -183,7 +183,10 @@ def test_text_towers_refuse_what_they_cannot_read(tmp_path):
     teacher = build("teachers", "biomedclip", str(path), input_size=112)
     (path / "tokenizer.json").unlink()
     (path / "tokenizer_config.json").unlink()
-    with pytest.raises(RegistryError, match=f"biomedclip: no text tokenizer in {path}"):
+    with pytest.raises(RegistryError, match=r"biomedclip: CLIP-Score needs the text tokenizer beside the weights: put "
+                                            r"tokenizer.json, tokenizer_config.json, vocab.txt, special_tokens_map.json "
+                                            r"from https://huggingface.co/microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 "
+                                            f"in {path}"):
         teacher.text_tower()
     config = json.loads((path / "open_clip_config.json").read_text())
     config["model_cfg"]["text_cfg"]["hf_pooler_type"] = "mean_pooler"
@@ -232,7 +235,9 @@ def test_weights_resolve_from_local_dir_then_hf_cache_else_say_where(tmp_path, m
     assert "config.json and model.safetensors (or pytorch_model.bin)" in message
     assert f"{tmp_path / 'models' / 'clip-l'}/" in message and "--teacher-path" in message
     assert f"{tmp_path / 'hub'}/models--openai--clip-vit-large-patch14/snapshots/*/" in message
-    assert "huggingface-cli download openai/clip-vit-large-patch14 config.json model.safetensors" in message
+    assert ("huggingface-cli download openai/clip-vit-large-patch14 config.json model.safetensors tokenizer.json "
+            "tokenizer_config.json vocab.json merges.txt special_tokens_map.json") in message
+    assert "CLIP-Score also reads tokenizer.json, tokenizer_config.json, vocab.json, merges.txt" in message
 
     repo = tmp_path / "hub" / "models--openai--clip-vit-large-patch14"
     mc.write_clip(repo / "snapshots" / "0123abc")
