@@ -43,7 +43,10 @@ def source_options(kw: dict) -> SourceOptions:
 
 
 def per_teacher(items, teachers, flag: str) -> dict[str, str]:
-    """[NAME=]VALUE flags -> {teacher: value}; NAME= may be left out when there is one teacher."""
+    """[NAME=]VALUE flags -> {teacher as given: value}. NAME is a --teacher as given or, for a .toml
+    manifest, the name messages and columns call it (its file stem); it may be left out when there
+    is one teacher."""
+    known = {Path(t).stem: t for t in teachers if t.endswith(".toml")} | {t: t for t in teachers}
     out = {}
     for item in items:
         name, sep, value = item.rpartition("=")
@@ -51,7 +54,9 @@ def per_teacher(items, teachers, flag: str) -> dict[str, str]:
             if len(teachers) != 1:
                 raise click.BadParameter(f"with several --teacher, write {flag} NAME=VALUE", param_hint=flag)
             name = teachers[0]
-        out[name] = value
+        if name not in known:
+            raise click.BadParameter(f"{name!r} is not a --teacher of this command ({', '.join(known)})", param_hint=flag)
+        out[known[name]] = value
     return out
 
 
