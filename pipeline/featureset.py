@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.files import atomic_write_bytes, read_json, sha256_file
+from pipeline.lock import LOCK
 
 FORMAT = "arra-pipe-featureset"
 VERSION = 1
@@ -167,7 +168,8 @@ def set_entries_to_remove(path: str | Path, source: str | Path | None) -> list[P
             raise FeatureSetError(f"--overwrite refused: {path} is or holds {what} ({other}); nothing was deleted")
     if not path.is_dir():
         raise FeatureSetError(f"--overwrite refused: {path} is not a folder; nothing was deleted")
-    if any(path.iterdir()) and not (_is_set_manifest(path / MANIFEST) or (path / PROGRESS / "job.json").is_file()):
+    if any(p.name != LOCK for p in path.iterdir()) and not (_is_set_manifest(path / MANIFEST)
+                                                           or (path / PROGRESS / "job.json").is_file()):
         raise FeatureSetError(f"--overwrite refused: {path} holds files but no arra-pipe feature set "
                               f"({MANIFEST} or {PROGRESS}/job.json); it deletes only sets it made. Nothing was deleted")
     return [path / name for name in OWN_ENTRIES if (path / name).exists() or (path / name).is_symlink()]

@@ -1,0 +1,67 @@
+"""One writer per output folder: a second extraction or training into the same folder is refused,
+naming who holds it, instead of interleaving its files with the first.
+
+The lock is an exclusive `flock` on `<folder>/.arra-pipe.lock`, which holds the owner's host, pid
+and command for the message. The kernel drops the lock when its process dies, so a killed job
+leaves no stale lock to clean up. (On network filesystems flock is only as good as the server's
+lock support.)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+LOCK = ".arra-pipe.lock"
+
+
+class LockedError(RuntimeError):
+    """Another live process writes to this folder."""
+
+
+class FolderLock:
+    """`with FolderLock(folder): ...` holds the folder's lock for the block (the folder is created)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / LOCK
+        self.fd: int | None = None
+
+    def __enter__(self) -> "FolderLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode("utf-8", "replace")
+                os.close(fd)
+                raise LockedError(f"{self.path.parent} is being written by {describe(holder)}; wait for it to "
+                                  "finish or use another output folder") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file its previous holder unlinked while we opened it
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "command": " ".join(sys.argv)}).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)  # while still held, so no one waits on a removed file
+        os.close(self.fd)
+        self.fd = None
+
+
+def describe(holder: str) -> str:
+    try:
+        owner = json.loads(holder)
+        return f"pid {owner['pid']} on {owner['host']} (`{owner['command']}`)"
+    except (ValueError, KeyError, TypeError):
+        return "another process"

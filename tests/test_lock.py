@@ -1,0 +1,38 @@
+"""One writer per output folder: a second one is refused naming the first; a killed one leaves
+nothing that blocks the next."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.lock import LOCK, FolderLock, LockedError
+
+
+def test_a_second_writer_is_refused_naming_the_first(tmp_path):
+    with FolderLock(tmp_path / "out"):
+        with pytest.raises(LockedError, match=rf"out is being written by pid {os.getpid()} on {socket.gethostname()}"):
+            with FolderLock(tmp_path / "out"):
+                pass
+    assert not (tmp_path / "out" / LOCK).exists()
+    with FolderLock(tmp_path / "out"):  # free again
+        pass
+
+
+def test_a_killed_writer_leaves_no_stale_lock(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.lock import FolderLock\n"
+                               f"with FolderLock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(LockedError, match=f"pid {holder.pid} "):
+        FolderLock(tmp_path).__enter__()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert (tmp_path / LOCK).exists()  # the file stays, the lock does not
+    with FolderLock(tmp_path):
+        pass
