@@ -6,11 +6,15 @@ manifest is written, so a gloo process group (CPU or GPU alike) is enough.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,18 @@ def init() -> Ranks:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo", timeout=timedelta(hours=24))
     return ranks
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies, so that ranks (and the
+    launcher between us and them) never outlive the job that started them: a killed launcher
+    otherwise leaves orphans training into the same run folder as its re-run."""
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "prctl") or libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        return  # not Linux: nothing to ask for
+    if os.getppid() != parent:  # the parent died before we asked
+        os.kill(os.getpid(), sig)
 
 
 def barrier() -> None:

@@ -65,9 +65,13 @@ def fail(exc: Exception):
 
 
 def local_rank_flag(_ctx, _param, value):
-    """The deepspeed launcher passes --local_rank=K before the subcommand; LOCAL_RANK says the same."""
+    """The deepspeed launcher passes --local_rank=K before the subcommand; LOCAL_RANK says the same.
+    A rank (started by any launcher) dies with its launcher rather than train on as an orphan."""
     if value is not None:
         os.environ.setdefault("LOCAL_RANK", str(value))
+    if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:
+        from pipeline.distributed import die_with_parent
+        die_with_parent()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -117,8 +118,10 @@ def launch_command(procs: int, hostfile: str | None, launcher: str, argv: list[s
 
 
 def run_launcher(cmd: list[str], device: str) -> int:
+    """Run the launcher; if this process dies, even by SIGKILL, the launcher gets SIGTERM and stops its ranks."""
+    from pipeline.distributed import die_with_parent
     env = {**os.environ, **({"DS_ACCELERATOR": "cpu"} if device == "cpu" else {})}
-    return subprocess.call(cmd, env=env)
+    return subprocess.call(cmd, env=env, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
 
 
 def _free_port() -> int:
