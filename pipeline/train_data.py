@@ -113,10 +113,11 @@ class TrainStream:
         """This rank's rows as column chunks, shard order shuffled, forever (one pass after another)."""
         while True:
             shards = self.rank_shards(self.rank)
-            seen = 0
+            starts = np.cumsum([0] + [s.rows for s in shards])  # each shard's first row in the sets' order
             for j in rng.permutation(len(shards)):
+                seen = int(starts[j])
                 for batch in shards[j].batches():
-                    if not self.by_shard:  # keep every world-th row of the concatenated stream
+                    if not self.by_shard:  # keep every world-th row of the sets' rows, whatever order they are read in
                         keep = np.arange(seen, seen + batch.num_rows) % self.world == self.rank
                         seen += batch.num_rows
                         batch = batch.filter(pa.array(keep))

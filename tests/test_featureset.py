@@ -96,3 +96,32 @@ def test_open_unfinished_set_says_how_to_resume(tmp_path):
     (tmp_path / "shards").mkdir()
     with pytest.raises(ValueError, match="re-run it to resume"):
         FeatureSet.open(tmp_path)
+
+
+@pytest.fixture
+def small_set(run_extract, tmp_path):
+    """10 images in shards of 4 (4, 4, 2), the crops kept as the `image` column."""
+    from conftest import write_image
+    for i in range(10):
+        write_image(tmp_path / "src" / f"c{i % 2}" / f"{i:02d}.png", seed=i)
+    _, out = run_extract(tmp_path / "src", shard_size=4, keep_images=True)
+    assert FeatureSet.open(out).verify() == []
+    return out
+
+
+def test_verify_reports_tars_that_no_manifest_lists(small_set):
+    import shutil
+    shutil.copy(small_set / "shards" / "shard-000000.tar", small_set / "shards" / "shard-000003.tar")
+    shutil.copy(small_set / "columns" / "image" / "shard-000001.tar", small_set / "columns" / "image" / "extra.tar")
+    assert FeatureSet.open(small_set).verify() == ["shards/shard-000003.tar: on disk but not in the manifest",
+                                                   "columns/image/extra.tar: on disk but not in the manifest"]
+
+
+def test_verify_counts_the_rows_of_every_tar(small_set):
+    """A manifest entry whose size and sha256 still match but whose row count does not."""
+    for manifest in (small_set / "manifest.json", small_set / "columns" / "image" / "manifest.json"):
+        m = json.loads(manifest.read_text())
+        m["shards"][2]["rows"] = 3
+        manifest.write_text(json.dumps(m))
+    assert FeatureSet.open(small_set).verify() == ["shards/shard-000002.tar: 2 rows, manifest says 3",
+                                                   "columns/image/shard-000002.tar: 2 rows, manifest says 3"]

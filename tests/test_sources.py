@@ -396,3 +396,27 @@ def test_keys_are_stable_across_extractions(tmp_path, run_extract):
     m1, m2 = FeatureSet.open(out1).manifest, FeatureSet.open(out2).manifest
     assert m1["source"]["fingerprint"] == m2["source"]["fingerprint"]
     assert [s["sha256"] for s in m1["shards"]] == [s["sha256"] for s in m2["shards"]]
+
+
+def test_a_rejected_row_does_not_claim_its_key(tmp_path):
+    """Only rows not already known to be bad claim a key: the first good row with a key is kept,
+    later good rows with it are duplicates of that one, and a bad row keeps its own reason."""
+    (tmp_path / "t.csv").write_bytes(b"id,image,caption,label\n"
+                                     b"k1,a.png,bad label,seven\n"
+                                     b"k1,b.png,bad caption \xff,1\n"
+                                     b"k1,c.png,the first good one,2\n"
+                                     b"k1,d.png,a duplicate,3\n"
+                                     b"k1,e.png,bad label again,-5\n")
+    source = read_source(tmp_path / "t.csv", options=SourceOptions(key_column="id", label_column="label"))
+    got = [(r.ref[1].rsplit("/", 1)[1], r.reject and r.reject.split(":")[0]) for r in source.records]
+    assert got == [("a.png", "bad-row"), ("b.png", "bad-utf8"), ("c.png", None), ("d.png", "duplicate-key"),
+                   ("e.png", "bad-row")]                                     # its own reason, not the key's
+    assert source.records[3].reject == "duplicate-key: 'k1' first seen at t.csv row 3"
+
+
+def test_negative_labels_other_than_none_are_bad_rows(tmp_path):
+    """-1 is the feature set's "no label" (as an empty cell); any other negative label is refused."""
+    (tmp_path / "t.csv").write_text("image,caption,label\na.png,x,-1\nb.png,y,-2\nc.png,z,\nd.png,w,0\n")
+    source = read_source(tmp_path / "t.csv", options=SourceOptions(label_column="label"))
+    assert [(r.label, r.reject) for r in source.records] == [
+        (-1, None), (-1, "bad-row: label -2 is not an integer in 0..2**31-1"), (-1, None), (0, None)]
