@@ -40,6 +40,7 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot")
 FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k"}
 DEFAULT_MAX_FILE_BYTES = 256 << 20
+CSV_FIELD_LIMIT = 16 << 20  # the csv module's own default (128 KiB) would fail a long report's whole table
 
 
 class SourceError(ValueError):
@@ -151,6 +152,8 @@ def _text(value, what: str) -> tuple[str, str | None]:
     """Return (text, reject reason) for a caption that may be bytes or hold lone surrogates."""
     if value is None:
         return "", None
+    if isinstance(value, (list, dict, bool)):  # JSON that is not text: never store its Python repr
+        return "", f"bad-row: {what} is a JSON {type(value).__name__}, not text"
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8"), None
@@ -233,6 +236,8 @@ def _read_conversations(path: Path, options: SourceOptions):
         raise SourceError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(items, list):
         raise SourceError(f"{path}: expected a JSON list of conversation items, got {type(items).__name__}")
+    if not items:
+        raise SourceError(f"{path}: the list of conversation items is empty")
     records = []
     for i, item in enumerate(items):
         origin = f"{path.name} item {i}"
@@ -308,8 +313,16 @@ def _table_rows(path: Path):
                         row = {"__error__": f"bad-row: line {n} is not valid JSON ({exc.msg})"}
                     yield row if isinstance(row, dict) else {"__error__": f"bad-row: line {n} is not a JSON object"}
         else:
+            csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            for row in reader:
+            while True:  # a row the csv module cannot parse is that row's reject; reading goes on
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    yield {"__error__": f"bad-row: {exc}"}  # the record's origin names the row
+                    continue
                 if None in row:  # more fields than the header: an unquoted separator in a caption
                     yield {"__error__": f"bad-row: line {reader.line_num} has more fields than the header"}
                 else:
@@ -449,14 +462,19 @@ def read_idx(path: str) -> np.ndarray:
 def _read_fashion_mnist(path: Path, options: SourceOptions):
     """Fashion-MNIST idx files; captions are "a photo of a <class>", labels are kept."""
     images, labels_path = _idx_pair(path, options)
-    labels = read_idx(str(labels_path))
-    n = read_idx(str(images)).shape[0]
+    labels, pixels = read_idx(str(labels_path)), read_idx(str(images))
+    for file, array, shape in ((images, pixels, "3-d (n, rows, cols)"), (labels_path, labels, "1-d (n)")):
+        if array.ndim != int(shape[0]):
+            raise SourceError(f"{file}: holds {array.ndim}-d data {list(array.shape)}; it must be {shape}")
+    n = pixels.shape[0]
     if len(labels) != n:
         raise SourceError(f"{images}: {n} images but {len(labels)} labels in {labels_path.name}")
     split = "test" if images.name.startswith("t10k") else "train"
-    return [Record(f"fashion-mnist/{split}/{i:05d}", f"a photo of a {FASHION_MNIST_CLASSES[int(labels[i])]}",
-                   int(labels[i]), ("idx", str(images), i), f"{images.name} image {i}")
-            for i in range(n)], {}
+    classes = len(FASHION_MNIST_CLASSES)
+    return [Record(f"fashion-mnist/{split}/{i:05d}", f"a photo of a {FASHION_MNIST_CLASSES[label]}" if label < classes else "",
+                   label if label < classes else -1, ("idx", str(images), i), f"{images.name} image {i}",
+                   None if label < classes else f"bad-row: label {label} is not a Fashion-MNIST class (0..{classes - 1})")
+            for i, label in enumerate(int(x) for x in labels)], {}
 
 
 # ---------------------------------------------------------------------------------------------

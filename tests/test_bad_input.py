@@ -482,3 +482,53 @@ def test_label_outside_int32_is_a_bad_row(tmp_path, run_extract):
     rejects = fs.rejects()
     assert [(r["key"], category(r["reason"])) for r in rejects] == [("b.png", "bad-row"), ("c.png", "bad-row")]
     assert "99999999999" in rejects[0]["reason"] and "'seven'" in rejects[1]["reason"]
+
+
+# ---------------------------------------------------------------------------------------------
+# one row's problem is that row's reject; a source that cannot be read right is refused by name
+
+
+def idx_file(path: Path, array: np.ndarray) -> Path:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+    return path
+
+
+def test_rows_the_readers_cannot_take_are_rejects_not_failures(tmp_path):
+    from pipeline.sources import CSV_FIELD_LIMIT, SourceOptions, read_source
+    long = "x" * 200_000  # over the csv module's default field limit of 128 KiB
+    huge = "y" * (CSV_FIELD_LIMIT + 1)
+    (tmp_path / "t.csv").write_text(f"image,caption\na.png,{long}\nb.png,{huge}\nc.png,fine\n")
+    records = read_source(str(tmp_path / "t.csv"), None, SourceOptions()).records
+    assert [(r.key, len(r.caption), r.reject) for r in records if r.key != "t.csv#2"] == [
+        ("a.png", 200_000, None), ("c.png", 4, None)]
+    bad = next(r for r in records if r.key == "t.csv#2")
+    assert bad.origin == "t.csv row 2" and bad.reject.startswith("bad-row: field larger than field limit")
+
+    (tmp_path / "t.jsonl").write_text('{"image": "a.png", "caption": ["a", "list"]}\n{"image": "b.png", "caption": 7}\n')
+    records = read_source(str(tmp_path / "t.jsonl"), None, SourceOptions()).records
+    assert [(r.caption, r.reject) for r in records] == [("", "bad-row: caption is a JSON list, not text"), ("7", None)]
+
+    conversation = [{"conversations": [{"from": "human", "value": {"text": "a dict"}}], "image": ["a.png"]}]
+    (tmp_path / "c.json").write_text(json.dumps(conversation))
+    record, = read_source(str(tmp_path / "c.json"), None, SourceOptions()).records
+    assert (record.caption, record.reject) == ("", "bad-row: prompt is a JSON dict, not text")
+
+    fm = tmp_path / "fm"
+    fm.mkdir()
+    idx_file(fm / "t10k-images-idx3-ubyte", np.zeros((3, 2, 2)))
+    idx_file(fm / "t10k-labels-idx1-ubyte", np.array([1, 12, 9]))
+    records = read_source(str(fm), None, SourceOptions(split="test")).records
+    assert [(r.label, r.reject) for r in records] == [
+        (1, None), (-1, "bad-row: label 12 is not a Fashion-MNIST class (0..9)"), (9, None)]
+
+
+def test_sources_that_cannot_be_read_right_are_refused(tmp_path):
+    from pipeline.sources import SourceOptions, read_source
+    (tmp_path / "c.json").write_text("[]")
+    with pytest.raises(SourceError, match="c.json: the list of conversation items is empty"):
+        read_source(str(tmp_path / "c.json"), None, SourceOptions())
+    idx_file(tmp_path / "t10k-images-idx3-ubyte", np.zeros((3, 4)))
+    idx_file(tmp_path / "t10k-labels-idx1-ubyte", np.array([1, 2, 3]))
+    with pytest.raises(SourceError, match=r"t10k-images-idx3-ubyte: holds 2-d data \[3, 4\]; it must be 3-d"):
+        read_source(str(tmp_path), None, SourceOptions(split="test"))
