@@ -172,7 +172,7 @@ def clustered(n: int, d: int = 32, seed: int = 0) -> np.ndarray:
 def test_approximate_index_is_tuned_to_the_recall_target_and_measured(kind):
     x, queries = np.split(clustered(4300), [4000])  # queries from the same clusters, as a test set is
     nb = neighbours.build(x, kind, recall_target=0.95, sample=400)
-    assert nb.kind == kind and nb.recall_queries == 400 and nb.recall >= 0.9 and not nb.widest
+    assert nb.kind == kind and nb.recall_queries == 400 and nb.recall >= 0.95 and not nb.widest  # the target, met
     sims, ids = nb.search(None, 3)
     assert not (ids == np.arange(len(x))[:, None]).any()  # the self-join leaves each row's own match out
     exact_sims, exact_ids = neighbours.build(x, "exact").search(None, 1)

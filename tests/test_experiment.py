@@ -4,10 +4,12 @@ arms differ only in lambda, seeds repeat both arms, and the table reports mean Â
 from __future__ import annotations
 
 import json
-import statistics
+import math
+
+import pytest
 
 from stages.demo import EMBEDDED_FASHION_MNIST
-from stages.experiment import run_experiment
+from stages.experiment import run_experiment, summarize
 
 
 def test_smoke_experiment_two_seeds_two_arms(tmp_path):
@@ -23,7 +25,8 @@ def test_smoke_experiment_two_seeds_two_arms(tmp_path):
 
     fid = report["summary"]["arra"]["FID"]
     values = [r["metrics"]["FID"]["value"] for r in runs if r["arm"] == "arra"]
-    assert fid["mean"] == statistics.fmean(values) and fid["sd"] == statistics.stdev(values) and fid["n_seeds"] == 2
+    assert fid["n_seeds"] == 2 and fid["mean"] == pytest.approx((values[0] + values[1]) / 2)
+    assert fid["sd"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))  # the sample sd of two values
     base = report["summary"]["plain"]["FID"]["mean"]
     assert fid["change_vs_plain"] == (fid["mean"] - base) / abs(base)
     assert fid["n_generated"] == 30 and fid["n_reference"] == 60  # 3 per class, the first 60 test images
@@ -35,3 +38,18 @@ def test_smoke_experiment_two_seeds_two_arms(tmp_path):
     assert any(c.startswith("arra-pipe train") and "--lambda 1.0 --seed 1" in c for c in report["commands"])
     for tag in ("plain-seed0", "arra-seed1"):
         assert (out / "samples" / tag / "grid.png").exists() and (out / "models" / tag / "config.json").exists()
+
+
+def test_summary_is_the_mean_and_sample_sd_over_seeds_and_the_change_against_the_first_arm():
+    def run(arm, seed, fid):
+        return {"arm": arm, "seed": seed, "metrics": {"FID": {"value": fid, "n_generated": 30, "n_reference": 60}}}
+    runs = [run("plain", 0, 10.0), run("arra", 0, 1.0), run("plain", 1, 12.0), run("arra", 1, 2.0),
+            run("plain", 2, 14.0), run("arra", 2, 4.0)]
+    summary = summarize(runs, ["plain", "arra"], "efficientnet-lite0")
+    # arra: mean 7/3, squared deviations 16/9 + 1/9 + 25/9 = 42/9 over n - 1 = 2 -> variance 7/3
+    assert summary["arra"]["FID"] == pytest.approx({"mean": 7 / 3, "sd": math.sqrt(7 / 3), "n_seeds": 3, "n_generated": 30,
+                                                     "n_reference": 60, "change_vs_plain": (7 / 3 - 12) / 12})
+    assert summary["plain"]["FID"] == pytest.approx({"mean": 12.0, "sd": 2.0, "n_seeds": 3, "n_generated": 30,
+                                                      "n_reference": 60})
+    one_seed = summarize(runs[:2], ["plain", "arra"], "efficientnet-lite0")
+    assert one_seed["arra"]["FID"]["sd"] is None and one_seed["arra"]["FID"]["change_vs_plain"] == -0.9

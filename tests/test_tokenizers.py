@@ -145,3 +145,25 @@ def test_lightning_objects_in_a_chameleon_checkpoint_load_inert(tmp_path):
     with pytest.raises(ValueError, match=r"vqgan.ckpt: holds objects other than tensors .*posix.system"):
         build("tokenizers", "chameleon", str(folder))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_kmeans_round_trip_is_the_nearest_codebook_patch(codebook):
+    """Each 4x4 patch (pixels row by row, RGB, scaled to [0, 1]) takes the code of the nearest
+    codebook row in squared L2; decoding paints that row back as 8-bit pixels; encoding the decoded
+    image gives the same codes again."""
+    tok = build("tokenizers", "kmeans", codebook)
+    centres = tok.codebook.numpy()
+    x = images(2, size=16, seed=3)
+    codes, expected = np.zeros((2, 4, 4), dtype=np.int64), np.zeros((2, 16, 16, 3), dtype=np.uint8)
+    for b in range(2):
+        for i in range(4):
+            for j in range(4):
+                patch = x[b, 4 * i:4 * i + 4, 4 * j:4 * j + 4].numpy().reshape(-1) / 255
+                k = int(np.argmin(((centres - patch) ** 2).sum(1)))
+                codes[b, i, j] = k
+                expected[b, 4 * i:4 * i + 4, 4 * j:4 * j + 4] = np.round(centres[k] * 255).reshape(4, 4, 3)
+    encoded = tok.encode(x)
+    assert encoded.tolist() == codes.tolist()
+    decoded = tok.decode(encoded)
+    assert decoded.dtype == torch.uint8 and np.array_equal(decoded.numpy(), expected)
+    assert torch.equal(tok.encode(decoded), encoded)

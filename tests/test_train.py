@@ -155,17 +155,71 @@ def test_arra_variant_extends_a_text_lm_with_image_tokens(fmnist, tmp_path):
     assert (tmp_path / "hf" / "tokenizer.json").exists()
 
 
-def test_init_from_another_tokenizer_or_grid_is_refused(zero3_run, run_extract_module, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def zero0_export(fmnist, tmp_path_factory):
+    """A one-process ZeRO-0 run (the whole module in one checkpoint file) and its export."""
+    run = tmp_path_factory.mktemp("z0") / "run"
+    arra_pipe("train", fmnist, "--out", run, "--zero", "0", "--steps", "3", "--micro-batch", "4", "--lr", "3e-3",
+              "--no-progress")
+    arra_pipe("export", run, "--out", run.parent / "hf")
+    return run, run.parent / "hf"
+
+
+def test_export_writes_the_weights_of_the_checkpoint(zero0_export):
+    """Against the module state of the last checkpoint, read here with plain torch.load."""
+    import importlib
+
+    from safetensors.torch import load_file
+
+    from pipeline.weights import DEEPSPEED_GLOBALS
+    run, exported = zero0_export
+    allowed = [getattr(importlib.import_module(m), n) for m, _, n in (g.rpartition(".") for g in DEEPSPEED_GLOBALS)]
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    with torch.serialization.safe_globals(allowed):
+        module = torch.load(run / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    lm, projector = load_file(exported / "model.safetensors"), load_file(exported / "arra_projector.safetensors")
+    assert {f"lm.{k}" for k in lm} | {f"projector.{k}" for k in projector} == set(module)
+    for name, weight in module.items():
+        got = lm[name[3:]] if name.startswith("lm.") else projector[name[len("projector."):]]
+        assert got.dtype == torch.float32 and torch.equal(got, weight), name
+
+
+def test_init_continues_from_the_exported_weights(zero0_export, fmnist, tmp_path):
+    """ARRA-Adapt: `--init` starts from the exported LM, so two steps at lr 0 export it unchanged."""
+    from safetensors.torch import load_file
+    _, exported = zero0_export
+    arra_pipe("train", fmnist, "--out", tmp_path / "adapt", "--init", exported, "--steps", "2", "--micro-batch", "4",
+              "--lr", "0", "--no-progress")
+    arra_pipe("export", tmp_path / "adapt", "--out", tmp_path / "hf")
+    before, after = load_file(exported / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    layout = lambda d: {k: v for k, v in json.loads((d / "arra_vocab.json").read_text()).items() if k != "training"}  # noqa: E731
+    assert layout(tmp_path / "hf") == layout(exported)
+    assert json.loads((tmp_path / "adapt" / "train_config.json").read_text())["model"] == str(exported)
+
+
+def test_init_from_another_grid_or_codebook_is_refused(zero0_export, run_extract, tmp_path, monkeypatch):
+    """A set of another grid meets the grid check; one of the same grid and size but another
+    codebook meets the codebook check."""
+    from conftest import write_image
     from pipeline.tokenizers import save_kmeans_codebook
     from stages.train import TrainError, TrainOptions, train
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    export_dir = tmp_path / "hf"
-    arra_pipe("export", zero3_run, "--out", export_dir)
-    other = tmp_path / "other.safetensors"
-    save_kmeans_codebook(other, np.random.default_rng(1).random((128, 12), dtype=np.float32), patch=2, resolution=8)
-    other_set = run_extract_module(MINI, source_options={"split": "test"}, tokenizer_path=str(other), name="other")
-    with pytest.raises(TrainError, match=r"trained on a \(4, 4\) grid, the sets have \(4, 4\)|image vocabulary"):
-        train(TrainOptions(sets=[str(other_set)], run=str(tmp_path / "c"), init=str(export_dir), progress=False))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # train() sets them for its one process
+        monkeypatch.delenv(k, raising=False)
+    for i in range(4):
+        write_image(tmp_path / "src" / f"c{i % 2}" / f"{i}.png", seed=i)
+    rng = np.random.default_rng(1)
+    cases = {"grid": (8, r"trained on a \(4, 4\) grid, the sets have \(2, 2\)"),     # 8 px in 4 px patches
+             "codebook": (16, r"image vocabulary is 64 codes of tokenizer kmeans \(sha256 [0-9a-f]{12}\), "
+                              r"the sets have 64 codes of kmeans")}
+    for name, (resolution, message) in cases.items():
+        book = tmp_path / f"{name}.safetensors"
+        save_kmeans_codebook(book, rng.random((64, 48), dtype=np.float32), patch=4, resolution=resolution)
+        run_extract(tmp_path / "src", out=tmp_path / name, tokenizer_path=str(book))
+        with pytest.raises(TrainError, match=message):
+            train(TrainOptions(sets=[str(tmp_path / name)], run=str(tmp_path / f"run-{name}"), init=str(zero0_export[1]),
+                               steps=1, micro_batch=2, progress=False))
 
 
 def test_training_never_imports_a_teacher(fmnist, tmp_path):
