@@ -9,6 +9,7 @@ used comes back as its reject reason instead. `kept_crop_loader` reads those kep
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -75,6 +76,15 @@ def collate(items):
     views = {s: [x[1][s] for _, x in ok] if s == KEPT else torch.from_numpy(np.stack([x[1][s] for _, x in ok]))
              for s in (ok[0][1][1] if ok else {})}
     return [i for i, _ in ok], crops, views, rejects
+
+
+def decode_workers(workers: int | None) -> int:
+    """`workers`, or by default one per CPU this process may run on (its affinity mask), shared among
+    the ranks on this node (torchrun's LOCAL_WORLD_SIZE), less the one that runs the rank's models;
+    0 (decoding in that process) when a rank has a single CPU."""
+    if workers is not None:
+        return workers
+    return max(0, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
 
 
 def _worker_init(_):

@@ -60,6 +60,8 @@ KMEANS_FORMAT = "arra-pipe-kmeans-v1"
 
 @register("tokenizers", "kmeans")
 class KMeansTokenizer(Tokenizer):
+    precision = "fp32"  # a nearest-code search, never autocast, on every device
+
     def __init__(self, spec: dict, weights: Path, resolution: int | None = None):
         super().__init__(spec, weights)
         from safetensors import safe_open

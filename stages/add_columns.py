@@ -9,9 +9,13 @@ a first extraction with it would have stored.
 
 For each shard, `columns/<teacher>/<shard>.tar` gets one member per member of the shard, same
 name, same keys in the same order, holding `key` and `feat.<teacher>`. Tars are written
-atomically and marked done in the column's `progress/`, so an interrupted run resumes; under
-torchrun rank r takes the shards s % world == r. When every shard is done rank 0 writes
-`columns/<teacher>/manifest.json`; only then do readers join the column.
+atomically, on the writer thread, and marked done in the column's `progress/`, so an interrupted
+run resumes; under torchrun rank r takes the shards s % world == r. When every shard is done rank 0
+writes `columns/<teacher>/manifest.json`; only then do readers join the column.
+
+A column records its own device and precision (`compute`). It may differ from the set's: the
+column is a feature of its own, compared with other features only within itself. Its resume on
+another device or precision is refused, as the set's is.
 """
 
 from __future__ import annotations
@@ -25,40 +29,43 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 from tqdm import tqdm
 
 from pipeline import __version__, distributed
-from pipeline.crops import crop_loader, kept_crop_loader
+from pipeline.crops import crop_loader, decode_workers, kept_crop_loader
 from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, IMAGE, MANIFEST, PROGRESS, VERSION, FeatureSet, column_field,
                                  make_column_batch, read_members, schema_fields, shards_digest, write_shard)
 from pipeline.files import atomic_write_json, read_json
 from pipeline.images import DEFAULT_MAX_SIDE
+from pipeline.models import HostCopy
 from pipeline.registry import load_spec
 from pipeline.sources import SourceOptions, read_source
 from pipeline.weights import checkpoint_files, fingerprint, resolve
-from stages.extract import (EMPTY_SUMS, ExtractError, ExtractOptions, ExtractResult, _diff, _packages,
-                            add_sums, build_teacher, feature_sums, summarize)
+from stages.extract import (EMPTY_SUMS, ExtractError, ExtractOptions, ExtractResult, ShardWriter, _diff, _packages,
+                            add_sums, build_teacher, feature_sums, rank_device, summarize, unrecorded)
 
 
 def add_teachers(fs: FeatureSet, opts: ExtractOptions, names: list[str], log=print) -> ExtractResult:
     _check_tokenizer_flags(fs, opts)
     ranks = distributed.init()
-    device = torch.device(opts.device if opts.device != "cuda" else f"cuda:{ranks.local_rank}")
-    teachers = {t.name: t for t in (build_teacher(opts, name) for name in names)}
+    device = rank_device(opts.device, ranks)
+    workers = decode_workers(opts.workers)
+    teachers = {t.name: t.to(device).eval() for t in (build_teacher(opts, name) for name in names)}
     clash = sorted(set(teachers) & {IMAGE, *fs.manifest["teachers"]})
     if clash:
         raise ExtractError(f"{fs.path} already has {clash} as part of its shards")
     pre, added = fs.manifest["preprocess"], fs.columns
     digest = shards_digest(fs.manifest["shards"])
-    jobs = {name: {"teacher": t.describe(), "teacher_view": pre["teacher_view"], "shards_sha256": digest}
+    jobs = {name: {"teacher": t.describe(), "teacher_view": pre["teacher_view"], "shards_sha256": digest,
+                   "compute": {"device": device.type, "teacher": t.precision}}
             for name, t in teachers.items()}
     for name in set(teachers) & set(added):
-        diffs = _diff({k: added[name].get(k) for k in jobs[name]}, jobs[name])
+        comparable, _ = unrecorded(added[name], jobs[name])
+        diffs = _diff({k: added[name].get(k) for k in comparable}, comparable)
         if diffs:
             raise ExtractError(f"{fs.path / COLUMNS / name} holds other features; differences:\n  " + "\n  ".join(diffs[:12])
                                + f"\nRemove {fs.path / COLUMNS / name} to compute it again.")
-    todo = {name: t.to(device).eval() for name, t in teachers.items() if name not in added}
+    todo = {name: t for name, t in teachers.items() if name not in added}
     if not todo:
         distributed.shutdown()
         return ExtractResult("up-to-date", fs.path, fs.rows, fs.manifest["rejects"]["total"])
@@ -81,21 +88,33 @@ def add_teachers(fs: FeatureSet, opts: ExtractOptions, names: list[str], log=pri
             if not all((progress[n] / f"{Path(shards[i]['name']).stem}.json").exists() for n in todo)]
     plan = [(i, member, batch.column("key")) for i in mine for member, batch in read_members(fs.path / shards[i]["name"])]
     kept = IMAGE in added and pre["teacher_view"] == "crop"
-    log(f"adding {', '.join(todo)} to {fs.path}: {len(mine)} of {len(shards)} shards on this rank, "
-        f"images from {'the kept crops' if kept else 'the source'}")
-    views = (_kept_views(fs, added[IMAGE], plan, todo, opts.workers) if kept
-             else _source_views(fs, opts, plan, todo, device))
+    log(f"adding {', '.join(todo)} to {fs.path} on {device.type} at {', '.join({t.precision for t in todo.values()})}: "
+        f"{len(mine)} of {len(shards)} shards on this rank, images from {'the kept crops' if kept else 'the source'}, "
+        f"{workers} decode workers")
+    own = fs.manifest.get("compute")
+    if own and (own["device"], set(own["teachers"].values())) != (device.type, {t.precision for t in todo.values()}):
+        log(f"note: the set's own teachers ran on {own['device']} at {', '.join(set(own['teachers'].values()))}; "
+            f"each column's manifest records where and at what precision it was computed")
+    views = iter(())  # this rank's shards have no members left to compute
+    if plan:
+        views = (_kept_views(fs, added[IMAGE], plan, todo, workers) if kept
+                 else _source_views(fs, opts, plan, todo, device, workers))
     fields = {name: pa.field(f"feat.{name}", pa.list_(pa.float16(), t.dim), nullable=False) for name, t in todo.items()}
     start, rows = time.perf_counter(), 0
     bar = tqdm(total=sum(s["rows"] for i, s in enumerate(shards) if i in mine), unit="row",
                desc=f"add {','.join(todo)} rank {ranks.rank}/{ranks.world}", disable=not (opts.progress and ranks.is_main))
     members, counts = {i: [] for i in mine}, Counter(i for i, _, _ in plan)
-    for (i, member, keys), batch_views in zip(plan, views):
-        members[i].append((keys, {n: t(batch_views[t.input_size]).cpu().numpy().astype(np.float16) for n, t in todo.items()}))
-        rows += len(keys)
-        bar.update(len(keys))
+
+    def add(i: int, keys, outputs: HostCopy) -> None:  # on the writer thread
+        members[i].append((keys, {n: a.astype(np.float16) for n, a in outputs.numpy().items()}))
         if len(members[i]) == counts[i]:
             _write(fs, shards[i], members.pop(i), fields, progress)
+
+    with ShardWriter(str(fs.path), add) as writer:
+        for (i, member, keys), batch_views in zip(plan, views):
+            writer.put(f"the columns of {shards[i]['name']}", i, keys, HostCopy({n: t(batch_views[t.input_size]) for n, t in todo.items()}))
+            rows += len(keys)
+            bar.update(len(keys))
     for i in members:  # shards without members (every record rejected)
         _write(fs, shards[i], [], fields, progress)
     bar.close()
@@ -122,8 +141,9 @@ def _check_tokenizer_flags(fs: FeatureSet, opts: ExtractOptions) -> None:
             raise ExtractError(f"{opts.tokenizer_path} is not the tokenizer {fs.path} was made with (sha256 differs)")
 
 
-def _source_views(fs: FeatureSet, opts: ExtractOptions, plan, todo: dict, device):
-    """Teacher views of each planned member, decoded from the source as the first extraction did."""
+def _source_views(fs: FeatureSet, opts: ExtractOptions, plan, todo: dict, device, workers: int):
+    """Teacher views of each planned member, decoded from the source as the first extraction did
+    (its decoding workers start at once, before the writer thread)."""
     src, pre = fs.manifest["source"], fs.manifest["preprocess"]
     path, fmt, options = ((opts.source, opts.source_format, opts.source_options) if opts.source else
                           (src["path"], src["format"], SourceOptions(**src["options"])))
@@ -137,23 +157,30 @@ def _source_views(fs: FeatureSet, opts: ExtractOptions, plan, todo: dict, device
     index = {r.key: j for j, r in enumerate(source.records)}
     loader = crop_loader(source.records, [[index[k] for k in keys.to_pylist()] for _, _, keys in plan], pre["resolution"],
                          sorted({t.input_size for t in todo.values()}), pre["teacher_view"], pre["max_pixels"],
-                         opts.workers, pin_memory=device.type == "cuda", max_side=pre.get("max_side", DEFAULT_MAX_SIDE),
+                         workers, pin_memory=device.type == "cuda", max_side=pre.get("max_side", DEFAULT_MAX_SIDE),
                          max_file_bytes=options.max_file_bytes)
-    for _, _, views, bad in loader:
+
+    def checked(batch):
+        _, _, views, bad = batch
         if bad:
             record, reason = source.records[bad[0][0]], bad[0][1]
             raise ExtractError(f"{record.origin}: {reason}; it was extracted before, so the source changed since")
-        yield views
+        return views
+    return (checked(batch) for batch in loader)
 
 
 def _kept_views(fs: FeatureSet, images: dict, plan, todo: dict, workers: int):
-    """Teacher views of each planned member, from the set's kept canonical crops."""
+    """Teacher views of each planned member, from the set's kept canonical crops (its decoding
+    workers start at once, before the writer thread)."""
     members = [(fs.path / images["shards"][i]["name"], member) for i, member, _ in plan]
     loader = kept_crop_loader(members, sorted({t.input_size for t in todo.values()}), workers)
-    for (i, member, keys), (kept_keys, views) in zip(plan, loader):
+
+    def checked(planned, kept):
+        (i, member, keys), (kept_keys, views) = planned, kept
         if kept_keys != keys.to_pylist():
             raise ExtractError(f"{images['shards'][i]['name']}: member {member} does not line up with the shard")
-        yield views
+        return views
+    return (checked(planned, kept) for planned, kept in zip(plan, loader))
 
 
 def _write(fs: FeatureSet, shard: dict, members: list, fields: dict, progress: dict) -> None:

@@ -29,7 +29,7 @@ def source_flags(fn):
         click.option("--max-side", default=DEFAULT_MAX_SIDE, show_default=True, help="Reject images with a side longer than this, from the header, before decoding."),
         click.option("--max-file-bytes", default=DEFAULT_MAX_FILE_BYTES, show_default=True, help="Reject image and caption files larger than this, before reading them."),
         click.option("--follow-symlinks", is_flag=True, help="Folder sources: also read files that are symlinks leading outside the folder (default: reject them)."),
-        click.option("--workers", default=2, show_default=True, help="DataLoader worker processes that decode and crop images."),
+        click.option("--workers", type=int, help="DataLoader worker processes that decode and crop images [default: this rank's share of the CPUs it may use, less one]."),
         click.option("--progress/--no-progress", default=True, help="Show a progress bar."),
     ]
     for flag in reversed(flags):

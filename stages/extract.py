@@ -2,9 +2,11 @@
 
 Records are cut into fixed shards by position (shard s holds records [s*shard_size, (s+1)*shard_size)),
 and rank r owns the shards with s % world == r. Images are decoded and cropped in DataLoader
-workers; tokenizer and teachers run in the main process on fixed batches inside each shard. A
-shard is written atomically and then marked done in `progress/`, so a killed job re-run with the
-same command skips finished shards and redoes only the rest, giving the same rows byte for byte.
+workers; tokenizer and teachers run in the main process on fixed batches inside each shard, while
+a writer thread copies their outputs to the host, encodes them and writes the shards. A shard is
+written atomically and then marked done in `progress/`, so a killed job re-run with the same
+command skips finished shards and redoes only the rest, giving the same rows byte for byte. The
+device and each model's precision are part of the job: a resume elsewhere is refused, never mixed.
 When every shard is done, rank 0 writes `rejects.jsonl` and `manifest.json`. With `keep_images`
 the canonical crops are also written, as PNG, to the parallel column `columns/image/`.
 
@@ -14,11 +16,14 @@ instead (`stages.add_columns`), without the tokenizer.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
+import queue
 import shutil
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -31,11 +36,12 @@ from tqdm import tqdm
 
 from pipeline import __version__, distributed
 from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, FORMAT, IMAGE, MANIFEST, PROGRESS, REJECTS, SHARDS, VERSION,
-                                 FeatureSet, column_field, make_batch, make_column_batch, make_schema, schema_fields,
-                                 set_entries_to_remove, shards_digest, write_shard)
+                                 FeatureSet, column_field, feature_column, make_batch, make_column_batch, make_schema,
+                                 schema_fields, set_entries_to_remove, shards_digest, write_shard)
 from pipeline.files import atomic_write_bytes, atomic_write_json, read_json
-from pipeline.crops import KEPT, crop_loader
+from pipeline.crops import KEPT, crop_loader, decode_workers
 from pipeline.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from pipeline.models import HostCopy
 from pipeline.registry import build, load_spec
 from pipeline.sources import SourceOptions, read_source
 
@@ -59,7 +65,7 @@ class ExtractOptions:
     teacher_resolution: int | None = None
     teacher_view: str = "crop"
     batch_size: int = 64
-    workers: int = 2
+    workers: int | None = None  # None: `decode_workers` picks from the CPUs of this rank
     device: str = "cpu"
     shard_size: int = 4096
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -135,6 +141,26 @@ def _check_same_job(path: Path, previous: dict, job: dict) -> None:
                            + "\nUse another --out, or --overwrite to start again.")
 
 
+# Job fields that older arra-pipe versions did not record. A finished set or column without one is
+# compared on the rest, so re-running the command that made it still finds it up to date. Resumes
+# compare every field: their new shards would be mixed with shards of unknown settings.
+LATER_FIELDS = ("compute", "preprocess.max_side", "source.options.follow_symlinks", "source.options.max_file_bytes")
+
+
+def unrecorded(finished: dict, job: dict) -> tuple[dict, list[str]]:
+    """`job` less the `LATER_FIELDS` that the record of a `finished` set or column lacks, and their names."""
+    job, missing = copy.deepcopy(job), []
+    for field_ in LATER_FIELDS:
+        *parents, leaf = field_.split(".")
+        old, new = finished, job
+        for key in parents:
+            old, new = old.get(key) if isinstance(old, dict) else None, new.get(key) if isinstance(new, dict) else None
+        if isinstance(old, dict) and isinstance(new, dict) and leaf not in old and leaf in new:
+            del new[leaf]
+            missing.append(field_)
+    return job, missing
+
+
 def _packages() -> dict:
     from importlib.metadata import PackageNotFoundError, version
     out = {"python": sys.version.split()[0]}
@@ -162,7 +188,8 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
     if opts.source is None:
         raise ExtractError(f"give SOURCE: {out} is not a finished feature set to add teachers to")
     ranks = distributed.init()
-    device = torch.device(opts.device if opts.device != "cuda" else f"cuda:{ranks.local_rank}")
+    device = rank_device(opts.device, ranks)
+    workers = decode_workers(opts.workers)
 
     source = read_source(opts.source, opts.source_format, opts.source_options)
     records = source.records
@@ -176,11 +203,17 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
                           "max_side": opts.max_side},
            "tokenizer": {**tokenizer.describe(), "code_len": code_len, "weights_path": str(tokenizer.weights_path.resolve())},
            "teachers": {name: t.describe() for name, t in teachers.items()},
-           "layout": {"shard_size": opts.shard_size, "batch_size": opts.batch_size, "keep_images": opts.keep_images}}
+           "layout": {"shard_size": opts.shard_size, "batch_size": opts.batch_size, "keep_images": opts.keep_images},
+           "compute": {"device": device.type, "tokenizer": tokenizer.precision,
+                       "teachers": {name: t.precision for name, t in teachers.items()}}}
 
     if (out / MANIFEST).exists() and not overwrite:
         previous = read_json(out / MANIFEST)
-        _check_same_job(out, {k: previous.get(k) for k in job}, job)
+        comparable, missing = unrecorded(previous, job)
+        _check_same_job(out, {k: previous.get(k) for k in comparable}, comparable)
+        if missing:
+            log(f"{out} was made by arra-pipe {previous.get('arra_pipe', '?')}, which did not record "
+                f"{', '.join(missing)}; compared on the rest")
         distributed.shutdown()
         return ExtractResult("up-to-date", out, previous["rows"], previous["rejects"]["total"])
 
@@ -217,39 +250,31 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
         plan += [(s, j == len(chunks) - 1, c) for j, c in enumerate(chunks)]
     teacher_sizes = sorted({t.input_size for t in teachers.values()})
     loader = crop_loader(records, [c for _, _, c in plan], tokenizer.resolution, teacher_sizes, opts.teacher_view,
-                         opts.max_pixels, opts.workers, pin_memory=device.type == "cuda", keep_images=opts.keep_images,
+                         opts.max_pixels, workers, pin_memory=device.type == "cuda", keep_images=opts.keep_images,
                          max_side=opts.max_side, max_file_bytes=opts.source_options.max_file_bytes)
 
     todo = sum(len(c) for _, _, c in plan)
-    if ranks.is_main and todo < len(records):
-        log(f"resuming: {len(records) - todo} of {len(records)} records are in finished shards")
+    if ranks.is_main:
+        log(f"extracting on {device.type} (tokenizer {tokenizer.precision}, "
+            f"{', '.join(f'{n} {t.precision}' for n, t in teachers.items())}) with {workers} decode workers per rank")
+        if todo < len(records):
+            log(f"resuming: {len(records) - todo} of {len(records)} records are in finished shards")
     start = time.perf_counter()
     bar = tqdm(total=todo, unit="row", desc=f"extract rank {ranks.rank}/{ranks.world}",
                disable=not (opts.progress and ranks.is_main), dynamic_ncols=True)
     fixed_row_bytes = code_len * schema.field("codes").type.value_type.bit_width // 8 + 2 * sum(t.dim for t in teachers.values())
-    batches, images, rejects, sums, n_rejects, payload = [], [], [], dict.fromkeys(teachers, EMPTY_SUMS), 0, 0
-    image_field = column_field(IMAGE, {"kind": "image"})
-    for (s, last, _), (ok, crops, views, bad) in zip(plan, loader) if plan else ():
-        rejects += [{"key": records[i].key, "origin": records[i].origin, "reason": reason} for i, reason in bad]
-        n_rejects += len(bad)
-        if ok:
-            codes = tokenizer.encode(crops).view(len(ok), -1).cpu().numpy()
-            feats = {n: t(views[t.input_size]).cpu().numpy().astype(np.float16) for n, t in teachers.items()}
-            sums = {n: add_sums(sums[n], feature_sums(feats[n])) for n in teachers}
-            payload += sum(fixed_row_bytes + len(records[i].key.encode()) + len(records[i].caption.encode()) for i in ok)
-            batches.append(make_batch(schema, [records[i].key for i in ok], [records[i].caption for i in ok],
-                                      [records[i].label for i in ok], codes, feats))
-            if opts.keep_images:
-                images.append(make_column_batch([records[i].key for i in ok], image_field, views[KEPT]))
-        if last:
-            entry = write_shard(out / SHARDS / f"{shard_name(s)}.tar", batches)
-            kept = (write_shard(out / COLUMNS / IMAGE / f"{shard_name(s)}.tar", images, f"{COLUMNS}/{IMAGE}/{shard_name(s)}.tar")
-                    if opts.keep_images else None)
-            atomic_write_json(progress / f"{shard_name(s)}.json",
-                              {**entry, "payload_bytes": payload, "rejects": rejects, "feature_sums": sums, "image_shard": kept})
-            batches, images, rejects, sums, payload = [], [], [], dict.fromkeys(teachers, EMPTY_SUMS), 0
-        bar.update(len(ok) + len(bad))
-        bar.set_postfix(rejects=n_rejects, refresh=False)
+    assemble = _ShardAssembler(out, records, schema, list(teachers), fixed_row_bytes, opts.keep_images)
+    n_rejects = 0
+    batches = iter(loader) if plan else iter(())  # fork the decoding workers before the writer thread starts
+    with ShardWriter(str(out), assemble) as writer:
+        for (s, last, _), (ok, crops, views, bad) in zip(plan, batches):
+            outputs = (HostCopy({"codes": tokenizer.encode(crops).view(len(ok), -1),
+                                 **{feature_column(n): t(views[t.input_size]) for n, t in teachers.items()}})
+                       if ok else None)
+            writer.put(shard_name(s), s, last, ok, bad, outputs, views.get(KEPT))
+            n_rejects += len(bad)
+            bar.update(len(ok) + len(bad))
+            bar.set_postfix(rejects=n_rejects, refresh=False)
     bar.close()
     seconds = time.perf_counter() - start
 
@@ -261,6 +286,92 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> Extract
     distributed.barrier()
     distributed.shutdown()
     return result or ExtractResult("extracted", out, 0, 0, seconds, todo)
+
+
+class ShardWriter:
+    """Runs `write(*item)` for each `put` item, in order, on one background thread, so that the
+    models' thread does not wait for host copies, Arrow encoding, tar, sha256 and fsync. At most
+    `depth` items wait, which bounds the host and device memory they hold. A failure is raised on
+    the models' thread at the next `put` or at the end, naming the item's shard."""
+
+    def __init__(self, where: str, write, depth: int = 3):
+        self._where, self._queue, self._failed = where, queue.Queue(depth), None
+        self._thread = threading.Thread(target=self._run, args=(write,), name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self, write) -> None:
+        while (item := self._queue.get()) is not None:
+            shard, args = item
+            if self._failed is None:  # after a failure only drain, so that `put` never blocks
+                try:
+                    write(*args)
+                except Exception as exc:  # noqa: BLE001 - raised again on the models' thread
+                    self._failed = ExtractError(f"{self._where}: writing {shard} failed: {type(exc).__name__}: {exc}")
+                    self._failed.__cause__ = exc
+
+    def _raise_failure(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+
+    def put(self, shard: str, *args) -> None:
+        self._raise_failure()
+        self._queue.put((shard, args))
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self._queue.put(None)  # on an error too: what is queued is finished work, written before leaving
+        self._thread.join()
+        if exc_type is None:
+            self._raise_failure()
+
+
+class _ShardAssembler:
+    """Turns each batch's model outputs into a record batch and, after a shard's last batch, writes
+    the shard, its kept crops and its progress record (on the writer thread)."""
+
+    def __init__(self, out: Path, records, schema, teachers: list[str], fixed_row_bytes: int, keep_images: bool):
+        self.out, self.records, self.schema, self.teachers = out, records, schema, teachers
+        self.fixed_row_bytes, self.keep_images = fixed_row_bytes, keep_images
+        self.image_field = column_field(IMAGE, {"kind": "image"})
+        self._new_shard()
+
+    def _new_shard(self) -> None:
+        self.batches, self.images, self.rejects, self.payload = [], [], [], 0
+        self.sums = dict.fromkeys(self.teachers, EMPTY_SUMS)
+
+    def __call__(self, s: int, last: bool, ok: list[int], bad: list, outputs: HostCopy | None, kept) -> None:
+        records = self.records
+        self.rejects += [{"key": records[i].key, "origin": records[i].origin, "reason": reason} for i, reason in bad]
+        if ok:
+            arrays = outputs.numpy()
+            feats = {n: arrays[feature_column(n)].astype(np.float16) for n in self.teachers}
+            self.sums = {n: add_sums(self.sums[n], feature_sums(feats[n])) for n in self.teachers}
+            self.payload += sum(self.fixed_row_bytes + len(records[i].key.encode()) + len(records[i].caption.encode())
+                                for i in ok)
+            self.batches.append(make_batch(self.schema, [records[i].key for i in ok], [records[i].caption for i in ok],
+                                           [records[i].label for i in ok], arrays["codes"], feats))
+            if self.keep_images:
+                self.images.append(make_column_batch([records[i].key for i in ok], self.image_field, kept))
+        if last:
+            name = shard_name(s)
+            entry = write_shard(self.out / SHARDS / f"{name}.tar", self.batches)
+            image_shard = (write_shard(self.out / COLUMNS / IMAGE / f"{name}.tar", self.images, f"{COLUMNS}/{IMAGE}/{name}.tar")
+                           if self.keep_images else None)
+            atomic_write_json(self.out / PROGRESS / f"{name}.json",
+                              {**entry, "payload_bytes": self.payload, "rejects": self.rejects, "feature_sums": self.sums,
+                               "image_shard": image_shard})
+            self._new_shard()
+
+
+def rank_device(name: str, ranks: distributed.Ranks) -> torch.device:
+    """This rank's device. A GPU is also made current, before any memory is pinned (the DataLoader's,
+    the host copies): else every rank opens a context on GPU 0 to pin it."""
+    if name != "cuda":
+        return torch.device(name)
+    torch.cuda.set_device(ranks.local_rank)
+    return torch.device("cuda", ranks.local_rank)
 
 
 def build_teacher(opts: ExtractOptions, name: str):

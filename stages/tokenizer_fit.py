@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.crops import crop_loader
+from pipeline.crops import crop_loader, decode_workers
 from pipeline.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from pipeline.sources import SourceOptions, read_source
 from pipeline.tokenizers import fit_kmeans_codebook, save_kmeans_codebook, to_patches
@@ -15,7 +15,7 @@ from pipeline.tokenizers import fit_kmeans_codebook, save_kmeans_codebook, to_pa
 def fit_tokenizer(source: str, out: str, resolution: int = 32, patch: int = 4, codebook_size: int = 1024,
                   source_format: str | None = None, source_options: SourceOptions | None = None,
                   max_images: int = 20000, patches_per_code: int = 256, iterations: int = 25, seed: int = 0,
-                  workers: int = 2, batch_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  workers: int | None = None, batch_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS,
                   max_side: int = DEFAULT_MAX_SIDE, progress: bool = True, log=print) -> dict:
     """Sample up to `max_images` images (seeded), cut every canonical crop into patches, keep at most
     `patches_per_code * codebook_size` of them and run faiss k-means. Returns a summary."""
@@ -26,6 +26,7 @@ def fit_tokenizer(source: str, out: str, resolution: int = 32, patch: int = 4, c
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(records), size=min(max_images, len(records)), replace=False).tolist())
     batches = [chosen[i:i + batch_size] for i in range(0, len(chosen), batch_size)]
+    workers = decode_workers(workers)
     loader = crop_loader(records, batches, resolution, [], "crop", max_pixels, workers, max_side=max_side,
                          max_file_bytes=source_options.max_file_bytes)
     parts, used = [], 0
@@ -36,7 +37,8 @@ def fit_tokenizer(source: str, out: str, resolution: int = 32, patch: int = 4, c
     patches = np.concatenate(parts)
     keep = min(len(patches), patches_per_code * codebook_size)
     patches = patches[rng.choice(len(patches), size=keep, replace=False)]
-    log(f"fitting {codebook_size} codes on {len(patches)} patches of {patch}x{patch} from {used} images ...")
+    log(f"fitting {codebook_size} codes on {len(patches)} patches of {patch}x{patch} from {used} images "
+        f"(decoded by {workers} workers) ...")
     codebook = fit_kmeans_codebook(patches, codebook_size, iterations, seed)
     save_kmeans_codebook(out, codebook, patch, resolution)
     with torch.inference_mode():
