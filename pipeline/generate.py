@@ -4,10 +4,12 @@ classifier-free guidance. ARRA changes nothing at inference; this is the standar
 Only image codes can be sampled inside the image span (the logits are sliced to the image
 vocabulary), the span ends after exactly grid h*w codes (where <eoi> goes), and each image has
 its own random generator, so an image depends on its seed, not on the batch it was drawn in.
+The whole batch is sampled at once, with no host sync per step (see `sample_rows`).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +31,12 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tenso
 
 
 def sample_rows(logits: torch.Tensor, generators: list[torch.Generator], s: Sampling) -> torch.Tensor:
-    """One token per row from BxV logits with temperature, top-k and top-p; greedy at temperature 0."""
+    """One token per row from BxV logits with temperature, top-k and top-p; greedy at temperature 0.
+
+    All rows at once by an exponential race, argmax(p / E) with E ~ Exp(1): the draw that
+    torch.multinomial makes for one sample (same tokens for the same generator state), without
+    its validity checks, which cost two host syncs per row on CUDA. Row i's noise comes from
+    `generators[i]` alone, so a row does not depend on the others."""
     if s.temperature == 0:
         return logits.argmax(-1)
     logits = logits / s.temperature
@@ -42,7 +49,16 @@ def sample_rows(logits: torch.Tensor, generators: list[torch.Generator], s: Samp
         drop = cumulative - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest set reaching top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+    noise = torch.empty_like(probs)
+    for row, g in zip(noise, generators):
+        row.exponential_(generator=g)
+    return (probs / noise).argmax(-1)
+
+
+def cache_keyword(model) -> str:
+    """The KV-cache argument (and output field) of `model.forward`: transformers 5.24 calls it
+    `cache`, 5.17 `past_key_values` and does not know `cache` (it would be ignored)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,14 +83,15 @@ def generate(model, layout: VocabLayout, conditions: list[list[int]], null: list
     ids, attn = _left_pad(rows, layout.pad, device)
     generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
     lo, hi = layout.image_offset, layout.image_offset + layout.codebook_size
-    codes, past = [], None
+    codes, past, cache = [], None, cache_keyword(model)
+    padded = len({len(r) for r in rows}) > 1  # without padding no mask: transformers checks one with a host sync
     step_ids, step_attn = ids, attn
     for i in range(layout.image_tokens):
         positions = (step_attn.cumsum(-1) - 1).clamp(min=0)
         if kv_cache and past is not None:
             positions = positions[:, -1:]
-        out = model(input_ids=step_ids, attention_mask=step_attn, position_ids=positions, cache=past,
-                    use_cache=kv_cache, logits_to_keep=1)
+        out = model(input_ids=step_ids, attention_mask=step_attn if padded else None, position_ids=positions,
+                    use_cache=kv_cache, logits_to_keep=1, **{cache: past})
         logits = out.logits[:, -1, lo:hi].float()
         if guided:
             logits = guide(logits[:b], logits[b:], sampling.cfg)
@@ -83,7 +100,7 @@ def generate(model, layout: VocabLayout, conditions: list[list[int]], null: list
         nxt = (token + lo).repeat(2 if guided else 1)[:, None]
         step_attn = torch.cat([step_attn, torch.ones_like(nxt)], dim=1)
         if kv_cache:
-            past, step_ids = out.cache, nxt
+            past, step_ids = getattr(out, cache), nxt
         else:
             step_ids = torch.cat([step_ids, nxt], dim=1)
     return torch.stack(codes, dim=1)

@@ -26,32 +26,27 @@ def fd(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(*mean_cov(a), *mean_cov(b))
 
 
-def knn_radii(features: np.ndarray, k: int) -> np.ndarray:
-    """Distance of each row to its k-th nearest other row (faiss exact search)."""
-    import faiss
-    x = np.ascontiguousarray(features, dtype=np.float32)
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(x)
-    dist, _ = index.search(x, k + 1)  # the first hit is the row itself
-    return np.sqrt(np.maximum(dist[:, k], 0))
+def knn_radii(features: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Distance of each row to its k-th nearest other row (exact; the nearest hit is the row itself)."""
+    if len(features) <= k:  # no k-th other row: the ball holds everything (as faiss's empty results did)
+        return torch.full((len(features),), float("inf"), device=features.device)
+    return torch.cat([torch.cdist(features[i:i + chunk], features).topk(k + 1, largest=False).values[:, k]
+                      for i in range(0, len(features), chunk)])
 
 
-def _covered(queries: np.ndarray, support: np.ndarray, radii: np.ndarray, chunk: int = 1024) -> np.ndarray:
+def _covered(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Whether each query lies inside some support point's k-NN ball."""
-    s = torch.from_numpy(np.asarray(support, dtype=np.float32))
-    r = torch.from_numpy(radii.astype(np.float32))
-    out = []
-    for i in range(0, len(queries), chunk):
-        q = torch.from_numpy(np.asarray(queries[i:i + chunk], dtype=np.float32))
-        out.append((torch.cdist(q, s) <= r[None]).any(1))
-    return torch.cat(out).numpy()
+    return torch.cat([(torch.cdist(queries[i:i + chunk], support) <= radii[None]).any(1)
+                      for i in range(0, len(queries), chunk)])
 
 
-def precision_recall(real: np.ndarray, generated: np.ndarray, k: int = 3) -> tuple[float, float]:
+def precision_recall(real: np.ndarray, generated: np.ndarray, k: int = 3, device: str = "cpu") -> tuple[float, float]:
     """Improved precision/recall (Kynkäänniemi et al. 2019): precision = share of generated
-    samples inside the real manifold (union of real k-NN balls), recall = the converse."""
-    precision = _covered(generated, real, knn_radii(real, k)).mean()
-    recall = _covered(real, generated, knn_radii(generated, k)).mean()
+    samples inside the real manifold (union of real k-NN balls), recall = the converse. Exact
+    k-NN with torch on `device`: the faiss we ship (faiss-cpu) has no GPU search."""
+    real, generated = (torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device) for x in (real, generated))
+    precision = _covered(generated, real, knn_radii(real, k)).double().mean()
+    recall = _covered(real, generated, knn_radii(generated, k)).double().mean()
     return float(precision), float(recall)
 
 

@@ -8,8 +8,9 @@
 
 No teacher runs for feature sets; generated PNGs are embedded with the very teacher and
 preprocessing recorded in the set's manifest (the extractor's own crop loader), else their cosines
-would not be comparable. Every report names the index and, when it is approximate, the recall
-measured against exact search.
+would not be comparable; that teacher runs on `device`. The faiss searches run on the CPU
+(faiss-cpu). Every report names the index and, when it is approximate, the recall measured
+against exact search.
 """
 
 from __future__ import annotations
@@ -251,14 +252,14 @@ def leakage(train_path: str, test_path: str, out: str, opts: AuditOptions = Audi
 
 
 def embed_images(files: list[Path], root: Path, fs: FeatureSet, teacher: str, teacher_path: str | None,
-                 batch_size: int = 32) -> tuple[Rows, list[dict]]:
+                 device: str = "cpu", batch_size: int = 32) -> tuple[Rows, list[dict]]:
     """Teacher features of image files, through the crop and teacher view the set was made with
     (the extractor's crop loader) and rounded to float16 as the set stores them."""
     from pipeline.crops import crop_loader
     from pipeline.sources import Record
     from pipeline.teachers import load_recorded_teacher
     pre = fs.manifest["preprocess"]
-    model = load_recorded_teacher(fs.teachers[teacher], teacher_path, str(fs.path))
+    model = load_recorded_teacher(fs.teachers[teacher], teacher_path, str(fs.path)).to(device)
     records = [Record(f.relative_to(root).as_posix(), "", -1, ("file", str(f)), f.name) for f in files]
     batches = [list(range(i, min(i + batch_size, len(files)))) for i in range(0, len(files), batch_size)]
     loader = crop_loader(records, batches, pre["resolution"], [model.input_size], pre["teacher_view"], pre["max_pixels"], 0)
@@ -349,7 +350,8 @@ def pair_grid(pairs: list[tuple[np.ndarray, np.ndarray | None, str]], path: Path
 
 
 def memorization(generated: str, path: str, out: str, opts: AuditOptions = AuditOptions(),
-                 tokenizer_path: str | None = None, teacher_path: str | None = None, show: int = 16, log=print) -> str:
+                 tokenizer_path: str | None = None, teacher_path: str | None = None, show: int = 16,
+                 device: str = "cpu", log=print) -> str:
     """Nearest training row of every generated image (a folder of PNGs or a feature set)."""
     fs = FeatureSet.open(path)
     teacher = pick_teacher(fs, opts.teacher)
@@ -366,7 +368,7 @@ def memorization(generated: str, path: str, out: str, opts: AuditOptions = Audit
         if not files:
             raise AuditError(f"{generated}: no {SAMPLES} and no PNG images")
         log(f"memorization: embedding {len(files)} generated images with {teacher}")
-        gen, rejects = embed_images(files, generated, fs, teacher, teacher_path)
+        gen, rejects = embed_images(files, generated, fs, teacher, teacher_path, device)
     log(f"memorization: {len(gen.keys)} generated against {len(train.keys)} training rows; indexing")
     nb = index_for(train, gen, opts)
     sims, ids = nb.search(gen.x, 1)

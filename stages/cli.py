@@ -322,7 +322,7 @@ def export(run, out, tag, dtype):
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling threshold.")
 @click.option("--temperature", default=1.0, show_default=True, help="0 = greedy.")
 @click.option("--seed", default=0, show_default=True, help="Image i uses seed + i.")
-@click.option("--batch-size", default=16, show_default=True)
+@click.option("--batch-size", type=int, help="Images per batch (default: 64 on cuda, 16 on cpu); an image does not depend on it.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--tokenizer-path", type=click.Path(exists=True, dir_okay=False), help="Image tokenizer weights, when not at the recorded path.")
 @click.option("--progress/--no-progress", default=True)
@@ -354,7 +354,8 @@ def sample(model, out, prompts, prompts_file, classes, cfg, top_k, top_p, temper
               "when not where the registry finds them.")
 @click.option("--k", default=3, show_default=True, help="k of the k-NN precision/recall.")
 @click.option("--fid-reference", type=int, help="Use only the first N reference images for FID (Inception is slow on CPU).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the teachers, Inception and the k-NN search run.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="JSON report (default: GENERATED/eval.json).")
 def evaluate(generated, reference, teachers, out, **kw):
     """FID, FD in teacher space (from cached features), CLIP-Score, precision/recall and class accuracy."""
@@ -485,13 +486,15 @@ def audit_leakage(train_set, test_set, out, **kw):
 @click.option("--show", default=16, show_default=True, help="Closest pairs in the grid.")
 @click.option("--tokenizer-path", type=click.Path(exists=True, dir_okay=False), help="Tokenizer weights to decode training rows (default: the path in the manifest).")
 @click.option("--teacher-path", type=click.Path(exists=True), help="Teacher weights, when not where the registry finds them.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the teacher embeds the generated PNGs (faiss searches run on the CPU).")
 @audit_flags
-def audit_memorization(generated, featureset, out, show, tokenizer_path, teacher_path, **kw):
+def audit_memorization(generated, featureset, out, show, tokenizer_path, teacher_path, device, **kw):
     """Nearest training row of every image in GENERATED (a `sample` folder of PNGs, or a feature
     set): nearest.csv, a histogram (text and PNG) and closest.png (generated | training)."""
     from stages.audit import memorization
     run_audit(memorization, generated, featureset, out, audit_options(kw), tokenizer_path=tokenizer_path,
-              teacher_path=teacher_path, show=show)
+              teacher_path=teacher_path, show=show, device=device)
 
 
 if __name__ == "__main__":  # torchrun -m stages.cli extract ...

@@ -8,10 +8,11 @@
 - CLIP-Score, when the samples have prompts: the mean cosine between each image's and its
   prompt's embeddings in a CLIP-family teacher (BiomedCLIP, CLIP), as the paper reports it
   (a raw cosine, not x100). By default the reference set's CLIP-family teacher is used.
-- k-NN precision/recall (faiss) in both spaces.
+- k-NN precision/recall (exact search with torch) in both spaces.
 - Class accuracy of generated images under a linear probe fitted on a training set's cached
   teacher features: a proxy for conditioning fidelity, labelled as such.
-Every figure carries the number of images and the seeds.
+Every figure carries the number of images and the seeds. Teachers, Inception, the tokenizer (when
+it decodes the reference) and the k-NN search run on `device`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def column(table, name: str) -> np.ndarray:
 
 
 def reference_images(fs: FeatureSet, tokenizer_path: str | None, limit: int | None = None,
-                     workers: int = 2, table=None) -> tuple[np.ndarray, str]:
+                     workers: int = 2, table=None, device: str | torch.device = "cpu") -> tuple[np.ndarray, str]:
     """The set's images (the first `limit` rows) at the canonical crop, from its source; else
     decoded from its codes."""
     m = fs.manifest
@@ -74,9 +75,10 @@ def reference_images(fs: FeatureSet, tokenizer_path: str | None, limit: int | No
         return np.concatenate(crops), "source images"
     except (ValueError, KeyError, OSError) as exc:
         from pipeline.tokenizers import load_recorded_tokenizer
-        tok = load_recorded_tokenizer(m["tokenizer"], tokenizer_path)
+        tok = load_recorded_tokenizer(m["tokenizer"], tokenizer_path, device)
         codes = column(table, "codes")[:limit].astype(np.int64).reshape(-1, *m["tokenizer"]["grid"])
-        images = np.concatenate([tok.decode(torch.from_numpy(codes[i:i + 256])).numpy() for i in range(0, len(codes), 256)])
+        images = np.concatenate([tok.decode(torch.from_numpy(codes[i:i + 256])).cpu().numpy()
+                                 for i in range(0, len(codes), 256)])
         return images, f"tokenizer reconstructions (source unavailable: {exc})"
 
 
@@ -88,7 +90,7 @@ def reference_inception(fs: FeatureSet, inception, tokenizer_path: str | None, l
     if cache.exists():
         with np.load(cache) as z:
             return z["features"].astype(np.float32), str(z["origin"])
-    images, origin = reference_images(fs, tokenizer_path, n, table=table)
+    images, origin = reference_images(fs, tokenizer_path, n, table=table, device=inception.device)
     feats = inception.features(images)
     cache.parent.mkdir(exist_ok=True)
     buf = io.BytesIO()
@@ -153,7 +155,7 @@ def evaluate(generated: str, reference: str, teachers: list[str] | None = None, 
         ref = column(table, feature_column(name))
         gen_by_teacher[name] = gen
         add(f"FD {name}", fd(gen, ref), f"{name} ({fs.teachers[name]['dim']}-d), reference features cached")
-        p, r = precision_recall(ref, gen, k)
+        p, r = precision_recall(ref, gen, k, device)
         add(f"precision {name}", p, name, k=k)
         add(f"recall {name}", r, name, k=k)
     if fid:
@@ -164,7 +166,7 @@ def evaluate(generated: str, reference: str, teachers: list[str] | None = None, 
         note = f"FID on {n} < {FID_MIN_IMAGES} generated images is biased upward; compare only at equal n" if n < FID_MIN_IMAGES else ""
         space = f"TF-Inception pool3, reference = {origin}"
         add("FID", fd(gen_feats, ref_feats), space, note=note, n_reference=len(ref_feats))
-        p, r = precision_recall(ref_feats, gen_feats, k)
+        p, r = precision_recall(ref_feats, gen_feats, k, device)
         add("precision inception", p, space, k=k, n_reference=len(ref_feats))
         add("recall inception", r, space, k=k, n_reference=len(ref_feats))
     prompts = [r.get("prompt") for r in rows]

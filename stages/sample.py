@@ -25,6 +25,7 @@ from pipeline.vocab import VocabLayout
 
 
 SAMPLES = "samples.jsonl"
+BATCH_SIZE = {"cuda": 64, "cpu": 16}  # per device type: a GPU needs wide batches to be busy at each step
 
 
 def read_samples(folder: Path) -> tuple[list[Path], list[dict]]:
@@ -64,13 +65,14 @@ def save_grid(images: list[np.ndarray], path: Path, cols: int | None = None) -> 
 
 
 def sample(model_path: str, out: str, prompts: list[str] | None = None, classes: list[int] | None = None,
-           n: int = 1, sampling: Sampling = Sampling(), seed: int = 0, batch_size: int = 16, device: str = "cpu",
+           n: int = 1, sampling: Sampling = Sampling(), seed: int = 0, batch_size: int | None = None, device: str = "cpu",
            tokenizer_path: str | None = None, progress: bool = True) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model_dir, out = resolve_model(model_path), Path(out)
     meta = json.loads((model_dir / LAYOUT_FILE).read_text())
     layout = VocabLayout.from_dict(meta)
     dev = torch.device(device)
+    batch_size = batch_size or BATCH_SIZE[dev.type]
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False,
                                                  dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32).to(dev).eval()
     text_tok = AutoTokenizer.from_pretrained(model_dir) if layout.condition == "text" else None

@@ -61,3 +61,22 @@ def run_extract(codebook, tmp_path):
         out = out or tmp_path / "set"
         return _extract(codebook, source, out, overwrite, **kw), out
     return run
+
+
+@pytest.fixture
+def teacher_devices(monkeypatch):
+    """The devices that recorded teachers (eval, audit) are moved to, in order."""
+    from pipeline import teachers
+    moved, load = [], teachers.load_recorded_teacher
+
+    def spy(*args, **kw):
+        teacher = load(*args, **kw)
+        move = teacher.to
+
+        def to(device):
+            moved.append(str(device))
+            return move(device)
+        teacher.to = to
+        return teacher
+    monkeypatch.setattr(teachers, "load_recorded_teacher", spy)
+    return moved

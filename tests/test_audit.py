@@ -112,7 +112,7 @@ def test_leakage_finds_the_planted_leaks_and_nothing_else(sets, tmp_path):
     assert "2 of 14 test rows" in text and "exact (IndexFlatIP" in text
 
 
-def test_memorization_finds_the_planted_copy_in_a_sample_folder(sets, tmp_path):
+def test_memorization_finds_the_planted_copy_in_a_sample_folder(sets, tmp_path, teacher_devices):
     gen = tmp_path / "samples"
     (gen / "images").mkdir(parents=True)
     rows = []
@@ -123,7 +123,8 @@ def test_memorization_finds_the_planted_copy_in_a_sample_folder(sets, tmp_path):
     Image.new("RGB", (96, 16)).save(gen / "grid.png")
     (gen / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "mem"
-    text = audit("memorization", gen, sets[0], "--threshold", THRESHOLD, "--show", 4, "-o", out)
+    text = audit("memorization", gen, sets[0], "--threshold", THRESHOLD, "--show", 4, "-o", out, "--device", "cpu")
+    assert teacher_devices == ["cpu"]  # the teacher that embeds the PNGs runs where --device says
     nearest = read_csv(out / "nearest.csv")
     assert len(nearest) == 6
     assert (nearest[0]["generated_key"], nearest[0]["train_key"]) == ("images/00004.png", "img09.png")

@@ -75,6 +75,32 @@ def test_fid_of_a_set_against_itself_is_zero_and_against_another_set_larger(sets
     assert (test / "stats").is_dir()  # the reference's Inception features are cached for next time
 
 
+def test_eval_runs_teachers_inception_and_knn_on_its_device(sets, tmp_path, monkeypatch, teacher_devices):
+    from click.testing import CliRunner
+
+    import pipeline.inception
+    import stages.evaluate
+    from stages.cli import main
+    test, _, _ = sets
+    seen = {"inception": [], "knn": []}
+
+    class Inception(pipeline.inception.Inception):
+        def __init__(self, path=None, device="cpu"):
+            seen["inception"].append(device)
+            super().__init__(path, device)
+
+    def knn(real, generated, k, device="not passed"):
+        seen["knn"].append(device)
+        return precision_recall(real, generated, k, device)
+    monkeypatch.setattr(pipeline.inception, "Inception", Inception)
+    monkeypatch.setattr(stages.evaluate, "precision_recall", knn)
+    generated = write_pngs(tmp_path / "gen", reference_images(FeatureSet.open(test), None)[0][:12])
+    result = CliRunner().invoke(main, ["eval", "--generated", str(generated), "--reference", str(test),
+                                       "--fid-reference", "20", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert teacher_devices == ["cpu"] and seen == {"inception": ["cpu"], "knn": ["cpu", "cpu"]}
+
+
 def test_fd_from_cached_features_equals_fd_from_recomputed_features(sets):
     test, train, _ = sets
     fs = FeatureSet.open(test)

@@ -1,14 +1,17 @@
-"""Sampling: full grids, KV cache = recomputation, CFG 1 = the conditional branch, seeds per image."""
+"""Sampling: full grids, KV cache = recomputation, CFG 1 = the conditional branch, seeds per image,
+the batch drawn at once without host syncs, and the KV-cache API of transformers 5.17 and 5.24."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.generate import Sampling, generate, guide
+from pipeline.generate import Sampling, cache_keyword, generate, guide, sample_rows
 from pipeline.lm import LAYOUT_FILE, build_from_preset
 from pipeline.registry import build
 from pipeline.vocab import VocabLayout
@@ -37,6 +40,63 @@ def test_every_sequence_is_a_full_grid_and_kv_cache_matches_recompute(codebook, 
         assert cached.shape == (4, layout.image_tokens)
         assert int(cached.min()) >= 0 and int(cached.max()) < layout.codebook_size
         assert torch.equal(cached, full)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops that make the host wait for the device: `.item()`/`bool()` on a tensor,
+    data-sized outputs, and torch.multinomial (it checks its input with two `.item()` calls)."""
+
+    NAMES = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.nonzero", "aten.multinomial")
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.NAMES):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_batch_is_drawn_at_once_as_multinomial_draws_each_row_without_host_syncs(codebook, tmp_path):
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    seeds = range(5)
+    with HostSyncs() as syncs:
+        tokens = sample_rows(logits, [torch.Generator().manual_seed(s) for s in seeds], Sampling())
+        top = sample_rows(logits, [torch.Generator().manual_seed(s) for s in seeds], Sampling(top_k=10, top_p=0.9))
+    assert syncs.ops == []
+    # the very draw torch.multinomial makes per row: seeds recorded before give the same images
+    expected = [torch.multinomial(row.softmax(-1), 1, generator=torch.Generator().manual_seed(s)) for row, s in zip(logits, seeds)]
+    assert torch.equal(tokens, torch.cat(expected))
+    assert all(t in row.topk(10).indices for t, row in zip(top, logits))
+
+    model, layout = tiny_export(tmp_path, codebook)
+    with HostSyncs() as syncs:  # class conditions need no padding, so no mask check either
+        generate(model, layout, [[0], [1]], [layout.null_class], [1, 2], Sampling(cfg=2.0, top_k=20))
+    assert syncs.ops == []
+
+
+class PastKeyValues(torch.nn.Module):
+    """A causal LM with transformers 5.17's KV-cache API: `past_key_values` in and out (no `cache`)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                logits_to_keep=0):
+        name = cache_keyword(self.lm)
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                      logits_to_keep=logits_to_keep, **{name: past_key_values})
+        return SimpleNamespace(logits=out.logits, past_key_values=getattr(out, name))
+
+
+def test_the_kv_cache_goes_by_the_name_the_models_forward_takes(codebook, tmp_path):
+    model, layout = tiny_export(tmp_path, codebook)
+    assert cache_keyword(PastKeyValues(model)) == "past_key_values"
+    s = Sampling(cfg=2.0, top_k=20)
+    old_api = generate(PastKeyValues(model), layout, [[0], [2]], [layout.null_class], [3, 4], s)
+    assert torch.equal(old_api, generate(model, layout, [[0], [2]], [layout.null_class], [3, 4], s, kv_cache=False))
 
 
 def test_cfg_one_is_the_conditional_branch_alone(codebook, tmp_path):
