@@ -9,6 +9,7 @@ lock support.)
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -19,8 +20,8 @@ from pathlib import Path
 LOCK = ".arra-pipe.lock"
 
 
-class LockedError(RuntimeError):
-    """Another live process writes to this folder."""
+class LockedError(ValueError):
+    """Another live process writes to this folder (a ValueError, as every refusal the CLI reports)."""
 
 
 class FolderLock:
@@ -57,6 +58,12 @@ class FolderLock:
         self.path.unlink(missing_ok=True)  # while still held, so no one waits on a removed file
         os.close(self.fd)
         self.fd = None
+
+
+def main_rank_lock(folder: str | os.PathLike):
+    """The folder's lock, held by rank 0 of a job (RANK unset: a single process); the job's other
+    ranks write under it, so they take nothing."""
+    return FolderLock(folder) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
 
 
 def describe(holder: str) -> str:

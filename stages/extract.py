@@ -38,9 +38,10 @@ from pipeline import __version__, distributed
 from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, FORMAT, IMAGE, MANIFEST, PROGRESS, REJECTS, SHARDS, VERSION,
                                  FeatureSet, column_field, feature_column, make_batch, make_column_batch, make_schema,
                                  schema_fields, set_entries_to_remove, shards_digest, write_shard)
-from pipeline.files import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.crops import KEPT, crop_loader, decode_workers
+from pipeline.files import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from pipeline.lock import main_rank_lock
 from pipeline.models import HostCopy
 from pipeline.registry import build, load_spec
 from pipeline.sources import SourceOptions, read_source
@@ -173,6 +174,13 @@ def _packages() -> dict:
 
 
 def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> ExtractResult:
+    """Extract, resume, or add teachers to the set at `opts.out`; a second job on the same folder
+    is refused while this one runs."""
+    with main_rank_lock(opts.out):
+        return _extract(opts, overwrite, log)
+
+
+def _extract(opts: ExtractOptions, overwrite: bool, log) -> ExtractResult:
     if opts.teacher_view not in TEACHER_VIEWS:
         raise ExtractError(f"--teacher-view must be one of {TEACHER_VIEWS}, got {opts.teacher_view!r}")
     if not opts.teachers:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import write_image
 
 from pipeline.lock import LOCK, FolderLock, LockedError
 
@@ -36,3 +37,13 @@ def test_a_killed_writer_leaves_no_stale_lock(tmp_path):
     assert (tmp_path / LOCK).exists()  # the file stays, the lock does not
     with FolderLock(tmp_path):
         pass
+
+
+def test_a_second_extraction_into_the_same_folder_is_refused(run_extract, tmp_path):
+    write_image(tmp_path / "src" / "a" / "x.png")
+    with FolderLock(tmp_path / "set"):  # a first extraction, still running
+        with pytest.raises(LockedError, match=rf"set is being written by pid {os.getpid()}"):
+            run_extract(tmp_path / "src", out=tmp_path / "set")
+        assert not (tmp_path / "set" / "shards").exists()
+    result, _ = run_extract(tmp_path / "src", out=tmp_path / "set")
+    assert result.rows == 1 and not (tmp_path / "set" / LOCK).exists()
