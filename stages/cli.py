@@ -133,7 +133,7 @@ def extract(source, out, tokenizer, tokenizer_path, teachers, teacher_paths, agg
                           teacher_aggregations=per_teacher(aggregations, teachers, "--aggregation"), **kw)
     try:
         result = run(opts, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
-    except (ExtractError, ValueError) as exc:
+    except (ExtractError, ValueError, OSError) as exc:  # OSError: a full or read-only --out, named in the message
         fail(exc)
     if result.status == "up-to-date":
         click.echo(f"{out} is already complete ({result.rows} rows, {result.rejects} rejects): nothing to do.")
