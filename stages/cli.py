@@ -14,6 +14,12 @@ from pipeline.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from pipeline.sources import DEFAULT_MAX_FILE_BYTES, FORMATS, SourceOptions
 
 
+# Ranges every numeric option is checked against, so a bad value is refused naming its flag
+POSITIVE, NON_NEGATIVE = click.IntRange(1), click.IntRange(0)
+NON_NEGATIVE_FLOAT, FRACTION = click.FloatRange(0), click.FloatRange(0, 1)
+RESOLUTION = click.IntRange(16)  # the smallest input the teachers' and tokenizers' strides take
+
+
 def source_flags(fn):
     """Options that say how to read a source; shared by `extract` and `tokenizer fit`."""
     flags = [
@@ -25,11 +31,11 @@ def source_flags(fn):
         click.option("--key-column", help="Tables: column with a unique record key (default: the image path)."),
         click.option("--image-root", type=click.Path(file_okay=False), help="Resolve relative image paths against this folder (default: the file's folder)."),
         click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]), help="Fashion-MNIST folders: which split."),
-        click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, help="Reject images with more pixels than this (decompression bombs)."),
-        click.option("--max-side", default=DEFAULT_MAX_SIDE, show_default=True, help="Reject images with a side longer than this, from the header, before decoding."),
-        click.option("--max-file-bytes", default=DEFAULT_MAX_FILE_BYTES, show_default=True, help="Reject image and caption files larger than this, before reading them."),
+        click.option("--max-pixels", type=POSITIVE, default=DEFAULT_MAX_PIXELS, show_default=True, help="Reject images with more pixels than this (decompression bombs)."),
+        click.option("--max-side", type=POSITIVE, default=DEFAULT_MAX_SIDE, show_default=True, help="Reject images with a side longer than this, from the header, before decoding."),
+        click.option("--max-file-bytes", type=POSITIVE, default=DEFAULT_MAX_FILE_BYTES, show_default=True, help="Reject image and caption files larger than this, before reading them."),
         click.option("--follow-symlinks", is_flag=True, help="Folder sources: also read files that are symlinks leading outside the folder (default: reject them)."),
-        click.option("--workers", type=int, help="DataLoader worker processes that decode and crop images [default: this rank's share of the CPUs it may use, less one]."),
+        click.option("--workers", type=NON_NEGATIVE, help="DataLoader worker processes that decode and crop images [default: this rank's share of the CPUs it may use, less one]."),
         click.option("--progress/--no-progress", default=True, help="Show a progress bar."),
     ]
     for flag in reversed(flags):
@@ -101,7 +107,7 @@ def main():
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Feature-set directory to write (or resume, or add teachers to).")
 @click.option("--tokenizer", default="kmeans", show_default=True, help="Tokenizer name (see `arra-pipe models`) or a .toml manifest.")
 @click.option("--tokenizer-path", type=click.Path(exists=True), help="Tokenizer weights file or folder (kmeans: the codebook from `tokenizer fit`).")
-@click.option("--tokenizer-resolution", type=int, help="Canonical crop size for a convolutional VQ tokenizer (LlamaGen: 256, 384 or 512).")
+@click.option("--tokenizer-resolution", type=RESOLUTION, help="Canonical crop size for a convolutional VQ tokenizer (LlamaGen: 256, 384 or 512).")
 @click.option("--teacher", "teachers", multiple=True, default=["efficientnet-lite0"], show_default=True,
               help="Teacher name or .toml manifest; repeat for several teachers in one pass.")
 @click.option("--teacher-path", "teacher_paths", multiple=True, metavar="[NAME=]PATH",
@@ -109,13 +115,13 @@ def main():
 @click.option("--aggregation", "aggregations", multiple=True, metavar="[NAME=]AGG",
               help="Global feature of a teacher: cls, avgpool or cls+avgpool (default: its manifest's).")
 @click.option("--keep-images", is_flag=True, help="Also keep the canonical crops (PNG, columns/image/) so teachers can be added later without the source.")
-@click.option("--teacher-resolution", type=int, help="Feed teachers this input size instead of their native one (recorded in the manifest).")
+@click.option("--teacher-resolution", type=RESOLUTION, help="Feed teachers this input size instead of their native one (recorded in the manifest).")
 @click.option("--teacher-view", type=click.Choice(["crop", "original"]), default="crop", show_default=True,
               help="crop: teachers see the tokenizer's canonical crop; original: the whole original image through the teacher's own resize+crop, as the official code.")
-@click.option("--batch-size", default=64, show_default=True, help="Images per model batch (also rows per Arrow record batch). Keep it fixed when resuming.")
+@click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Images per model batch (also rows per Arrow record batch). Keep it fixed when resuming.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="Where the models run (bf16 autocast on cuda).")
-@click.option("--shard-size", default=4096, show_default=True, help="Input records per shard.")
-@click.option("--max-reject-rate", default=0.1, show_default=True, help="Fail the run when more than this fraction of records is rejected.")
+@click.option("--shard-size", type=POSITIVE, default=4096, show_default=True, help="Input records per shard.")
+@click.option("--max-reject-rate", type=FRACTION, default=0.1, show_default=True, help="Fail the run when more than this fraction of records is rejected.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing set at --out and start again.")
 @source_flags
 def extract(source, out, tokenizer, tokenizer_path, teachers, teacher_paths, aggregations, overwrite, **kw):
@@ -183,12 +189,12 @@ def tokenizer():
 @tokenizer.command("fit")
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Codebook file to write (.safetensors).")
-@click.option("--resolution", default=32, show_default=True, help="Side of the canonical crop in pixels.")
-@click.option("--patch", default=4, show_default=True, help="Patch side in pixels; the grid is resolution/patch.")
-@click.option("--codebook-size", default=1024, show_default=True, help="Number of codes.")
-@click.option("--max-images", default=20000, show_default=True, help="Images sampled for fitting.")
-@click.option("--iterations", default=25, show_default=True, help="k-means iterations.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--resolution", type=POSITIVE, default=32, show_default=True, help="Side of the canonical crop in pixels.")
+@click.option("--patch", type=POSITIVE, default=4, show_default=True, help="Patch side in pixels; the grid is resolution/patch.")
+@click.option("--codebook-size", type=click.IntRange(2), default=1024, show_default=True, help="Number of codes.")
+@click.option("--max-images", type=POSITIVE, default=20000, show_default=True, help="Images sampled for fitting.")
+@click.option("--iterations", type=POSITIVE, default=25, show_default=True, help="k-means iterations.")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
 @source_flags
 def tokenizer_fit(source, out, **kw):
     """Fit the kmeans patch tokenizer on SOURCE with faiss k-means."""
@@ -225,37 +231,37 @@ def recipe_defaults(ctx: click.Context, _param, value):
 @click.option("--condition", type=click.Choice(["class", "text"]), default="class", show_default=True, help="Presets: condition on the class label or on the caption.")
 @click.option("--text-tokenizer", help="--condition text: a tokenizer directory, or `train` to fit a small BPE on the captions (default).")
 @click.option("--text-vocab", default=2048, show_default=True, help="Vocabulary of the BPE trained with --text-tokenizer train.")
-@click.option("--max-text-len", default=64, show_default=True, help="Caption tokens kept (truncation).")
-@click.option("--lambda", "lam", default=1.0, show_default=True, help="Weight of the GVA loss; 0 = plain AR baseline, no projector.")
-@click.option("--align-layer", default=1, show_default=True, help="hidden_states index aligned: 1 = output of the first block (official).")
+@click.option("--max-text-len", type=POSITIVE, default=64, show_default=True, help="Caption tokens kept (truncation).")
+@click.option("--lambda", "lam", type=NON_NEGATIVE_FLOAT, default=1.0, show_default=True, help="Weight of the GVA loss; 0 = plain AR baseline, no projector.")
+@click.option("--align-layer", type=NON_NEGATIVE, default=1, show_default=True, help="hidden_states index aligned: 1 = output of the first block (official).")
 @click.option("--align-positions", type=click.Choice(["image", "rep-token"]), default="image", show_default=True,
               help="image: every position that predicts an image code; rep-token: only the <boi> position.")
 @click.option("--align-loss", type=click.Choice(["cosine", "mse"]), default="cosine", show_default=True)
-@click.option("--projector-hidden", type=int, help="Projector hidden width (default: the teacher dim, as the official 512->512).")
-@click.option("--z-loss", default=0.0, show_default=True, help="z-loss weight (independent of GVA).")
-@click.option("--cond-dropout", default=0.1, show_default=True, help="Probability of dropping the condition (for classifier-free guidance).")
-@click.option("--dropout", default=0.0, show_default=True, help="Attention dropout of preset models.")
+@click.option("--projector-hidden", type=POSITIVE, help="Projector hidden width (default: the teacher dim, as the official 512->512).")
+@click.option("--z-loss", type=NON_NEGATIVE_FLOAT, default=0.0, show_default=True, help="z-loss weight (independent of GVA).")
+@click.option("--cond-dropout", type=FRACTION, default=0.1, show_default=True, help="Probability of dropping the condition (for classifier-free guidance).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="Attention dropout of preset models.")
 @click.option("--zero", type=click.IntRange(0, 3), default=0, show_default=True, help="DeepSpeed ZeRO stage.")
 @click.option("--offload", type=click.Choice(["none", "cpu"]), default="none", show_default=True, help="Offload optimizer (and ZeRO-3 params) to CPU.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--procs", default=1, show_default=True, help="Ranks on this node: CPU processes (gloo), or GPUs with --device cuda.")
-@click.option("--gpus", type=click.IntRange(1), help="GPUs on this node, one rank each: --procs N --device cuda.")
+@click.option("--procs", type=POSITIVE, default=1, show_default=True, help="Ranks on this node: CPU processes (gloo), or GPUs with --device cuda.")
+@click.option("--gpus", type=POSITIVE, help="GPUs on this node, one rank each: --procs N --device cuda.")
 @click.option("--hostfile", type=click.Path(dir_okay=False), help="DeepSpeed hostfile: ranks on several nodes (its slots), --launcher deepspeed.")
 @click.option("--launcher", type=click.Choice(["torchrun", "deepspeed"]),
               help="What starts the ranks (default: deepspeed on cuda or with --hostfile, torchrun otherwise).")
-@click.option("--micro-batch", default=8, show_default=True, help="Sequences per rank per micro-step.")
-@click.option("--grad-accum", default=1, show_default=True, help="Micro-steps per optimizer step.")
-@click.option("--steps", type=int, help="Optimizer steps (default: --epochs).")
-@click.option("--epochs", type=float, help="Epochs over the sets (default 1 when --steps is not given).")
-@click.option("--lr", default=1e-4, show_default=True)
-@click.option("--min-lr", default=0.0, show_default=True, help="Floor of the cosine schedule.")
-@click.option("--warmup-steps", default=0, show_default=True)
+@click.option("--micro-batch", type=POSITIVE, default=8, show_default=True, help="Sequences per rank per micro-step.")
+@click.option("--grad-accum", type=POSITIVE, default=1, show_default=True, help="Micro-steps per optimizer step.")
+@click.option("--steps", type=POSITIVE, help="Optimizer steps (default: --epochs).")
+@click.option("--epochs", type=click.FloatRange(0, min_open=True), help="Epochs over the sets (default 1 when --steps is not given).")
+@click.option("--lr", type=NON_NEGATIVE_FLOAT, default=1e-4, show_default=True)
+@click.option("--min-lr", type=NON_NEGATIVE_FLOAT, default=0.0, show_default=True, help="Floor of the cosine schedule.")
+@click.option("--warmup-steps", type=NON_NEGATIVE, default=0, show_default=True)
 @click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
-@click.option("--weight-decay", default=0.05, show_default=True)
-@click.option("--clip", default=1.0, show_default=True, help="Gradient clipping (global norm).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--save-every", default=1000, show_default=True, help="Checkpoint every N steps (and at the end).")
-@click.option("--keep-checkpoints", default=2, show_default=True)
+@click.option("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.05, show_default=True)
+@click.option("--clip", type=NON_NEGATIVE_FLOAT, default=1.0, show_default=True, help="Gradient clipping (global norm).")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
+@click.option("--save-every", type=POSITIVE, default=1000, show_default=True, help="Checkpoint every N steps (and at the end).")
+@click.option("--keep-checkpoints", type=NON_NEGATIVE, default=2, show_default=True)
 @click.option("--exclude-keys", "exclude", type=click.Path(exists=True, dir_okay=False), help="File of keys (one per line) to leave out, e.g. from `arra-pipe audit`.")
 @click.option("--deepspeed-config", type=click.Path(exists=True, dir_okay=False), help="Use this DeepSpeed JSON config instead of the generated one.")
 @click.option("--progress/--no-progress", default=True)
@@ -315,14 +321,14 @@ def export(run, out, tag, dtype):
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the PNGs, grid.png and samples.jsonl.")
 @click.option("--prompt", "prompts", multiple=True, help="Text prompt (repeatable) for text-conditioned models.")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), help="File with one prompt per line.")
-@click.option("--class", "classes", type=int, multiple=True, help="Class id (repeatable) for class-conditioned models; default all classes.")
-@click.option("--n", default=1, show_default=True, help="Images per prompt or class.")
-@click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance scale (1 = off).")
-@click.option("--top-k", default=0, show_default=True, help="Keep the k most likely image codes (0 = all).")
-@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling threshold.")
-@click.option("--temperature", default=1.0, show_default=True, help="0 = greedy.")
-@click.option("--seed", default=0, show_default=True, help="Image i uses seed + i.")
-@click.option("--batch-size", type=int, help="Images per batch (default: 64 on cuda, 16 on cpu); an image does not depend on it.")
+@click.option("--class", "classes", type=NON_NEGATIVE, multiple=True, help="Class id (repeatable) for class-conditioned models; default all classes.")
+@click.option("--n", type=POSITIVE, default=1, show_default=True, help="Images per prompt or class.")
+@click.option("--cfg", type=NON_NEGATIVE_FLOAT, default=2.0, show_default=True, help="Classifier-free guidance scale (1 = off).")
+@click.option("--top-k", type=NON_NEGATIVE, default=0, show_default=True, help="Keep the k most likely image codes (0 = all).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Nucleus sampling threshold.")
+@click.option("--temperature", type=NON_NEGATIVE_FLOAT, default=1.0, show_default=True, help="0 = greedy.")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Image i uses seed + i.")
+@click.option("--batch-size", type=POSITIVE, help="Images per batch (default: 64 on cuda, 16 on cpu); an image does not depend on it.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--tokenizer-path", type=click.Path(exists=True, dir_okay=False), help="Image tokenizer weights, when not at the recorded path.")
 @click.option("--progress/--no-progress", default=True)
@@ -352,8 +358,8 @@ def sample(model, out, prompts, prompts_file, classes, cfg, top_k, top_p, temper
               "set's, when every sample has a prompt.")
 @click.option("--clip-model-path", type=click.Path(exists=True), help="Its weights folder (with the tokenizer files), "
               "when not where the registry finds them.")
-@click.option("--k", default=3, show_default=True, help="k of the k-NN precision/recall.")
-@click.option("--fid-reference", type=int, help="Use only the first N reference images for FID (Inception is slow on CPU).")
+@click.option("--k", type=POSITIVE, default=3, show_default=True, help="k of the k-NN precision/recall.")
+@click.option("--fid-reference", type=click.IntRange(2), help="Use only the first N reference images for FID (Inception is slow on CPU).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the teachers, Inception and the k-NN search run.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="JSON report (default: GENERATED/eval.json).")
@@ -373,11 +379,11 @@ def evaluate(generated, reference, teachers, out, **kw):
 @main.command("run")
 @click.argument("experiment", default="fmnist-arra-base")
 @click.option("--scale", default="cpu", show_default=True, help="A [scales.*] table of the experiment (cpu, gpu).")
-@click.option("--seeds", default=1, show_default=True, help="Repeat every arm with seeds 0..N-1; the table gives mean ± sd.")
+@click.option("--seeds", type=POSITIVE, default=1, show_default=True, help="Repeat every arm with seeds 0..N-1; the table gives mean ± sd.")
 @click.option("--ablations", is_flag=True, help="Also run the experiment's ablation arms (align layer, lambda).")
 @click.option("--out", "-o", default="runs/experiment", show_default=True, type=click.Path(file_okay=False))
 @click.option("--data", type=click.Path(exists=True, file_okay=False), help="Fashion-MNIST folder (default: Debian's full set, else the subset in data/).")
-@click.option("--workers", default=2, show_default=True)
+@click.option("--workers", type=NON_NEGATIVE, default=2, show_default=True)
 def run_experiment(experiment, scale, seeds, ablations, out, data, workers):
     """Run EXPERIMENT (a name in manifests/experiments or a .toml): every arm, every seed, stage 1
     once, then train, sample and eval per arm; writes results.md and results.json. Re-running
@@ -407,9 +413,9 @@ def models():
 @click.option("--out", "-o", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--data", type=click.Path(exists=True, file_okay=False),
               help="Fashion-MNIST folder (default: Debian's full set when installed, else the subset in data/).")
-@click.option("--workers", default=2, show_default=True)
-@click.option("--teacher-resolution", default=112, show_default=True, help="EfficientNet-Lite0 input size (224 is native; 112 is 4x faster on CPU).")
-@click.option("--steps", default=300, show_default=True, help="Training steps of the tiny model.")
+@click.option("--workers", type=NON_NEGATIVE, default=2, show_default=True)
+@click.option("--teacher-resolution", type=RESOLUTION, default=112, show_default=True, help="EfficientNet-Lite0 input size (224 is native; 112 is 4x faster on CPU).")
+@click.option("--steps", type=POSITIVE, default=300, show_default=True, help="Training steps of the tiny model.")
 def demo(out, data, workers, teacher_resolution, steps):
     """Run the pipeline on Fashion-MNIST: fit the tokenizer, extract train and test sets, train a
     tiny ARRA model on CPU, export it, sample 10 images per class and evaluate them."""
@@ -430,12 +436,12 @@ def audit_flags(fn):
     from stages.audit import DEFAULT_THRESHOLD
     flags = [
         click.option("--teacher", help="Teacher column to compare (default: the set's only teacher)."),
-        click.option("--threshold", default=DEFAULT_THRESHOLD, show_default=True,
+        click.option("--threshold", type=click.FloatRange(-1, 1), default=DEFAULT_THRESHOLD, show_default=True,
                      help="Cosine at or above which two images count as the same (exact and lightly edited copies score above 0.99; check the reported cosines on your data)."),
         click.option("--index", type=click.Choice(["auto", "exact", "ivf", "hnsw"]), default="auto", show_default=True,
                      help="auto: exact up to 50,000 rows, HNSW above; approximate indexes report their measured recall."),
-        click.option("--recall-target", default=0.95, show_default=True, help="IVF/HNSW: widen the search until recall@1 vs exact reaches this on a sample, but not past comparing each query with 1/32 of the set (wider costs about as much as exact search); the report warns if the target was not reached."),
-        click.option("--seed", default=0, show_default=True, help="Seed of the recall samples and IVF training sample."),
+        click.option("--recall-target", type=FRACTION, default=0.95, show_default=True, help="IVF/HNSW: widen the search until recall@1 vs exact reaches this on a sample, but not past comparing each query with 1/32 of the set (wider costs about as much as exact search); the report warns if the target was not reached."),
+        click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seed of the recall samples and IVF training sample."),
     ]
     for flag in reversed(flags):
         fn = flag(fn)
@@ -457,7 +463,7 @@ def run_audit(fn, *args, **kw):
 @audit.command("dedup")
 @click.argument("featureset", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", default="audit/dedup", show_default=True, type=click.Path(file_okay=False), help="Report folder.")
-@click.option("--k", default=10, show_default=True, help="Neighbours looked at per row.")
+@click.option("--k", type=POSITIVE, default=10, show_default=True, help="Neighbours looked at per row.")
 @audit_flags
 def audit_dedup(featureset, out, **kw):
     """Near-duplicate pairs in FEATURESET: pairs.csv, report.json, and exclude-keys.txt (the later
@@ -470,7 +476,7 @@ def audit_dedup(featureset, out, **kw):
 @click.argument("train_set", type=click.Path(exists=True, file_okay=False))
 @click.argument("test_set", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", default="audit/leakage", show_default=True, type=click.Path(file_okay=False), help="Report folder.")
-@click.option("--k", default=10, show_default=True, help="Training neighbours looked at per test row.")
+@click.option("--k", type=POSITIVE, default=10, show_default=True, help="Training neighbours looked at per test row.")
 @audit_flags
 def audit_leakage(train_set, test_set, out, **kw):
     """Test rows of TEST_SET with a training row of TRAIN_SET above the threshold: pairs.csv,
@@ -483,7 +489,7 @@ def audit_leakage(train_set, test_set, out, **kw):
 @click.argument("generated", type=click.Path(exists=True, file_okay=False))
 @click.argument("featureset", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", default="audit/memorization", show_default=True, type=click.Path(file_okay=False), help="Report folder.")
-@click.option("--show", default=16, show_default=True, help="Closest pairs in the grid.")
+@click.option("--show", type=NON_NEGATIVE, default=16, show_default=True, help="Closest pairs in the grid.")
 @click.option("--tokenizer-path", type=click.Path(exists=True, dir_okay=False), help="Tokenizer weights to decode training rows (default: the path in the manifest).")
 @click.option("--teacher-path", type=click.Path(exists=True), help="Teacher weights, when not where the registry finds them.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,

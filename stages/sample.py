@@ -78,14 +78,16 @@ def sample(model_path: str, out: str, prompts: list[str] | None = None, classes:
     text_tok = AutoTokenizer.from_pretrained(model_dir) if layout.condition == "text" else None
     conditioner = Conditioner(layout, text_tok, meta.get("max_text_len", 64))
     if layout.condition == "class":
+        if prompts:
+            raise ValueError("this model is class-conditioned: give --class, not --prompt/--prompts")
         classes = classes if classes else list(range(layout.null_class))
         bad = [c for c in classes if not 0 <= c < layout.null_class]
         if bad:
             raise ValueError(f"--class {bad} outside 0..{layout.null_class - 1}")
         wanted = [("class", c, [c]) for c in classes]
     else:
-        if not prompts:
-            raise ValueError("this model is text-conditioned: give --prompt or --prompts")
+        if not prompts or classes:
+            raise ValueError("this model is text-conditioned: give --prompt or --prompts, not --class")
         wanted = [("prompt", p, ids) for p, ids in zip(prompts, conditioner.encode(prompts))]
     jobs = [(kind, value, ids) for kind, value, ids in wanted for _ in range(n)]
     image_tok = load_recorded_tokenizer(meta["tokenizer"], tokenizer_path, dev)

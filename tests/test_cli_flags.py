@@ -21,3 +21,26 @@ def test_per_teacher_refuses_a_name_that_is_not_a_teacher():
         per_teacher(["dinov2-s=/w"], ("clip-l",), "--teacher-path")
     with pytest.raises(click.BadParameter, match="with several --teacher, write --aggregation NAME=VALUE"):
         per_teacher(["cls"], ("clip-l", "dinov2-s"), "--aggregation")
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["extract", ".", "--out", "x", "--batch-size", "0"], "--batch-size"),
+    (["extract", ".", "--out", "x", "--shard-size", "0"], "--shard-size"),
+    (["extract", ".", "--out", "x", "--teacher-resolution", "1"], "--teacher-resolution"),
+    (["train", ".", "--out", "x", "--steps", "0"], "--steps"),
+    (["train", ".", "--out", "x", "--steps", "-5"], "--steps"),
+    (["train", ".", "--out", "x", "--lambda", "-1"], "--lambda"),
+    (["train", ".", "--out", "x", "--micro-batch", "0"], "--micro-batch"),
+    (["sample", ".", "--out", "x", "--cfg", "-3"], "--cfg"),
+    (["sample", ".", "--out", "x", "--temperature", "-1"], "--temperature"),
+    (["sample", ".", "--out", "x", "--top-k", "-5"], "--top-k"),
+    (["sample", ".", "--out", "x", "--top-p", "0"], "--top-p"),
+    (["sample", ".", "--out", "x", "--n", "0"], "--n"),
+    (["audit", "dedup", ".", "--threshold", "2"], "--threshold"),
+    (["audit", "dedup", ".", "--k", "0"], "--k"),
+])
+def test_out_of_range_numbers_are_refused_naming_the_flag(args, flag):
+    from click.testing import CliRunner
+    from stages.cli import main
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.output, result.output

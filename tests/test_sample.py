@@ -132,6 +132,8 @@ def test_sample_cli_writes_pngs_grid_and_jsonl(codebook, tmp_path):
     assert rows[0]["cfg"] == 4.0 and rows[0]["top_k"] == 2000
     assert Image.open(out / rows[3]["file"]).size == (16, 16)
     assert Image.open(out / "grid.png").size == (32, 48)
+    result = CliRunner().invoke(main, ["sample", str(tmp_path / "model"), "--out", str(out), "--prompt", "a bag"])
+    assert result.exit_code != 0 and "this model is class-conditioned: give --class, not --prompt" in result.output
 
 
 def test_sample_refuses_a_different_tokenizer_and_says_where_the_moved_one_was(codebook, tmp_path):
