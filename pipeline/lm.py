@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -47,8 +48,10 @@ def preset_config(preset: str, vocab_size: int, max_positions: int, dropout: flo
 
 
 def build_from_preset(preset: str, vocab_size: int, max_positions: int, dropout: float = 0.0):
-    from transformers import LlamaForCausalLM
-    return LlamaForCausalLM(preset_config(preset, vocab_size, max_positions, dropout))
+    """A randomly initialised preset LM. Built through `from_config` (the same weights as the
+    constructor) so that under ZeRO-3 transformers builds it already partitioned."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_config(preset_config(preset, vocab_size, max_positions, dropout))
 
 
 def load_text_lm(path: str):
@@ -62,16 +65,29 @@ def load_text_lm(path: str):
 
 
 def extend_vocab(model, new_size: int) -> None:
-    """Grow input (and untied output) embeddings to `new_size`; new rows = mean of the old rows."""
-    old = model.get_input_embeddings().weight.shape[0]
+    """Grow input (and untied output) embeddings to `new_size`; new rows = mean of the old rows.
+    Sizes come from the module attributes and the rows are gathered for the fill, because under
+    ZeRO-3 a weight's local shape is that of its shard (empty)."""
+    old = model.get_input_embeddings().num_embeddings
     if new_size <= old:
         return
     model.resize_token_embeddings(new_size, mean_resizing=False)
-    with torch.no_grad():
-        for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
+    embeddings = {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}
+    with torch.no_grad(), gathered([p for e in embeddings.values() for p in e.parameters()]):
+        for emb in embeddings.values():
             emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
             if getattr(emb, "bias", None) is not None:
                 emb.bias[old:] = emb.bias[:old].mean()
+
+
+def gathered(params: list[torch.nn.Parameter]):
+    """Whole parameters for rank 0 to modify (broadcast on exit) when ZeRO-3 has partitioned them,
+    else nothing to do."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def read_layout(path: str | Path) -> dict:

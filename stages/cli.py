@@ -264,6 +264,7 @@ def recipe_defaults(ctx: click.Context, _param, value):
 @click.option("--keep-checkpoints", type=NON_NEGATIVE, default=2, show_default=True)
 @click.option("--exclude-keys", "exclude", type=click.Path(exists=True, dir_okay=False), help="File of keys (one per line) to leave out, e.g. from `arra-pipe audit`.")
 @click.option("--deepspeed-config", type=click.Path(exists=True, dir_okay=False), help="Use this DeepSpeed JSON config instead of the generated one.")
+@click.option("--activation-checkpointing", is_flag=True, help="Recompute each decoder layer in the backward pass instead of keeping its activations (less memory, about a third more compute).")
 @click.option("--progress/--no-progress", default=True)
 @click.pass_context
 def train(ctx, featuresets, procs, gpus, hostfile, launcher, **kw):

@@ -13,7 +13,9 @@ before the model is built. A run directory holds:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import itertools
 import json
 import math
 import os
@@ -23,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,8 +33,8 @@ import torch
 
 from pipeline.featureset import FeatureSet
 from pipeline.files import atomic_write_json, read_json
-from pipeline.lm import LAYOUT_FILE, build_from_preset, extend_vocab, load_text_lm, read_layout
-from pipeline.train_data import Conditioner, TrainStream
+from pipeline.lm import LAYOUT_FILE, build_from_preset, extend_vocab, load_text_lm, preset_config, read_layout
+from pipeline.train_data import Conditioner, Prefetch, TrainStream
 from pipeline.vocab import VocabLayout
 from pipeline.weights import deepspeed_loads_weights_only, load_torch
 
@@ -79,6 +82,7 @@ class TrainOptions:
     shuffle_buffer: int = 8192
     exclude: str | None = None
     deepspeed_config: str | None = None
+    activation_checkpointing: bool = False
     progress: bool = True
 
 
@@ -195,7 +199,8 @@ def text_tokenizer(opts: TrainOptions, sets: list[FeatureSet], out: Path, is_mai
 
 def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_main: bool):
     """Decide the vocabulary layout and how to build the LM, checking every size against the sets.
-    Returns (layout, builder, tokenizer); the builder makes the LM later."""
+    Returns (layout, builder, tokenizer, hidden size); the builder makes the LM later, once the
+    DeepSpeed config (which the hidden size sizes) can say whether to build it partitioned."""
     tok = sets[0].manifest["tokenizer"]
     grid, codebook = tuple(tok["grid"]), tok["codebook_size"]
     tok_ref = {k: tok.get(k) for k in ("name", "weights_sha256", "weights_path", "resolution", "grid", "codebook_size")}
@@ -210,6 +215,8 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
                              f"{prev['tokenizer']['name']} (sha256 {prev['tokenizer']['weights_sha256'][:12]}), the sets "
                              f"have {codebook} codes of {tok['name']} (sha256 {tok['weights_sha256'][:12]})")
         tokenizer = _maybe_tokenizer(opts.init) if layout.condition == "text" else None
+        from transformers import AutoConfig
+        hidden = AutoConfig.from_pretrained(opts.init, trust_remote_code=False).hidden_size
 
         def build():
             from transformers import AutoModelForCausalLM
@@ -225,7 +232,7 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
         tokenizer = AutoTokenizer.from_pretrained(opts.model[3:], trust_remote_code=False)
         rows = max(config.vocab_size, len(tokenizer))
         layout = VocabLayout("text", rows, codebook, grid, tok_ref, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1)
-        max_positions = config.max_position_embeddings
+        max_positions, hidden = config.max_position_embeddings, config.hidden_size
     else:
         if opts.condition == "class":
             layout = VocabLayout("class", class_count(sets) + 1, codebook, grid, tok_ref)
@@ -235,6 +242,7 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
             layout = VocabLayout("text", len(tokenizer), codebook, grid, tok_ref, tokenizer.pad_token_id)
         cond_len = 1 if opts.condition == "class" else opts.max_text_len
         max_positions = cond_len + layout.image_tokens + 2
+        hidden = preset_config(opts.model, layout.vocab_size, max_positions).hidden_size
 
         def build():
             return build_from_preset(opts.model, layout.vocab_size, max_positions, opts.dropout)
@@ -242,7 +250,7 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
     if max_positions is not None and need > max_positions:
         raise TrainError(f"sequences need {need} positions ({grid[0]}x{grid[1]} image codes + condition + 2) "
                          f"but the model has max_position_embeddings {max_positions}; lower --max-text-len or the grid")
-    return layout, build, tokenizer
+    return layout, build, tokenizer, hidden
 
 
 def _maybe_tokenizer(path: str):
@@ -254,7 +262,20 @@ def _maybe_tokenizer(path: str):
 # DeepSpeed config, optimizer, schedule
 
 
-def deepspeed_config(opts: TrainOptions, world: int) -> dict:
+def deepspeed_config(opts: TrainOptions, world: int, hidden: int) -> dict:
+    """The DeepSpeed config of these options (or the user's file).
+
+    Buckets, prefetch and persistence follow DeepSpeed's `auto` rules from the LM's width (hidden²,
+    0.9·hidden², 10·hidden elements): its 5e8 defaults exceed a LlamaGen-L's whole parameter count,
+    so ZeRO-2 could not overlap reduction with the backward pass and ZeRO-3 kept everything live.
+
+    Precision on a GPU: ZeRO 1-3 run DeepSpeed's `bf16` (bf16 weights, fp32 master partitions that
+    zero_to_fp32 exports). Without ZeRO, DeepSpeed 0.19.8's `bf16` is not that: the engine's
+    `_do_optimizer_sanity_check` picks DDP_BFLOAT16, i.e. FP16_UnfusedOptimizer, which accumulates
+    gradients in bf16, takes a zero-gradient warm-up step and checkpoints the module in bf16 (a bf16
+    with fp32 `grad_accum_dtype` is NotImplementedError there). So ZeRO-0 keeps fp32 weights and
+    runs the forward under DeepSpeed's `torch_autocast` (bf16 matmuls): gradients, their all-reduce,
+    the optimizer and the checkpointed module (what `export` reads) are all fp32."""
     if opts.deepspeed_config:
         config = read_json(opts.deepspeed_config)
         config.setdefault("train_micro_batch_size_per_gpu", opts.micro_batch)
@@ -262,9 +283,9 @@ def deepspeed_config(opts: TrainOptions, world: int) -> dict:
         return config
     gpu = opts.device == "cuda"
     zero = {"stage": opts.zero, "contiguous_gradients": True, "overlap_comm": gpu,
-            "reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8)}
+            "reduce_bucket_size": hidden * hidden, "allgather_bucket_size": hidden * hidden}
     if opts.zero == 3:
-        zero.update(stage3_prefetch_bucket_size=int(5e8), stage3_param_persistence_threshold=int(1e6),
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden), stage3_param_persistence_threshold=10 * hidden,
                     stage3_max_live_parameters=int(1e9), stage3_max_reuse_distance=int(1e9))
     if opts.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
@@ -272,14 +293,53 @@ def deepspeed_config(opts: TrainOptions, world: int) -> dict:
             zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
     return {"train_micro_batch_size_per_gpu": opts.micro_batch, "gradient_accumulation_steps": opts.grad_accum,
             "train_batch_size": opts.micro_batch * opts.grad_accum * world, "gradient_clipping": opts.clip,
-            "bf16": {"enabled": gpu}, "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": gpu and opts.zero > 0}, "torch_autocast": {"enabled": gpu and opts.zero == 0, "dtype": "bfloat16"},
+            "zero_optimization": zero, "zero_allow_untested_optimizer": True,
             "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
 
 
+@dataclass
+class _ZeRO3:
+    """All transformers asks of its HfDeepSpeedConfig (which needs accelerate) to build partitioned."""
+    config: dict
+
+    def is_zero3(self) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def built_partitioned(ds_config: dict):
+    """Under ZeRO-3, the LM is built already partitioned, so no rank ever holds the whole fp32 model
+    (a 7B one is 28 GB): told the config, transformers' from_config, from_pretrained and
+    resize_token_embeddings build under deepspeed.zero.Init and initialise, load or copy each module
+    gathered. (A bare deepspeed.zero.Init around a transformers 5 model would skip its weight init.)
+    The small projector is partitioned by deepspeed.initialize."""
+    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+    holder = _ZeRO3(ds_config)  # transformers keeps only a weak reference
+    set_hf_deepspeed_config(holder)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def checkpoint_activations(lm) -> None:
+    """--activation-checkpointing: each decoder layer is recomputed in the backward pass instead of
+    keeping its activations (non-reentrant torch.utils.checkpoint). transformers 5.2x renamed the
+    switch (the old name warns there); 5.17 has only the old one."""
+    enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only (not norms, biases); LlamaGen/nanoGPT convention."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """Decay matrices only (not norms, biases); LlamaGen/nanoGPT convention. A parameter built
+    partitioned by ZeRO-3 is judged by its whole shape (`ds_shape`), not by its local shard."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    rest = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
@@ -347,6 +407,11 @@ def train(opts: TrainOptions, log=print) -> dict:
     sets, teacher, teacher_dim = open_sets(opts.sets, opts.teacher, opts.lam)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     is_main = rank == 0
+    device = torch.device("cpu") if opts.device == "cpu" else torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL, DeepSpeed or pinned memory: else every rank opens a context on GPU 0
+    ckpt_dir = run / "checkpoints"
+    tag = resume_tag(ckpt_dir, world)
     model_dir = run / "model"
     if is_main:
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -358,7 +423,7 @@ def train(opts: TrainOptions, log=print) -> dict:
         # and its segments collide between concurrent jobs on one host; plain gloo is enough here.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo" if opts.device == "cpu" else "nccl", verbose=False)
-    layout, build, tokenizer = plan_model(opts, sets, model_dir, is_main)
+    layout, build, tokenizer, hidden = plan_model(opts, sets, model_dir, is_main)
     exclude = frozenset(k for k in Path(opts.exclude).read_text(encoding="utf-8").splitlines() if k) if opts.exclude else frozenset()
     stream = TrainStream(sets, teacher if opts.lam > 0 else None, layout, opts.micro_batch, rank, world, opts.seed,
                          opts.shuffle_buffer, opts.cond_dropout, Conditioner(layout, tokenizer, opts.max_text_len),
@@ -368,7 +433,7 @@ def train(opts: TrainOptions, log=print) -> dict:
         raise TrainError(f"the sets hold too few rows for one step of {world} ranks x {opts.micro_batch} rows x "
                          f"{opts.grad_accum} accumulation")
     total = opts.steps or math.ceil((opts.epochs or 1.0) * per_epoch)
-    ds_config = deepspeed_config(opts, world)
+    ds_config = deepspeed_config(opts, world, hidden)
     config = {"options": asdict(opts), "layout": layout.to_dict(),
               "model": opts.init or opts.model, "teacher": teacher if opts.lam > 0 else None,
               "teacher_dim": teacher_dim if opts.lam > 0 else None, "condition": layout.condition,
@@ -380,9 +445,12 @@ def train(opts: TrainOptions, log=print) -> dict:
     # ---- the model (same seed on every rank, LM before projector so lambda 0 and 1 share the LM init)
     torch.manual_seed(opts.seed)
     from pipeline.arra import ARRAModel
-    model = ARRAModel(build(), teacher_dim if opts.lam > 0 else None, opts.lam, opts.align_layer, opts.align_loss,
+    with built_partitioned(ds_config):
+        lm = build()
+    if opts.activation_checkpointing:
+        checkpoint_activations(lm)
+    model = ARRAModel(lm, teacher_dim if opts.lam > 0 else None, opts.lam, opts.align_layer, opts.align_loss,
                       opts.projector_hidden, opts.z_loss)
-    device = torch.device("cpu") if opts.device == "cpu" else torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if is_main:
         model.lm.config.save_pretrained(model_dir)
         if tokenizer is not None:
@@ -402,78 +470,135 @@ def train(opts: TrainOptions, log=print) -> dict:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups if optimizer is None else None,
                                            optimizer=optimizer, lr_scheduler=lambda opt: LambdaLR(opt, schedule),
                                            config=ds_config)
+    engine.train()  # from_pretrained hands the LM over in eval mode, where dropout and checkpointing are off
 
     # ---- resume
-    ckpt_dir = run / "checkpoints"
     step = 0
-    if (ckpt_dir / "latest").exists():
-        tag = (ckpt_dir / "latest").read_text().strip()
+    if tag:
         with deepspeed_loads_weights_only():
             _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
         step = client["step"]
-        state = load_torch(ckpt_dir / tag / f"arra_state_rank{rank}.pt")
-        torch.set_rng_state(state["rng"])
+        restore_rank_state(load_torch(ckpt_dir / tag / f"arra_state_rank{rank}.pt"), device)
         if is_main:
             log(f"resumed from {ckpt_dir / tag} at step {step}")
     metrics = Metrics(run, step, is_main)
 
     # ---- loop
-    epoch, in_epoch = divmod(step, per_epoch)
-    batches = stream.epoch(epoch)
-    for _ in range(in_epoch * opts.grad_accum):
-        next(batches)
     from tqdm import tqdm
     bar = tqdm(total=total, initial=step, unit="step", desc="train", disable=not (is_main and opts.progress),
                dynamic_ncols=True)
     last = {}
-    while step < total:
-        start, sums, tokens, samples = time.perf_counter(), {}, 0, 0
-        for micro in range(opts.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-            loss, parts = engine(**batch)
-            engine.backward(loss)
-            if micro == opts.grad_accum - 1 and engine.zero_optimization_stage() == 0:
-                grad_norm = plain_grad_norm(engine.module)  # DeepSpeed reports none without ZeRO
-            engine.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.float()
-            tokens += int(batch["attention_mask"].sum())
-            samples += batch["input_ids"].shape[0]
-        step += 1
-        keys = sorted(sums)
-        reduced = torch.stack([sums[k] / opts.grad_accum for k in keys] + [torch.tensor(float(tokens)), torch.tensor(float(samples))])
-        if world > 1:
-            torch.distributed.all_reduce(reduced)
-            reduced[:len(keys)] /= world
-        seconds = time.perf_counter() - start
-        gnorm = engine.get_global_grad_norm() if engine.zero_optimization_stage() else grad_norm
-        last = {"step": step, "epoch": epoch, **{k: float(reduced[i]) for i, k in enumerate(keys)},
-                "lr": engine.get_lr()[0], "grad_norm": float(gnorm) if gnorm is not None else None,
-                "tokens_per_s": float(reduced[-2]) / seconds, "samples_per_s": float(reduced[-1]) / seconds}
-        metrics.write(last)
-        bar.update(1)
-        bar.set_postfix({k: f"{last[k]:.4g}" for k in ("ce", "gva", "loss", "lr", "grad_norm", "tokens_per_s")
-                         if last.get(k) is not None}, refresh=False)
-        if step % per_epoch == 0:
-            epoch += 1
-            batches = stream.epoch(epoch)
-        if step % opts.save_every == 0 or step == total:
-            save_checkpoint(engine, ckpt_dir, step, rank, opts.keep_checkpoints)
+    with Prefetch(micro_batches(stream, step, total, per_epoch, opts.grad_accum), pin=device) as batches:
+        while step < total:
+            start, sums, tokens, samples, grad_norm = time.perf_counter(), {}, 0, 0, None
+            for micro in range(opts.grad_accum):
+                host = next(batches)
+                tokens += int(host["attention_mask"].sum())
+                samples += len(host["input_ids"])
+                loss, parts = engine(**{k: v.to(device, non_blocking=True) for k, v in host.items()})
+                engine.backward(loss)
+                if micro == opts.grad_accum - 1 and engine.zero_optimization_stage() == 0:
+                    grad_norm = plain_grad_norm(engine.module)
+                engine.step()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v.float()
+            epoch, step = step // per_epoch, step + 1
+            if engine.zero_optimization_stage():
+                grad_norm = engine.get_global_grad_norm()
+            names, figures = step_figures(sums, opts.grad_accum, tokens, samples, world, device, grad_norm)
+            values = dict(zip(names, figures.tolist()))  # the step's one host sync
+            seconds = time.perf_counter() - start
+            last = {"step": step, "epoch": epoch, **{k: values[k] for k in sorted(sums)}, "lr": engine.get_lr()[0],
+                    "grad_norm": values.get("grad_norm"), "tokens_per_s": values["tokens"] / seconds,
+                    "samples_per_s": values["samples"] / seconds}
+            metrics.write(last)
+            bar.update(1)
+            bar.set_postfix({k: f"{last[k]:.4g}" for k in ("ce", "gva", "loss", "lr", "grad_norm", "tokens_per_s")
+                             if last.get(k) is not None}, refresh=False)
+            if step % opts.save_every == 0 or step == total:
+                save_checkpoint(engine, ckpt_dir, rank, opts.keep_checkpoints, rank_state(step, world, device))
     bar.close()
     distributed.barrier()
     return last
 
 
-def plain_grad_norm(module: torch.nn.Module) -> float:
-    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
+def micro_batches(stream: TrainStream, step: int, total: int, per_epoch: int, accum: int) -> Iterator[dict]:
+    """The micro-batches of the steps after `step` up to `total`, in order: each epoch's stream (a pure
+    function of seed, epoch and rank) cut to its steps; those a resumed epoch already took are skipped."""
+    while step < total:
+        epoch, done = divmod(step, per_epoch)
+        steps = min(per_epoch - done, total - step)
+        yield from itertools.islice(stream.epoch(epoch), done * accum, (done + steps) * accum)
+        step += steps
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, keep: int) -> None:
+def step_figures(sums: dict[str, torch.Tensor], micro_steps: int, tokens: int, samples: int, world: int,
+                 device: torch.device, grad_norm=None) -> tuple[list[str], torch.Tensor]:
+    """One step's figures in one tensor on `device`, the training device NCCL reduces on (a CPU figure
+    stacked with device losses failed the first GPU step): loss parts averaged over micro-steps and
+    ranks, tokens and samples (counted on the host batches) summed over ranks, then the grad norm
+    (already global). The caller fetches them with one `.tolist()`, the step's only host sync."""
+    keys = sorted(sums)
+    figures = torch.cat([torch.stack([sums[k] for k in keys]).double() / micro_steps,
+                         torch.full((1,), tokens, dtype=torch.float64, device=device),
+                         torch.full((1,), samples, dtype=torch.float64, device=device)])
+    if world > 1:
+        torch.distributed.all_reduce(figures)
+        figures[:len(keys)] /= world
+    names = keys + ["tokens", "samples"]
+    if grad_norm is not None:  # a tensor from the optimizer (no sync), or a float
+        norm = (grad_norm.to(device, torch.float64).reshape(1) if torch.is_tensor(grad_norm)
+                else torch.full((1,), grad_norm, dtype=torch.float64, device=device))
+        figures, names = torch.cat([figures, norm]), names + ["grad_norm"]
+    return names, figures
+
+
+def plain_grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The global gradient norm without ZeRO, left on the device. DeepSpeed 0.19.8 has none there:
+    `get_global_grad_norm` returns what an optimizer wrapper leaves in `_global_grad_norm`, and
+    ZeRO-0 steps a plain torch optimizer (the norm it clips with is not kept)."""
+    return torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
+
+
+def rank_state(step: int, world: int, device: torch.device) -> dict:
+    """What a rank needs beside DeepSpeed's files to continue exactly: the step, the world size that
+    dealt the data, and the generators it draws from, the CPU's and its GPU's (each rank uses only
+    its own, and restores it whatever the node layout). The data stream has its own generator per
+    epoch and rank; nothing draws from Python's or numpy's global ones."""
+    state = {"step": step, "world": world, "rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rank_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def resume_tag(ckpt_dir: Path, world: int) -> str | None:
+    """The checkpoint to resume from, if any. Each rank's data cursor is its own stream (shards dealt by
+    rank and world size, rows shuffled per rank), so only as many ranks as wrote a checkpoint can
+    continue it; another count is refused rather than silently re-dealt."""
+    if not (ckpt_dir / "latest").exists():
+        return None
+    tag = (ckpt_dir / "latest").read_text().strip()
+    written = load_torch(ckpt_dir / tag / "arra_state_rank0.pt").get("world")
+    if written is None:  # written before the world size was recorded: one state file per rank
+        written = len(list((ckpt_dir / tag).glob("arra_state_rank*.pt")))
+    if written != world:
+        raise TrainError(f"{ckpt_dir / tag} was written by {written} ranks and this run has {world}: the data "
+                         f"cursor is per rank, so resume with {written} ranks (or train into another --out)")
+    return tag
+
+
+def save_checkpoint(engine, ckpt_dir: Path, rank: int, keep: int, state: dict) -> None:
     """Our per-rank state goes in first, then DeepSpeed's files and its `latest` pointer."""
+    step = state["step"]
     tag = f"step{step:08d}"
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-    torch.save({"step": step, "rng": torch.get_rng_state()}, ckpt_dir / tag / f"arra_state_rank{rank}.pt")
+    torch.save(state, ckpt_dir / tag / f"arra_state_rank{rank}.pt")
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
     if rank == 0 and keep > 0:
         ours = (p for p in ckpt_dir.glob("step" + "[0-9]" * 8) if (p / "arra_state_rank0.pt").is_file())
