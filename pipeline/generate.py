@@ -30,15 +30,11 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tenso
     return cond + (scale - 1.0) * (cond - uncond)
 
 
-def sample_rows(logits: torch.Tensor, generators: list[torch.Generator], s: Sampling) -> torch.Tensor:
-    """One token per row from BxV logits with temperature, top-k and top-p; greedy at temperature 0.
-
-    All rows at once by an exponential race, argmax(p / E) with E ~ Exp(1): the draw that
-    torch.multinomial makes for one sample (same tokens for the same generator state), without
-    its validity checks, which cost two host syncs per row on CUDA. Row i's noise comes from
-    `generators[i]` alone, so a row does not depend on the others."""
-    if s.temperature == 0:
-        return logits.argmax(-1)
+def filter_logits(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """BxV logits whose softmax is the distribution a row is drawn from (temperature > 0):
+    divided by the temperature, then top-k (tokens tied with the k-th are kept), then top-p on
+    what top-k left (the smallest set of most likely tokens whose probability reaches top_p);
+    filtered tokens are -inf."""
     logits = logits / s.temperature
     if 0 < s.top_k < logits.shape[-1]:
         kth = logits.topk(s.top_k, dim=-1).values[:, -1:]
@@ -46,9 +42,22 @@ def sample_rows(logits: torch.Tensor, generators: list[torch.Generator], s: Samp
     if s.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= s.top_p  # keep the smallest set reaching top_p
+        drop = cumulative - sorted_logits.softmax(-1) >= s.top_p  # the mass before it already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
+    return logits
+
+
+def sample_rows(logits: torch.Tensor, generators: list[torch.Generator], s: Sampling) -> torch.Tensor:
+    """One token per row from BxV logits with temperature, top-k and top-p (`filter_logits`);
+    greedy at temperature 0.
+
+    All rows at once by an exponential race, argmax(p / E) with E ~ Exp(1): the draw that
+    torch.multinomial makes for one sample (same tokens for the same generator state), without
+    its validity checks, which cost two host syncs per row on CUDA. Row i's noise comes from
+    `generators[i]` alone, so a row does not depend on the others."""
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, s).softmax(-1)
     noise = torch.empty_like(probs)
     for row, g in zip(noise, generators):
         row.exponential_(generator=g)
