@@ -1,15 +1,18 @@
 """One writer per output folder: a second extraction or training into the same folder is refused,
 naming who holds it, instead of interleaving its files with the first.
 
-The lock is an exclusive `flock` on `<folder>/.arra-pipe.lock`, which holds the owner's host, pid
-and command for the message. The kernel drops the lock when its process dies, so a killed job
-leaves no stale lock to clean up. (On network filesystems flock is only as good as the server's
-lock support.)
+The lock is an exclusive POSIX record lock (`lockf`) on `<folder>/.arra-pipe.lock`, which holds
+the owner's host, pid and command for the message. The kernel drops it when its process dies, so
+a killed job leaves no stale lock to clean up; unlike `flock`, it is not inherited by forked
+children (decoding workers), which would otherwise hold it after their parent was killed. POSIX
+locks do not exclude their own process, so the locks this process holds are also kept in a set.
+(On network filesystems the lock is only as good as the server's lock support.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -18,6 +21,7 @@ import sys
 from pathlib import Path
 
 LOCK = ".arra-pipe.lock"
+_HELD: set[Path] = set()  # the folders this process holds
 
 
 class LockedError(ValueError):
@@ -33,11 +37,16 @@ class FolderLock:
 
     def __enter__(self) -> "FolderLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.resolve() in _HELD:  # checked before opening: closing a second fd would drop our lock
+            raise LockedError(f"{self.path.parent} is being written by {describe(self.path.read_text())}; "
+                              "wait for it to finish or use another output folder")
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
                 holder = os.read(fd, 4096).decode("utf-8", "replace")
                 os.close(fd)
                 raise LockedError(f"{self.path.parent} is being written by {describe(holder)}; wait for it to "
@@ -52,10 +61,12 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "command": " ".join(sys.argv)}).encode())
         self.fd = fd
+        _HELD.add(self.path.resolve())
         return self
 
     def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)  # while still held, so no one waits on a removed file
+        _HELD.discard(self.path.resolve())
+        self.path.unlink(missing_ok=True)  # while still held, so no one locks a removed file
         os.close(self.fd)
         self.fd = None
 

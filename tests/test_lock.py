@@ -47,3 +47,17 @@ def test_a_second_extraction_into_the_same_folder_is_refused(run_extract, tmp_pa
         assert not (tmp_path / "set" / "shards").exists()
     result, _ = run_extract(tmp_path / "src", out=tmp_path / "set")
     assert result.rows == 1 and not (tmp_path / "set" / LOCK).exists()
+
+
+def test_a_forked_child_does_not_keep_the_lock_after_its_parent_is_killed(tmp_path):
+    """Decoding workers are forked from the writer: the lock must go with the writer."""
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; from pipeline.lock import FolderLock\n"
+                               f"with FolderLock({str(tmp_path)!r}):\n"
+                               "    if os.fork() == 0:\n        time.sleep(60); os._exit(0)\n"
+                               "    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with FolderLock(tmp_path):  # the forked child still runs, the lock is free
+        pass
