@@ -22,6 +22,7 @@ class VocabLayout:
     grid: tuple[int, int]
     tokenizer: dict         # the feature set's tokenizer reference: name, weights_sha256, resolution
     pad_id: int = -1        # text: the tokenizer's pad id; class: <eoi> (padding is masked anyway)
+    max_text_len: int = 0   # text: caption tokens kept, in training and at sampling alike; class: 0
 
     @property
     def image_offset(self) -> int:
@@ -60,4 +61,4 @@ class VocabLayout:
     @classmethod
     def from_dict(cls, d: dict) -> "VocabLayout":
         return cls(d["condition"], d["condition_vocab"], d["codebook_size"], tuple(d["grid"]), d["tokenizer"],
-                   d.get("pad_id", -1))
+                   d.get("pad_id", -1), d.get("max_text_len", 0))

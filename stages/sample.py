@@ -76,7 +76,7 @@ def sample(model_path: str, out: str, prompts: list[str] | None = None, classes:
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False,
                                                  dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32).to(dev).eval()
     text_tok = AutoTokenizer.from_pretrained(model_dir) if layout.condition == "text" else None
-    conditioner = Conditioner(layout, text_tok, meta.get("max_text_len", 64))
+    conditioner = Conditioner(layout, text_tok, layout.max_text_len or 64)  # 64: models exported before it was recorded
     if layout.condition == "class":
         if prompts:
             raise ValueError("this model is class-conditioned: give --class, not --prompt/--prompts")

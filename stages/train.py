@@ -26,17 +26,23 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from pipeline.featureset import FeatureSet
-from pipeline.files import atomic_write_json, read_json
+from pipeline import distributed
+from pipeline.files import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.lm import LAYOUT_FILE, build_from_preset, extend_vocab, load_text_lm, preset_config, read_layout
 from pipeline.train_data import Conditioner, Prefetch, TrainStream
+from pipeline.lock import main_rank_lock
 from pipeline.vocab import VocabLayout
 from pipeline.weights import deepspeed_loads_weights_only, load_torch
+
+
+CHECKPOINT_GLOB = "step" + "[0-9]" * 8
+COMPLETE = "arra_complete.json"  # written by rank 0 once every rank has written its part of a checkpoint
 
 
 class TrainError(ValueError):
@@ -192,7 +198,6 @@ def text_tokenizer(opts: TrainOptions, sets: list[FeatureSet], out: Path, is_mai
         from pipeline.text_tokenizer import train_bpe
         captions = (c for fs in sets for b in fs.batches() for c in b.column("caption").to_pylist())
         train_bpe(captions, opts.text_vocab).save_pretrained(out)
-    from pipeline import distributed
     distributed.barrier()
     return AutoTokenizer.from_pretrained(out)
 
@@ -214,6 +219,10 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
             raise TrainError(f"--init {opts.init}: image vocabulary is {layout.codebook_size} codes of tokenizer "
                              f"{prev['tokenizer']['name']} (sha256 {prev['tokenizer']['weights_sha256'][:12]}), the sets "
                              f"have {codebook} codes of {tok['name']} (sha256 {tok['weights_sha256'][:12]})")
+        if layout.condition == "text" and layout.max_text_len not in (0, opts.max_text_len):
+            raise TrainError(f"--init {opts.init}: the model was trained with --max-text-len {layout.max_text_len}; "
+                             f"pass the same (not {opts.max_text_len}) so captions are cut as they were")
+        layout = replace(layout, max_text_len=opts.max_text_len if layout.condition == "text" else 0)
         tokenizer = _maybe_tokenizer(opts.init) if layout.condition == "text" else None
         from transformers import AutoConfig
         hidden = AutoConfig.from_pretrained(opts.init, trust_remote_code=False).hidden_size
@@ -231,7 +240,8 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
         config = AutoConfig.from_pretrained(opts.model[3:], trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(opts.model[3:], trust_remote_code=False)
         rows = max(config.vocab_size, len(tokenizer))
-        layout = VocabLayout("text", rows, codebook, grid, tok_ref, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1)
+        layout = VocabLayout("text", rows, codebook, grid, tok_ref,
+                             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1, opts.max_text_len)
         max_positions, hidden = config.max_position_embeddings, config.hidden_size
     else:
         if opts.condition == "class":
@@ -239,7 +249,7 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
             tokenizer = None
         else:
             tokenizer = text_tokenizer(opts, sets, model_dir, is_main)
-            layout = VocabLayout("text", len(tokenizer), codebook, grid, tok_ref, tokenizer.pad_token_id)
+            layout = VocabLayout("text", len(tokenizer), codebook, grid, tok_ref, tokenizer.pad_token_id, opts.max_text_len)
         cond_len = 1 if opts.condition == "class" else opts.max_text_len
         max_positions = cond_len + layout.image_tokens + 2
         hidden = preset_config(opts.model, layout.vocab_size, max_positions).hidden_size
@@ -361,6 +371,26 @@ def lr_lambda(opts: TrainOptions, total_steps: int):
 # the run
 
 
+RESUMABLE = {"steps", "epochs", "save_every", "keep_checkpoints", "progress", "run", "sets"}  # sets: by path, below
+FLAGS = {"lam": "lambda", "exclude": "exclude-keys"}
+
+
+def check_same_options(run: Path, opts: TrainOptions) -> None:
+    """A resume continues the recorded trajectory, so every option that shapes it must be the one
+    the run was started with (only how long to train and how to checkpoint may change); checked
+    before anything in the run folder is touched. Options newer than the record are not compared."""
+    if not (run / "train_config.json").is_file():
+        return
+    before = read_json(run / "train_config.json").get("options", {})
+    now = json.loads(json.dumps(asdict(opts)))  # tuples as the record holds them
+    diffs = [f"--{FLAGS.get(k, k).replace('_', '-')}: was {before[k]!r}, now {now[k]!r}"
+             for k in sorted(before) if k in now and k not in RESUMABLE and before[k] != now[k]]
+    if diffs:
+        raise TrainError(f"{run} holds a run started with other settings, and resuming it with these would change "
+                         "its course (only --steps, --epochs, --save-every and --keep-checkpoints may change):\n  "
+                         + "\n  ".join(diffs) + "\nUse the same options, or another --out.")
+
+
 def _same_run(run: Path, config: dict) -> None:
     prev = read_json(run / "train_config.json")
     for key in ("layout", "model", "teacher", "teacher_dim", "sets", "condition"):
@@ -397,6 +427,13 @@ class Metrics:
 
 
 def train(opts: TrainOptions, log=print) -> dict:
+    """Train (or resume) the run at `opts.run`; a second job on the same run folder is refused while
+    this one runs."""
+    with main_rank_lock(opts.run):
+        return _train(opts, log)
+
+
+def _train(opts: TrainOptions, log) -> dict:
     if opts.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _single_process_env()
@@ -411,13 +448,13 @@ def train(opts: TrainOptions, log=print) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before NCCL, DeepSpeed or pinned memory: else every rank opens a context on GPU 0
     ckpt_dir = run / "checkpoints"
-    tag = resume_tag(ckpt_dir, world)
+    check_same_options(run, opts)
+    tag = resume_tag(ckpt_dir, world, log if is_main else lambda _: None)
     model_dir = run / "model"
     if is_main:
         model_dir.mkdir(parents=True, exist_ok=True)
 
     import deepspeed
-    from pipeline import distributed
     if opts.device == "cpu":
         # DeepSpeed's shared-memory all-reduce for CPU is JIT-compiled (about a minute on first use)
         # and its segments collide between concurrent jobs on one host; plain gloo is enough here.
@@ -577,13 +614,25 @@ def restore_rank_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
-def resume_tag(ckpt_dir: Path, world: int) -> str | None:
-    """The checkpoint to resume from, if any. Each rank's data cursor is its own stream (shards dealt by
-    rank and world size, rows shuffled per rank), so only as many ranks as wrote a checkpoint can
-    continue it; another count is refused rather than silently re-dealt."""
-    if not (ckpt_dir / "latest").exists():
+def resume_tag(ckpt_dir: Path, world: int, log=print) -> str | None:
+    """The checkpoint to resume from, if any: the newest complete one (a stop while a rank was still
+    writing leaves an incomplete newer one, which `latest` may name). Each rank's data cursor is its
+    own stream (shards dealt by rank and world size, rows shuffled per rank), so only as many ranks
+    as wrote a checkpoint can continue it; another count is refused rather than silently re-dealt."""
+    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else ""
+    complete = sorted(p.name for p in ckpt_dir.glob(CHECKPOINT_GLOB) if (p / COMPLETE).is_file())
+    tag = complete[-1] if complete else latest  # none complete: written before completeness was recorded
+    if not tag:
+        if any(ckpt_dir.glob(CHECKPOINT_GLOB)):
+            raise TrainError(f"{ckpt_dir}: no checkpoint is complete and `latest` names none; remove the step* "
+                             "folders to start again, or train into another --out")
         return None
-    tag = (ckpt_dir / "latest").read_text().strip()
+    if complete and latest != tag:
+        log(f"{ckpt_dir}: `latest` names {latest or 'nothing'}, which not every rank finished writing; "
+            f"resuming from {tag}, the newest complete checkpoint")
+    if not (ckpt_dir / tag / "arra_state_rank0.pt").is_file():
+        raise TrainError(f"{ckpt_dir / tag}: not a complete checkpoint (no arra_state_rank0.pt); remove it and "
+                         "`latest` to resume from an earlier one, or train into another --out")
     written = load_torch(ckpt_dir / tag / "arra_state_rank0.pt").get("world")
     if written is None:  # written before the world size was recorded: one state file per rank
         written = len(list((ckpt_dir / tag).glob("arra_state_rank*.pt")))
@@ -594,13 +643,21 @@ def resume_tag(ckpt_dir: Path, world: int) -> str | None:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, rank: int, keep: int, state: dict) -> None:
-    """Our per-rank state goes in first, then DeepSpeed's files and its `latest` pointer."""
+    """Every rank writes its state and DeepSpeed's files; once all have (a barrier), rank 0 marks the
+    checkpoint complete and only then points `latest` at it (DeepSpeed's own `latest` is written
+    by rank 0 without waiting for the others)."""
     step = state["step"]
     tag = f"step{step:08d}"
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
     torch.save(state, ckpt_dir / tag / f"arra_state_rank{rank}.pt")
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
-    if rank == 0 and keep > 0:
-        ours = (p for p in ckpt_dir.glob("step" + "[0-9]" * 8) if (p / "arra_state_rank0.pt").is_file())
-        for old in sorted(ours)[:-keep]:
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    distributed.barrier()
+    if rank != 0:
+        return
+    atomic_write_json(ckpt_dir / tag / COMPLETE, {"step": step, "world": state["world"],
+                                                  "files": sorted(p.name for p in (ckpt_dir / tag).iterdir())})
+    atomic_write_bytes(ckpt_dir / "latest", tag.encode())
+    if keep > 0:
+        ours = sorted(p for p in ckpt_dir.glob(CHECKPOINT_GLOB) if (p / "arra_state_rank0.pt").is_file())
+        for old in ours[:ours.index(ckpt_dir / tag) + 1][:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -153,6 +153,12 @@ def test_arra_variant_extends_a_text_lm_with_image_tokens(fmnist, tmp_path):
     assert torch.equal(emb[:old.shape[0]], old)  # lr 0: the text rows are untouched
     assert torch.allclose(emb[old.shape[0]:], old.mean(0, keepdim=True).expand(66, -1))
     assert (tmp_path / "hf" / "tokenizer.json").exists()
+    # captions are cut as in training wherever the model goes: sampling reads the length from the layout,
+    # and continuing it with another length is refused
+    assert layout["max_text_len"] == 16
+    from stages.train import TrainError, TrainOptions, train
+    with pytest.raises(TrainError, match="trained with --max-text-len 16; pass the same \\(not 64\\)"):
+        train(TrainOptions(sets=[str(fmnist)], run=str(tmp_path / "adapt"), init=str(tmp_path / "hf"), progress=False))
 
 
 @pytest.fixture(scope="module")

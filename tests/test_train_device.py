@@ -169,7 +169,7 @@ def test_zero0_with_the_gpu_precision_keeps_and_exports_fp32_masters(fmnist, tmp
     # the run refuses to continue with another number of ranks
     done = subprocess.run([sys.executable, "-m", "stages.cli", "train", str(fmnist), "--out", str(run), "--procs", "2",
                            "--deepspeed-config", str(tmp_path / "ds.json"), "--steps", "4", "--micro-batch", "8",
-                           "--no-progress"], capture_output=True, text=True, env=ENV, timeout=600)
+                           "--lr", "3e-3", "--no-progress"], capture_output=True, text=True, env=ENV, timeout=600)
     assert done.returncode != 0 and "was written by 1 ranks and this run has 2" in done.stderr, done.stderr[-3000:]
 
 
