@@ -10,6 +10,7 @@ reproduce it. No arm is tuned that the others are not.
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import time
@@ -106,6 +107,7 @@ def run_experiment(name: str, scale: str, seeds: int, out: str, data: str | None
     report = {"experiment": str(path), "description": exp.get("description", ""), "scale": scale, "scale_note": note,
               "data": str(data), "device": device, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
               "seeds": list(range(seeds)), "runs": runs, "summary": summarize(runs, [a["name"] for a in arms], teacher["name"]),
+              "paired": paired(runs, [a["name"] for a in arms]),
               "seconds": timer.seconds, "commands": commands}
     atomic_write_json(out / "results.json", report)
     (out / "results.md").write_text(markdown(report, teacher["name"]))
@@ -137,6 +139,38 @@ def summarize(runs: list[dict], arms: list[str], teacher: str) -> dict:
     return out
 
 
+# two-sided 95 % critical values of Student's t for 1..30 degrees of freedom (beyond: the normal's)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired(runs: list[dict], arms: list[str]) -> dict:
+    """Each arm against the first, seed by seed: arms that share a seed share data order, LM init and
+    sampling seeds, so the per-seed differences cancel what the seed does to both. Mean and sd of
+    the differences, the 95 % t interval of their mean, whether it excludes zero, and how many seeds
+    would make a difference of the observed mean and sd resolvable (None: more than 1000)."""
+    base, out = arms[0], {}
+    by_seed = {(r["arm"], r["seed"]): r["metrics"] for r in runs}
+    for arm in arms[1:]:
+        out[arm] = {}
+        seeds = sorted(s for a, s in by_seed if a == arm and (base, s) in by_seed)
+        for metric in by_seed[(arm, seeds[0])] if seeds else ():
+            diffs = [by_seed[(arm, s)][metric]["value"] - by_seed[(base, s)][metric]["value"] for s in seeds]
+            mean, n = statistics.fmean(diffs), len(diffs)
+            sd = statistics.stdev(diffs) if n > 1 else None
+            half = t95(n - 1) * sd / math.sqrt(n) if sd is not None else None
+            needed = next((k for k in range(2, 1001) if t95(k - 1) * sd / math.sqrt(k) < abs(mean)), None) if sd else None
+            out[arm][metric] = {"n_pairs": n, "mean_diff": mean, "sd_diff": sd,
+                                "ci95": [mean - half, mean + half] if half is not None else None,
+                                "resolved": half is not None and abs(mean) > half,
+                                "seeds_to_resolve": needed}
+    return out
+
+
+def t95(df: int) -> float:
+    return T95[df - 1] if df <= len(T95) else statistics.NormalDist().inv_cdf(0.975)
+
+
 def markdown(report: dict, teacher: str) -> str:
     arms = list(report["summary"])
     base = arms[0]
@@ -161,7 +195,22 @@ def markdown(report: dict, teacher: str) -> str:
         lines += ["", f"Class accuracy is a proxy for conditioning fidelity: a linear probe on {teacher} features of the "
                       f"training set; on the real test images it scores {report['summary'][base][ceiling[0]]['mean']:.3f}."]
     lines += ["", "FID uses the TF-Inception network; with fewer than 10,000 images it is biased upward, so compare arms "
-                  "only at equal sample counts, as here.", "", "## Runs", "",
+                  "only at equal sample counts, as here."]
+    if any(report.get("paired", {}).values()):
+        lines += ["", f"## Paired differences (arm − {base}, seed by seed)", "",
+                  "A difference is resolved when its 95 % t interval over the seeds excludes zero; the last column is "
+                  "about how many seeds would resolve a difference of the observed size.", "",
+                  "| metric | arm | mean ± sd | 95 % interval | resolved | seeds to resolve |", "|---|---|---|---|---|---|"]
+        for arm, per_metric in report["paired"].items():
+            for metric in metrics:
+                d = per_metric.get(metric)
+                if d is None:
+                    continue
+                sd = f" ± {d['sd_diff']:.2g}" if d["sd_diff"] is not None else ""
+                ci = f"[{d['ci95'][0]:.3g}, {d['ci95'][1]:.3g}]" if d["ci95"] else "– (one seed)"
+                lines.append(f"| {metric} | {arm} | {d['mean_diff']:+.3g}{sd} | {ci} | {'yes' if d['resolved'] else 'no'} "
+                             f"| {d['seeds_to_resolve'] or '–'} |")
+    lines += ["", "## Runs", "",
               "| arm | seed | " + " | ".join(metrics) + " | train s | total s |", "|---|---|" + "---|" * (len(metrics) + 2)]
     for r in report["runs"]:
         lines.append(f"| {r['arm']} | {r['seed']} | " + " | ".join(f"{r['metrics'][m]['value']:.4g}" for m in metrics)

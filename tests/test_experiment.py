@@ -9,7 +9,7 @@ import math
 import pytest
 
 from stages.demo import EMBEDDED_FASHION_MNIST
-from stages.experiment import run_experiment, summarize
+from stages.experiment import paired, run_experiment, summarize
 
 
 def test_smoke_experiment_two_seeds_two_arms(tmp_path):
@@ -53,3 +53,21 @@ def test_summary_is_the_mean_and_sample_sd_over_seeds_and_the_change_against_the
                                                       "n_reference": 60})
     one_seed = summarize(runs[:2], ["plain", "arra"], "efficientnet-lite0")
     assert one_seed["arra"]["FID"]["sd"] is None and one_seed["arra"]["FID"]["change_vs_plain"] == -0.9
+
+
+def test_paired_differences_give_the_t_interval_and_the_seeds_that_would_resolve_them():
+    def run(arm, seed, fid):
+        return {"arm": arm, "seed": seed, "metrics": {"FID": {"value": fid, "n_generated": 30, "n_reference": 60}}}
+    runs = [run("plain", 0, 10.0), run("arra", 0, 9.0), run("plain", 1, 12.0), run("arra", 1, 11.5),
+            run("plain", 2, 11.0), run("arra", 2, 10.0)]
+    d = paired(runs, ["plain", "arra"])["arra"]["FID"]
+    # differences -1, -0.5, -1: mean -5/6, sd sqrt(1/12); t(2 df) = 4.303, half-width 4.303 * sd / sqrt(3)
+    half = 4.303 * math.sqrt(1 / 12) / math.sqrt(3)
+    assert d["n_pairs"] == 3 and d["mean_diff"] == pytest.approx(-5 / 6) and d["sd_diff"] == pytest.approx(math.sqrt(1 / 12))
+    assert d["ci95"] == pytest.approx([-5 / 6 - half, -5 / 6 + half]) and d["resolved"]
+    assert d["seeds_to_resolve"] == 3  # 2 seeds: 12.706 * 0.289 / 1.414 = 2.6 > 0.83; 3: 0.717 < 0.83
+    # the same spread around a smaller effect is not resolved, and says how many seeds would be
+    runs[1]["metrics"]["FID"]["value"], runs[3]["metrics"]["FID"]["value"] = 10.2, 11.7  # -> +0.2, -0.3, -1
+    d = paired(runs, ["plain", "arra"])["arra"]["FID"]
+    # mean -0.367, sd 0.603: t/sqrt(n) must fall below 0.608; 12 seeds give 2.201/3.464 = 0.635, 13 give 0.604
+    assert not d["resolved"] and d["seeds_to_resolve"] == 13
