@@ -14,6 +14,12 @@ uint32 for codebooks over 65536), one `feat.<teacher>` (fixed-size list of float
 `image` (PNG bytes) when kept. Plain `webdataset` + `pyarrow` read it: each sample's "arrow" field
 is an IPC stream. `FeatureSet` joins the added columns to the shards' rows and refuses a column
 whose keys do not line up.
+
+Every tar is checked as `FeatureSet` reads it, before any of its rows is handed out: it is read
+whole (a tar is written whole too) and its size, sha256, members' schema, row count and the
+finiteness of its teacher features are compared with the manifest. `check_files` is the cheap
+up-front part (present, size) for a reader that starts late, such as training after its model
+is built. A damaged manifest is named with the key it lacks.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.files import atomic_write_bytes, read_json, sha256_file
+from pipeline.files import atomic_write_bytes, read_json
 from pipeline.lock import LOCK
 
 FORMAT = "arra-pipe-featureset"
@@ -47,6 +53,38 @@ OWN_ENTRIES = (MANIFEST, REJECTS, SHARDS, COLUMNS, PROGRESS, STATS)
 
 class FeatureSetError(ValueError):
     """A feature set is missing, incomplete or does not match what the caller needs."""
+
+
+class Manifest(dict):
+    """A manifest's JSON object (and each object in it): a key it lacks raises FeatureSetError
+    naming the file and the key, where a plain dict would give a bare KeyError deep in a stage."""
+
+    def __init__(self, items: dict, file: Path, where: str = ""):
+        super().__init__((k, _wrap(v, file, f"{where}{k}")) for k, v in items.items())
+        self.file, self.where = file, where
+
+    def __missing__(self, key):
+        raise FeatureSetError(f"{self.file}: no key '{self.where}{key}'; the manifest is damaged or was edited: "
+                              "restore it, or re-extract the set")
+
+
+def _wrap(value, file: Path, where: str):
+    if isinstance(value, dict):
+        return Manifest(value, file, f"{where}.")
+    if isinstance(value, list):
+        return [_wrap(v, file, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def read_manifest(path: Path) -> Manifest:
+    """A set's or column's manifest.json; a truncated or non-JSON file is refused by name."""
+    try:
+        data = read_json(path)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise FeatureSetError(f"{path}: not a readable manifest ({exc}); restore it, or re-extract the set") from None
+    if not isinstance(data, dict):
+        raise FeatureSetError(f"{path}: not a manifest (a JSON {type(data).__name__}, not an object)")
+    return Manifest(data, path)
 
 
 def feature_column(teacher: str) -> str:
@@ -150,6 +188,60 @@ def read_members(path: Path) -> Iterator[tuple[str, pa.RecordBatch]]:
                         yield member.name, batch
 
 
+def check_tar(root: Path, entry: dict, fields: dict[str, str]) -> tuple[list[tuple[str, pa.RecordBatch]], list[str]]:
+    """Read the tar of manifest `entry` whole and check it: present, size, sha256, readable, each
+    member's schema against `fields`, finite teacher features (naming row keys), row count.
+    Returns its (member, batch) list and the problems found, each starting with the tar's name."""
+    name = entry["name"]
+    try:
+        data = (root / name).read_bytes()
+    except FileNotFoundError:
+        return [], [f"{name}: missing"]
+    except OSError as exc:
+        return [], [f"{name}: unreadable ({type(exc).__name__}: {exc})"]
+    problems = []
+    if len(data) != entry["bytes"]:
+        problems.append(f"{name}: {len(data)} bytes on disk, manifest says {entry['bytes']} (truncated or replaced)")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry["sha256"]:
+        problems.append(f"{name}: sha256 {digest[:16]}... differs from the manifest's {entry['sha256'][:16]}...")
+    if problems:  # bytes known to be wrong are not parsed
+        return [], problems
+    members, buffer = [], pa.py_buffer(data)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+            for member in tf:
+                if member.isfile() and member.name.endswith(".arrow"):
+                    with pa.ipc.open_stream(buffer.slice(member.offset_data, member.size)) as reader:
+                        for batch in reader:
+                            batch.validate(full=True)  # offsets in bounds, even in a crafted file
+                            if (got := schema_fields(batch.schema)) != fields:
+                                diff = sorted(set(got.items()) ^ set(fields.items()))
+                                return [], [f"{name}: schema differs from the manifest: {diff}"]
+                            members.append((member.name, batch))
+    except (tarfile.TarError, pa.ArrowException, OSError, EOFError, UnicodeDecodeError) as exc:  # OSError: Arrow's IOError
+        return [], [f"{name}: unreadable ({type(exc).__name__}: {exc})"]
+    problems = [f"{name}: {why}" for _, batch in members for why in _non_finite(batch)]
+    rows = sum(b.num_rows for _, b in members)
+    if rows != entry["rows"]:
+        problems.append(f"{name}: {rows} rows, manifest says {entry['rows']}")
+    return members, problems
+
+
+def _non_finite(batch: pa.RecordBatch) -> list[str]:
+    """Teacher columns of `batch` holding NaN or inf, with the keys of their first rows: such a target
+    would train as a NaN loss and break every distance computed on it."""
+    out = []
+    for name in batch.schema.names:
+        if name.startswith("feat."):
+            x = batch.column(name).flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)
+            bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+            if len(bad):
+                out.append(f"{len(bad)} rows have non-finite {name} values, e.g. "
+                           f"{[batch.column('key')[int(i)].as_py() for i in bad[:3]]}")
+    return out
+
+
 def shards_digest(shards: list[dict]) -> str:
     """One sha256 for a set's shards: a column records it to say which shards it lines up with."""
     return hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
@@ -195,7 +287,7 @@ class FeatureSet:
         if not (path / MANIFEST).is_file():
             hint = " (extraction has not finished: re-run it to resume)" if (path / SHARDS).is_dir() else ""
             raise FeatureSetError(f"{path}: no {MANIFEST}; not a finished feature set{hint}")
-        manifest = read_json(path / MANIFEST)
+        manifest = read_manifest(path / MANIFEST)
         if manifest.get("format") != FORMAT:
             raise FeatureSetError(f"{path / MANIFEST}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
         if manifest.get("version", 0) > VERSION:
@@ -204,7 +296,8 @@ class FeatureSet:
 
     @property
     def rows(self) -> int:
-        return self.manifest["rows"]
+        """The shards' row counts, each of which is checked when its shard is read."""
+        return sum(s["rows"] for s in self.manifest["shards"])
 
     @property
     def teachers(self) -> dict[str, dict]:
@@ -215,7 +308,7 @@ class FeatureSet:
     @property
     def columns(self) -> dict[str, dict]:
         """Finished added columns by name (a column being added has no manifest yet and is not read)."""
-        return {p.parent.name: read_json(p) for p in sorted((self.path / COLUMNS).glob(f"*/{MANIFEST}"))}
+        return {p.parent.name: read_manifest(p) for p in sorted((self.path / COLUMNS).glob(f"*/{MANIFEST}"))}
 
     def shard_paths(self) -> list[Path]:
         return [self.path / s["name"] for s in self.manifest["shards"]]
@@ -226,14 +319,16 @@ class FeatureSet:
             yield from self.shard_batches(index, columns)
 
     def shard_batches(self, index: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-        """Rows of shard `index` with the added `columns` joined, member by member; raises
-        FeatureSetError when a column's member names or keys do not line up with the shard's."""
+        """Rows of shard `index` with the added `columns` joined, member by member. Every tar is
+        checked whole (`check_tar`) before its first row is yielded, so no row of a damaged tar is
+        ever used; raises FeatureSetError naming the tar, or a column whose members or keys do not
+        line up with the shard's."""
         added = self.columns
         names = self.column_names(columns)
         schema = self.schema(names)
         shard = self.manifest["shards"][index]["name"]
-        parts = {n: read_members(self.path / added[n]["shards"][index]["name"]) for n in names}
-        for member, batch in read_members(self.path / shard):
+        parts = {n: iter(self._read(added[n]["shards"][index], n)) for n in names}
+        for member, batch in self._read(self.manifest["shards"][index]):
             arrays = list(batch.columns)
             for n, part in parts.items():
                 got_member, got = next(part, (None, None))
@@ -247,6 +342,39 @@ class FeatureSet:
         for n, part in parts.items():
             if next(part, None) is not None:
                 raise FeatureSetError(f"{added[n]['shards'][index]['name']}: more members than {shard}")
+
+    def _read(self, entry: dict, column: str | None = None) -> list[tuple[str, pa.RecordBatch]]:
+        """The checked members of a tar of the set (a shard, or a tar of added `column`)."""
+        members, problems = check_tar(self.path, entry, self._fields(column))
+        if problems:
+            raise self._damaged(problems[0], column)
+        return members
+
+    def check_files(self, index: int, columns: list[str]) -> None:
+        """Shard `index` and its tars of the added `columns` are present at their manifest size: a
+        stat each, cheap enough to run on every shard before a long job starts (their content is
+        checked as they are read)."""
+        entries = [(self.manifest["shards"][index], None)]
+        if columns:
+            entries += [(self.columns[n]["shards"][index], n) for n in self.column_names(columns)]
+        for entry, column in entries:
+            p = self.path / entry["name"]
+            if not p.is_file():
+                raise self._damaged(f"{entry['name']}: missing", column)
+            if p.stat().st_size != entry["bytes"]:
+                raise self._damaged(f"{entry['name']}: {p.stat().st_size} bytes on disk, manifest says "
+                                    f"{entry['bytes']} (truncated or replaced)", column)
+
+    def _damaged(self, problem: str, column: str | None) -> FeatureSetError:
+        fix = (f"remove {self.path / COLUMNS / column} and add the column again" if column and column != IMAGE
+               else "re-extract the set (extract --overwrite)")
+        return FeatureSetError(f"{self.path}/{problem}; `arra-pipe verify {self.path}` lists every damaged file; {fix}")
+
+    def _fields(self, column: str | None = None) -> dict[str, str]:
+        """Column name -> type of the members of a shard, or of a tar of added `column`."""
+        if column is None:
+            return schema_fields(self.schema([]))
+        return {"key": "string", **schema_fields(pa.schema([column_field(column, self.columns[column])]))}
 
     def column_names(self, columns: list[str] | None = None) -> list[str]:
         """The added columns to join (default all), teachers first and `image` last, as in the schema."""
@@ -274,13 +402,22 @@ class FeatureSet:
         return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()] if p.exists() else []
 
     def verify(self) -> list[str]:
-        """Re-check every shard and every added column's tars: present, size, sha256, readable,
-        schema, row count, and for columns that member names and keys line up with the shard.
-        Returns the problems found, each naming the file; empty when the set is intact."""
-        problems, keys = [], {}
-        expected = schema_fields(self.schema([]))
+        """Re-check every shard and every added column's tars as a reader does (`check_tar`), and
+        for columns that member names and keys line up with the shard; and that rejects.jsonl holds
+        the rejects the manifest counts. Returns the problems found, each naming the file; empty
+        when the set is intact."""
+        try:
+            return self._verify()
+        except FeatureSetError as exc:  # a manifest that lacks a key: nothing further can be compared
+            return [str(exc)]
+
+    def _verify(self) -> list[str]:
+        problems, keys = self._rejects_problems(), {}
+        expected = self._fields()
         for entry in self.manifest["shards"]:
-            problems += _check_tar(self.path, entry, expected, keys.setdefault(entry["name"], []))
+            members, found = check_tar(self.path, entry, expected)
+            problems += found
+            keys[entry["name"]] = [(m, b.column("key")) for m, b in members]
         problems += _unlisted(self.path, SHARDS, self.manifest["shards"])
         digest = shards_digest(self.manifest["shards"])
         for name, column in self.columns.items():
@@ -291,48 +428,33 @@ class FeatureSet:
             if len(column["shards"]) != len(self.manifest["shards"]):
                 problems.append(f"{where}: {len(column['shards'])} tars for {len(self.manifest['shards'])} shards")
                 continue
-            fields = {"key": "string", **schema_fields(pa.schema([column_field(name, column)]))}
+            fields = self._fields(name)
             for entry, shard in zip(column["shards"], self.manifest["shards"]):
-                problems += _check_tar(self.path, entry, fields, reference=keys[shard["name"]])
+                members, found = check_tar(self.path, entry, fields)
+                problems += found + (_alignment(entry["name"], members, keys[shard["name"]]) if members else [])
             problems += _unlisted(self.path, where, column["shards"])
         return problems
 
+    def _rejects_problems(self) -> list[str]:
+        """rejects.jsonl is present, readable and holds as many rejects as the manifest counts."""
+        total = self.manifest["rejects"]["total"]
+        if not (self.path / REJECTS).is_file():
+            return [f"{REJECTS}: missing (the manifest counts {total} rejects)"]
+        try:
+            found = len(self.rejects())
+        except ValueError as exc:  # not UTF-8, or a line that is not JSON
+            return [f"{REJECTS}: unreadable ({exc})"]
+        return [] if found == total else [f"{REJECTS}: {found} rejects, manifest says {total}"]
 
-def _check_tar(root: Path, entry: dict, expected: dict, keys: list | None = None, reference: list | None = None) -> list[str]:
-    """Problems of one tar of a set. Fills `keys` with its (member, keys), or compares them with `reference`."""
-    p, name = root / entry["name"], entry["name"]
-    if not p.is_file():
-        return [f"{name}: missing"]
-    problems = []
-    size = p.stat().st_size
-    if size != entry["bytes"]:
-        problems.append(f"{name}: {size} bytes on disk, manifest says {entry['bytes']} (truncated or replaced)")
-    digest = sha256_file(p)
-    if digest != entry["sha256"]:
-        problems.append(f"{name}: sha256 {digest[:16]}... differs from the manifest's {entry['sha256'][:16]}...")
-    try:
-        rows, members = 0, []
-        for member, batch in read_members(p):
-            got = schema_fields(batch.schema)
-            if got != expected:
-                diff = sorted(set(got.items()) ^ set(expected.items()))
-                return problems + [f"{name}: schema differs from the manifest: {diff}"]
-            members.append((member, batch.column("key")))
-            rows += batch.num_rows
-        if rows != entry["rows"]:
-            problems.append(f"{name}: {rows} rows, manifest says {entry['rows']}")
-    except (tarfile.TarError, pa.ArrowInvalid, OSError, EOFError) as exc:
-        return problems + [f"{name}: unreadable ({type(exc).__name__}: {exc})"]
-    if keys is not None:
-        keys.extend(members)
-    if reference is not None:
-        if [m for m, _ in members] != [m for m, _ in reference]:
-            problems.append(f"{name}: members {[m for m, _ in members][:4]}... do not match the shard's {[m for m, _ in reference][:4]}...")
-        for (member, got), (_, want) in zip(members, reference):
-            if (why := keys_mismatch(got, want)) is not None:
-                problems.append(f"{name}: member {member} does not line up with the shard: {why}")
-                break
-    return problems
+
+def _alignment(name: str, members: list[tuple[str, pa.RecordBatch]], reference: list[tuple[str, pa.Array]]) -> list[str]:
+    """Problems of a column tar whose member names or keys do not line up with its shard's."""
+    if [m for m, _ in members] != [m for m, _ in reference]:
+        return [f"{name}: members {[m for m, _ in members][:4]}... do not match the shard's {[m for m, _ in reference][:4]}..."]
+    for (member, batch), (_, want) in zip(members, reference):
+        if (why := keys_mismatch(batch.column("key"), want)) is not None:
+            return [f"{name}: member {member} does not line up with the shard: {why}"]
+    return []
 
 
 def _unlisted(root: Path, folder: str, entries: list[dict]) -> list[str]:

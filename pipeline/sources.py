@@ -87,11 +87,33 @@ class Source:
         """sha256 over every record's key, caption, label and image reference (paths relative to
         the source, so that a moved dataset keeps its fingerprint)."""
         h = hashlib.sha256()
-        root = str(Path(self.path) if Path(self.path).is_dir() else Path(self.path).parent).rstrip("/") + "/"
         for r in self.records:
-            ref = [x.removeprefix(root) if isinstance(x, str) else x for x in r.ref]
+            ref = [self._relative(x) if isinstance(x, str) else x for x in r.ref]
             h.update(json.dumps([r.key, r.caption, r.label, ref, r.reject]).encode("utf-8", "surrogatepass"))
         return h.hexdigest()
+
+    @property
+    def files_fingerprint(self) -> str:
+        """sha256 over the size and mtime_ns of every file that images are read from (an image file,
+        tar or idx file; relative paths as in `fingerprint`), so that pixels changed in place change
+        it. A stat per file: content hashes would read the whole dataset. Copies that keep mtimes
+        (mv, cp -p, rsync -a) keep it."""
+        h = hashlib.sha256()
+        for path in dict.fromkeys(r.ref[1] for r in self.records if not r.reject):
+            try:
+                st = os.stat(path)
+                stamp = [st.st_size, st.st_mtime_ns]
+            except OSError:  # gone: its record will be rejected as missing
+                stamp = None
+            h.update(json.dumps([self._relative(path), stamp]).encode("utf-8", "surrogatepass"))
+        return h.hexdigest()
+
+    @functools.cached_property
+    def _root(self) -> str:
+        return str(Path(self.path) if Path(self.path).is_dir() else Path(self.path).parent).rstrip("/") + "/"
+
+    def _relative(self, path: str) -> str:
+        return path.removeprefix(self._root)
 
 
 # ---------------------------------------------------------------------------------------------

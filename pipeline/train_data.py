@@ -98,6 +98,8 @@ class TrainStream:
         self.align_positions, self.exclude = align_positions, exclude
         self.shards = [ShardRef(fs, i, s["rows"], tuple(c for c in fs.columns if c == teacher))
                        for fs in sets for i, s in enumerate(fs.manifest["shards"])]
+        for ref in self.shards:  # every rank, before the model is built: present at their size; contents as read
+            ref.featureset.check_files(ref.index, list(ref.columns))
         self.by_shard = len(self.shards) >= world
 
     def rank_shards(self, rank: int) -> list[ShardRef]:

@@ -59,7 +59,8 @@ def reference_images(fs: FeatureSet, tokenizer_path: str | None, limit: int | No
         src = m["source"]
         options = SourceOptions(**src["options"])
         source = read_source(src["path"], src["format"], options)
-        if source.fingerprint != src["fingerprint"]:
+        recorded = [k for k in ("fingerprint", "files_fingerprint") if k in src]  # older sets lack the second
+        if [src[k] for k in recorded] != [getattr(source, k) for k in recorded]:
             raise ValueError("the source changed since extraction")
         index = {r.key: i for i, r in enumerate(source.records) if not r.reject}
         order = [index[k] for k in keys]
@@ -141,7 +142,7 @@ def evaluate(generated: str, reference: str, teachers: list[str] | None = None, 
     table = fs.table([c for c in fs.columns if c != IMAGE])  # read once; kept crops are not needed
     images, rows = load_generated(Path(generated), fs.manifest["preprocess"]["resolution"])
     seeds = [r["seed"] for r in rows if "seed" in r]
-    n, n_ref = len(images), fs.rows
+    n, n_ref = len(images), table.num_rows  # rows read, each shard's count checked against the manifest
     result = {"generated": {"path": str(generated), "images": n, "seeds": [min(seeds), max(seeds)] if seeds else None},
               "reference": {"path": str(fs.path), "rows": n_ref}, "metrics": []}
 

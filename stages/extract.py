@@ -145,7 +145,8 @@ def _check_same_job(path: Path, previous: dict, job: dict) -> None:
 # Job fields that older arra-pipe versions did not record. A finished set or column without one is
 # compared on the rest, so re-running the command that made it still finds it up to date. Resumes
 # compare every field: their new shards would be mixed with shards of unknown settings.
-LATER_FIELDS = ("compute", "preprocess.max_side", "source.options.follow_symlinks", "source.options.max_file_bytes")
+LATER_FIELDS = ("compute", "preprocess.max_side", "source.options.follow_symlinks", "source.options.max_file_bytes",
+                "source.files_fingerprint")
 
 
 def unrecorded(finished: dict, job: dict) -> tuple[dict, list[str]]:
@@ -205,7 +206,8 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> ExtractResult:
     teachers = {t.name: t.to(device).eval() for t in (build_teacher(opts, name) for name in opts.teachers)}
     code_len = tokenizer.grid[0] * tokenizer.grid[1]
     job = {"source": {"format": source.format, "path": source.path, "fingerprint": source.fingerprint,
-                      "records": len(records), "options": asdict(opts.source_options)},
+                      "files_fingerprint": source.files_fingerprint, "records": len(records),
+                      "options": asdict(opts.source_options)},
            "preprocess": {"resolution": tokenizer.resolution, "crop": "center", "resample": "bicubic",
                           "teacher_view": opts.teacher_view, "max_pixels": opts.max_pixels,
                           "max_side": opts.max_side},
