@@ -413,16 +413,29 @@ def models():
 @main.command()
 @click.option("--out", "-o", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--data", type=click.Path(exists=True, file_okay=False),
-              help="Fashion-MNIST folder (default: Debian's full set when installed, else the subset in data/).")
+              help="Fashion-MNIST folder (default: the 2,000 + 500 image subset in data/).")
 @click.option("--workers", type=NON_NEGATIVE, default=2, show_default=True)
 @click.option("--teacher-resolution", type=RESOLUTION, default=112, show_default=True, help="EfficientNet-Lite0 input size (224 is native; 112 is 4x faster on CPU).")
 @click.option("--steps", type=POSITIVE, default=300, show_default=True, help="Training steps of the tiny model.")
 def demo(out, data, workers, teacher_resolution, steps):
     """Run the pipeline on Fashion-MNIST: fit the tokenizer, extract train and test sets, train a
-    tiny ARRA model on CPU, export it, sample 10 images per class and evaluate them."""
+    tiny ARRA model on CPU, export it, sample 10 images per class, evaluate them and write
+    OUT/report.html (and report.md)."""
     from stages.demo import run_demo
     try:
         run_demo(out, data, workers, teacher_resolution, steps, log=click.echo)
+    except ValueError as exc:
+        fail(exc)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+def report(folder):
+    """Write FOLDER/report.html and report.md for a training run (curves, options), an `arra-pipe
+    run` experiment (arms side by side with mean ± sd, their sample grids) or the demo's folder."""
+    from stages.report import report as write
+    try:
+        click.echo(f"wrote {write(folder)} and report.md")
     except ValueError as exc:
         fail(exc)
 

@@ -22,7 +22,6 @@ from pipeline.files import atomic_write_json
 from pipeline.generate import Sampling
 from pipeline.registry import option_names, read_manifest
 from pipeline.sources import SourceOptions
-from stages.demo import default_data
 from stages.evaluate import evaluate
 from stages.export import export
 from stages.extract import ExtractOptions, extract
@@ -30,7 +29,14 @@ from stages.sample import sample
 from stages.tokenizer_fit import fit_tokenizer
 from stages.train import TrainOptions, train
 
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+EMBEDDED_FASHION_MNIST = Path(__file__).resolve().parents[1] / "data" / "fashion-mnist-mini"
 HEADLINE = ("FID", "FD {teacher}", "class accuracy (proxy)")
+
+
+def default_data() -> Path:
+    """Debian's full Fashion-MNIST (`apt-get install dataset-fashion-mnist`) when installed, else the subset in data/."""
+    return DEBIAN_FASHION_MNIST if DEBIAN_FASHION_MNIST.is_dir() else EMBEDDED_FASHION_MNIST
 
 
 def _flags(options: dict) -> str:
