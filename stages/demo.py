@@ -28,7 +28,7 @@ from stages.train import TrainOptions, train
 
 
 CODEBOOK_SIZE = 256  # 4x fewer codes than `run` uses: fitted in seconds, and a vocabulary a tiny model learns in few steps
-MINUTES = "about 20"  # measured on 2 cores shared with other jobs (load average 3-7), README "Quick start"
+MINUTES = "about 26"  # measured on 2 cores shared with other jobs (load average 3-8), README "Quick start"
 
 
 def run_demo(out: str, data: str | None, workers: int, teacher_resolution: int, steps: int = 300, log=print) -> Path:

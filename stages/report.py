@@ -37,7 +37,7 @@ class Page:
         out = [f"<!doctype html><meta charset='utf-8'><title>{e(self.title)}</title>",
                "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}pre{background:#f4f4f4;padding:.5em;"
                "overflow-x:auto}td,th{border:1px solid #ccc;padding:.2em .5em}table{border-collapse:collapse}"
-               "figure{display:inline-block;margin:.5em;vertical-align:top}</style>", f"<h1>{e(self.title)}</h1>"]
+               "figure{display:inline-block;margin:.5em;vertical-align:top}img{max-width:100%}</style>", f"<h1>{e(self.title)}</h1>"]
         for kind, args in self.blocks:
             if kind == "h2":
                 out.append(f"<h2>{e(args[0])}</h2>")
