@@ -17,8 +17,6 @@ import torch
 from pipeline.generate import Sampling, filter_logits, generate, guide, sample_rows
 from pipeline.vocab import VocabLayout
 
-INF = float("inf")
-
 
 def probs(logits: list[float], **sampling) -> list[float]:
     """The distribution one row is drawn from."""
@@ -32,6 +30,19 @@ def softmax(values: list[float]) -> list[float]:
 
 def close(got: list[float], want: list[float]):
     assert got == pytest.approx(want, abs=1e-6), (got, want)
+
+
+def test_python_defaults_are_the_sample_defaults():
+    """`stages.sample.sample` falls back to Sampling(): the same settings as `arra-pipe sample` with no
+    flags. Settings are frozen (hashable, never changed by a run)."""
+    import dataclasses
+
+    from stages.cli import main
+    flags = {p.name: p.default for p in main.commands["sample"].params}
+    assert Sampling() == Sampling(cfg=2.0, temperature=1.0, top_k=0, top_p=1.0)
+    assert Sampling() == Sampling(flags["cfg"], flags["temperature"], flags["top_k"], flags["top_p"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Sampling().cfg = 1.0
 
 
 def test_guidance_moves_away_from_the_unconditional_logits():
@@ -95,7 +106,7 @@ def test_top_p_runs_on_the_tempered_top_k_distribution():
     close(probs(logits, temperature=2.0, top_p=0.65), [t / sum(tempered[:3]) for t in tempered[:3]] + [0.0])
 
 
-def test_temperature_zero_is_the_argmax_of_the_guided_logits():
+def test_temperature_zero_takes_the_argmax():
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 1.0, 7.0]])
     assert sample_rows(logits, [torch.Generator(), torch.Generator()], Sampling(temperature=0)).tolist() == [1, 2]
 
@@ -140,20 +151,21 @@ def toy_model() -> ToyLM:
 
 def test_guidance_moves_samples_towards_the_condition_on_a_toy_model():
     """2,000 images of each class, 2 codes each, at cfg 0 (the null condition alone), 1 (the
-    condition alone) and 3: every code's frequency is within 5 standard errors of
-    softmax(uncond + cfg * (cond - uncond)), no probability below 0.016, so the normal bound holds
+    condition alone) and 2 (the default): every code's frequency is within 5 standard errors of
+    softmax(uncond + cfg * (cond - uncond)), no probability below 0.06, so the normal bound holds
     for any seeds (the seeds are fixed anyway)."""
     n, freq_a = 2000, {}
-    for cfg in (0.0, 1.0, 3.0):
+    for cfg in (0.0, 1.0, 2.0):
         codes = generate(toy_model(), TOY, [[0]] * n + [[1]] * n, [TOY.null_class], list(range(2 * n)), Sampling(cfg=cfg))
         assert codes.shape == (2 * n, 2) and int(codes.max()) < TOY.codebook_size
+        assert codes.is_inference()  # no autograd graph kept across the steps
         for label, rows in ((0, codes[:n]), (1, codes[n:])):
             want = softmax([u + cfg * (c - u) for c, u in zip(COND[label], UNCOND)])
-            assert min(want) > 0.016
+            assert min(want) > 0.06
             draws = rows.flatten()
             for code, p in enumerate(want):
                 freq = float((draws == code).float().mean())
                 assert abs(freq - p) <= 5 * math.sqrt(p * (1 - p) / draws.numel()), (cfg, label, code, freq, p)
         freq_a[cfg] = float((codes[:n] == 0).float().mean())
-    # A for class 0: 1/(e^0.5+3) = 0.215, e/(e+3) = 0.475, e^3/(e^3+e^-1+2) = 0.894
-    assert freq_a[0.0] < 0.3 < freq_a[1.0] < 0.6 < 0.8 < freq_a[3.0]
+    # A for class 0: 1/(e^0.5+3) = 0.215, e/(e+3) = 0.475, e^2/(e^2+e^-0.5+2) = 0.739
+    assert freq_a[0.0] < 0.3 < freq_a[1.0] < 0.6 < freq_a[2.0]
