@@ -44,3 +44,15 @@ def test_a_layout_cannot_be_changed_after_it_is_made():
     layout = VocabLayout("class", 11, 16, (2, 3), TOKENIZER)
     with pytest.raises(dataclasses.FrozenInstanceError):
         layout.codebook_size = 32
+
+
+def test_max_text_len_zero_means_not_recorded():
+    # 0 is the "not recorded" value: sampling then cuts captions at train's default 64 and --init accepts
+    # any --max-text-len. A class layout keeps 0, and an arra_vocab.json written before the caption
+    # length was recorded must read as 0, not as a length that would cut captions.
+    assert VocabLayout("class", 11, 16, (2, 3), TOKENIZER).max_text_len == 0
+    assert VocabLayout("class", 11, 16, (2, 3), TOKENIZER).to_dict()["max_text_len"] == 0
+    text = VocabLayout("text", 100, 8, (4, 4), TOKENIZER, pad_id=3, max_text_len=32)
+    assert VocabLayout.from_dict(text.to_dict()).max_text_len == 32
+    legacy = {k: v for k, v in text.to_dict().items() if k != "max_text_len"}
+    assert VocabLayout.from_dict(legacy).max_text_len == 0
