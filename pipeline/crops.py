@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.images import DEFAULT_MAX_SIDE, Rejected, center_crop, resize_square, to_array
-from pipeline.sources import DEFAULT_MAX_FILE_BYTES, Record, load_image
+from pipeline.sources import DEFAULT_MAX_FILE_BYTES, DUPLICATE, Record, load_image
 
 KEPT = "png"  # views key of the kept canonical crops
 
@@ -39,26 +39,55 @@ class CropDataset(Dataset):
         self.records, self.resolution, self.teacher_sizes = records, resolution, teacher_sizes
         self.view, self.max_pixels, self.keep_images = view, max_pixels, keep_images
         self.max_side, self.max_file_bytes = max_side, max_file_bytes
+        self.claims = claims(records)
 
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, i: int):
         record = self.records[i]
-        if record.reject:
-            return i, record.reject
+        reason = self._taken(i) if i in self.claims.get(record.key, ()) else record.reject
+        if reason:
+            return i, reason
+        return i, self._load(record)
+
+    def _taken(self, i: int) -> str | None:
+        """Record i's duplicate-key reason when an earlier record with its key loads (and so holds
+        it); None when none does: a record rejected on decoding does not take a good one's key."""
+        for j in self.claims[self.records[i].key]:
+            if j == i:
+                return None
+            if not isinstance(self._load(self.records[j]), str):
+                return f"{DUPLICATE}: {self.records[i].key!r} first seen at {self.records[j].origin}"
+
+    def holder(self, key: str) -> int | None:
+        """Which of the records in `claims[key]` is extracted: the first whose image loads."""
+        return next((j for j in self.claims[key] if not isinstance(self._load(self.records[j]), str)), None)
+
+    def _load(self, record: Record):
+        """(canonical crop, views) of a record, or its reject reason."""
         try:
             img = load_image(record.ref, self.max_pixels, self.max_side, self.max_file_bytes)
             crop = center_crop(img, self.resolution, self.max_pixels)
             views = {s: to_array(resize_square(crop, s) if self.view == "crop" else center_crop(img, s, self.max_pixels))
                      for s in self.teacher_sizes}
         except Rejected as exc:
-            return i, str(exc)
+            return str(exc)
         except Exception as exc:  # a decoder bug on untrusted input must not kill the job
-            return i, f"corrupt: {type(exc).__name__}: {exc}"
+            return f"corrupt: {type(exc).__name__}: {exc}"
         if self.keep_images:
             views[KEPT] = png(crop)
-        return i, (to_array(crop), views)
+        return to_array(crop), views
+
+
+def claims(records: list[Record]) -> dict[str, list[int]]:
+    """Key -> the records that may hold it, in order, for keys that several records have: the
+    source marked all but the first a duplicate, and those rejected for another reason claim nothing."""
+    by_key: dict[str, list[int]] = {}
+    for j, r in enumerate(records):
+        if r.reject is None or r.reject.startswith(DUPLICATE):
+            by_key.setdefault(r.key, []).append(j)
+    return {key: same for key, same in by_key.items() if len(same) > 1}
 
 
 def png(img: Image.Image) -> bytes:
@@ -96,6 +125,11 @@ def crop_loader(records: list[Record], batches: list[list[int]], resolution: int
                 max_side: int = DEFAULT_MAX_SIDE, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> DataLoader:
     """A DataLoader that yields `collate` batches for exactly `batches` (lists of record indices), in order."""
     dataset = CropDataset(records, resolution, teacher_sizes, view, max_pixels, keep_images, max_side, max_file_bytes)
+    return batch_loader(dataset, batches, workers, pin_memory)
+
+
+def batch_loader(dataset: CropDataset, batches: list[list[int]], workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader that yields `collate` batches of `dataset` for exactly `batches`, in order."""
     return DataLoader(dataset, batch_sampler=batches,
                       num_workers=workers, collate_fn=collate, worker_init_fn=_worker_init if workers else None,
                       prefetch_factor=4 if workers else None, pin_memory=pin_memory)

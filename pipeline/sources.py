@@ -40,6 +40,7 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot")
 FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k"}
 DEFAULT_MAX_FILE_BYTES = 256 << 20
+DUPLICATE = "duplicate-key"  # a reject category that extraction revisits (pipeline.crops)
 CSV_FIELD_LIMIT = 16 << 20  # the csv module's own default (128 KiB) would fail a long report's whole table
 
 
@@ -163,7 +164,7 @@ def _reject_duplicates(records: list[Record]) -> list[Record]:
     for r in records:
         if r.reject is None and r.key in first:
             r = Record(r.key, r.caption, r.label, r.ref, r.origin,
-                       f"duplicate-key: {r.key!r} first seen at {first[r.key]}")
+                       f"{DUPLICATE}: {r.key!r} first seen at {first[r.key]}")
         elif r.reject is None:
             first[r.key] = r.origin
         out.append(r)

@@ -353,15 +353,15 @@ class _ShardAssembler:
 
     def __call__(self, s: int, last: bool, ok: list[int], bad: list, outputs: HostCopy | None, kept) -> None:
         records = self.records
-        self.rejects += [{"key": records[i].key, "origin": records[i].origin, "reason": reason} for i, reason in bad]
         if ok:
-            arrays = outputs.numpy()
-            feats = {n: arrays[feature_column(n)].astype(np.float16) for n in self.teachers}
+            ok, bad, codes, feats, kept = self._finite(ok, bad, outputs.numpy(), kept)
+        self.rejects += [{"key": records[i].key, "origin": records[i].origin, "reason": reason} for i, reason in sorted(bad)]
+        if ok:
             self.sums = {n: add_sums(self.sums[n], feature_sums(feats[n])) for n in self.teachers}
             self.payload += sum(self.fixed_row_bytes + len(records[i].key.encode()) + len(records[i].caption.encode())
                                 for i in ok)
             self.batches.append(make_batch(self.schema, [records[i].key for i in ok], [records[i].caption for i in ok],
-                                           [records[i].label for i in ok], arrays["codes"], feats))
+                                           [records[i].label for i in ok], codes, feats))
             if self.keep_images:
                 self.images.append(make_column_batch([records[i].key for i in ok], self.image_field, kept))
         if last:
@@ -373,6 +373,21 @@ class _ShardAssembler:
                               {**entry, "payload_bytes": self.payload, "rejects": self.rejects, "feature_sums": self.sums,
                                "image_shard": image_shard})
             self._new_shard()
+
+    def _finite(self, ok: list[int], bad: list, arrays: dict, kept):
+        """Rows whose teacher features are NaN or inf as stored (float16) become rejects instead of
+        rows: such a target trains as a NaN loss, and every reader refuses a shard holding one."""
+        with np.errstate(over="ignore"):  # what float16 cannot hold becomes inf, found below
+            feats = {n: arrays[feature_column(n)].astype(np.float16) for n in self.teachers}
+        why: dict[int, str] = {}
+        for n in self.teachers:
+            raw = arrays[feature_column(n)]
+            for j in np.flatnonzero(~np.isfinite(feats[n]).all(axis=1)).tolist():
+                what = "NaN" if np.isnan(raw[j]).any() else "inf" if np.isinf(raw[j]).any() else "values beyond float16's range"
+                why.setdefault(j, f"non-finite-feature: teacher {n} gave {what}")
+        keep = [j for j in range(len(ok)) if j not in why]
+        return ([ok[j] for j in keep], bad + [(ok[j], reason) for j, reason in why.items()], arrays["codes"][keep],
+                {n: f[keep] for n, f in feats.items()}, kept and [kept[j] for j in keep])
 
 
 def rank_device(name: str, ranks: distributed.Ranks) -> torch.device:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import write_image
 from PIL import Image
 
@@ -532,3 +533,73 @@ def test_sources_that_cannot_be_read_right_are_refused(tmp_path):
     idx_file(tmp_path / "t10k-labels-idx1-ubyte", np.array([1, 2, 3]))
     with pytest.raises(SourceError, match=r"t10k-images-idx3-ubyte: holds 2-d data \[3, 4\]; it must be 3-d"):
         read_source(str(tmp_path), None, SourceOptions(split="test"))
+
+
+# ---------------------------------------------------------------------------------------------
+# what only the models or several rows reveal
+
+
+def solid(path: Path, value: int) -> Path:
+    Image.fromarray(np.full((24, 20, 3), value, np.uint8)).save(path)
+    return path
+
+
+def test_rows_with_non_finite_teacher_features_are_rejects_not_rows(tmp_path, run_extract, monkeypatch):
+    """A teacher that gives NaN, inf, or a value float16 cannot hold for an image: that image is a
+    `non-finite-feature` reject, its batch's other rows are kept, and the set reads back clean."""
+    from pipeline.teachers import Teacher
+    forward = Teacher.forward
+
+    def poisoned(self, images):  # black images give NaN, white inf, grey 128 a value beyond float16
+        out = forward(self, images)
+        image = lambda value: (images.reshape(len(images), -1) == value).all(1, keepdim=True)  # noqa: E731
+        first = torch.arange(out.shape[1]) == 0
+        out = torch.where(image(0), torch.nan, out)
+        out = torch.where(image(255), torch.inf, out)
+        return torch.where(image(128) & first, 1e6, out)
+    monkeypatch.setattr(Teacher, "forward", poisoned)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        write_image(src / f"good{i}.png", seed=i)
+    solid(src / "black.png", 0), solid(src / "white.png", 255), solid(src / "grey.png", 128)
+
+    result, out = run_extract(src, batch_size=8)
+
+    fs = FeatureSet.open(out)
+    assert fs.table().column("key").to_pylist() == ["good0.png", "good1.png", "good2.png"]
+    assert {r["key"]: r["reason"] for r in fs.rejects()} == {
+        "black.png": "non-finite-feature: teacher efficientnet-lite0 gave NaN",
+        "grey.png": "non-finite-feature: teacher efficientnet-lite0 gave values beyond float16's range",
+        "white.png": "non-finite-feature: teacher efficientnet-lite0 gave inf"}
+    assert_counts_match(out, {"non-finite-feature": 3})
+    assert (result.rows, result.rejects) == (3, 3) and fs.verify() == []
+    assert fs.manifest["feature_stats"]["efficientnet-lite0"]["nonfinite_rows"] == 0
+
+
+def test_a_row_rejected_on_decoding_does_not_take_a_good_rows_key(tmp_path, run_extract):
+    """The source marks later rows with a key as duplicates of the first; when the first cannot be
+    decoded, the first later one that can holds the key, and the rest are its duplicates, even
+    when they sit in other shards."""
+    src = tmp_path / "src"
+    write_bad_files(src)
+    write_image(src / "a.png", seed=1)
+    write_image(src / "b.png", seed=2)
+    write_image(src / "c.png", seed=3)
+    (src / "t.csv").write_text("id,image,caption\n"
+                               "k,corrupt.jpg,the first with k cannot be decoded\n"
+                               "k,empty.jpg,nor the second\n"
+                               "other,c.png,a row in between\n"
+                               "k,a.png,the first good one holds k\n"
+                               "k,b.png,a duplicate of that one\n")
+
+    result, out = run_extract(src / "t.csv", shard_size=2, source_options=dict(key_column="id"))
+
+    fs = FeatureSet.open(out)
+    t = fs.table()
+    assert list(zip(t.column("key").to_pylist(), t.column("caption").to_pylist())) == [
+        ("other", "a row in between"), ("k", "the first good one holds k")]
+    assert [(r["origin"], r["reason"].split(":")[0]) for r in fs.rejects()] == [
+        ("t.csv row 1", "corrupt"), ("t.csv row 2", "empty"), ("t.csv row 5", "duplicate-key")]
+    assert fs.rejects()[2]["reason"] == "duplicate-key: 'k' first seen at t.csv row 4"
+    assert (result.rows, result.rejects) == (2, 3)
