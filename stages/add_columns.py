@@ -32,9 +32,9 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline import __version__, distributed
-from pipeline.crops import crop_loader, decode_workers, kept_crop_loader
+from pipeline.crops import CropDataset, batch_loader, decode_workers, kept_crop_loader
 from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, IMAGE, MANIFEST, PROGRESS, VERSION, FeatureSet, column_field,
-                                 make_column_batch, read_members, schema_fields, shards_digest, write_shard)
+                                 make_column_batch, schema_fields, shards_digest, write_shard)
 from pipeline.files import atomic_write_json, read_json
 from pipeline.images import DEFAULT_MAX_SIDE
 from pipeline.models import HostCopy
@@ -86,8 +86,8 @@ def add_teachers(fs: FeatureSet, opts: ExtractOptions, names: list[str], log=pri
     shards = fs.manifest["shards"]
     mine = [i for i in range(ranks.rank, len(shards), ranks.world)
             if not all((progress[n] / f"{Path(shards[i]['name']).stem}.json").exists() for n in todo)]
-    plan = [(i, member, batch.column("key")) for i in mine for member, batch in read_members(fs.path / shards[i]["name"])]
     kept = IMAGE in added and pre["teacher_view"] == "crop"
+    plan = [(i, member, batch.column("key")) for i in mine for member, batch in _checked_members(fs, i, kept)]
     log(f"adding {', '.join(todo)} to {fs.path} on {device.type} at {', '.join({t.precision for t in todo.values()})}: "
         f"{len(mine)} of {len(shards)} shards on this rank, images from {'the kept crops' if kept else 'the source'}, "
         f"{workers} decode workers")
@@ -151,14 +151,19 @@ def _source_views(fs: FeatureSet, opts: ExtractOptions, plan, todo: dict, device
         raise ExtractError(f"the source of {fs.path}, {path}, is gone and the set keeps no images "
                            f"(--keep-images); pass SOURCE where it is now")
     source = read_source(path, fmt, options)
-    if source.fingerprint != src["fingerprint"]:
-        raise ExtractError(f"{path} is not the source {fs.path} was made from: its records changed "
-                           f"(fingerprint {source.fingerprint[:12]} vs {src['fingerprint'][:12]})")
-    index = {r.key: j for j, r in enumerate(source.records)}
-    loader = crop_loader(source.records, [[index[k] for k in keys.to_pylist()] for _, _, keys in plan], pre["resolution"],
-                         sorted({t.input_size for t in todo.values()}), pre["teacher_view"], pre["max_pixels"],
-                         workers, pin_memory=device.type == "cuda", max_side=pre.get("max_side", DEFAULT_MAX_SIDE),
-                         max_file_bytes=options.max_file_bytes)
+    for name, what in (("fingerprint", "records"), ("files_fingerprint", "image files (size or modification time)")):
+        if name in src and getattr(source, name) != src[name]:  # sets made before files_fingerprint lack it
+            raise ExtractError(f"{path} is not the source {fs.path} was made from: its {what} changed "
+                               f"(source.{name} {getattr(source, name)[:12]} vs {src[name][:12]})")
+    dataset = CropDataset(source.records, pre["resolution"], sorted({t.input_size for t in todo.values()}),
+                          pre["teacher_view"], pre["max_pixels"], max_side=pre.get("max_side", DEFAULT_MAX_SIDE),
+                          max_file_bytes=options.max_file_bytes)
+    first = {r.key: j for j, r in enumerate(source.records) if not r.reject}  # the one the source let claim it
+
+    def row(key: str) -> int:  # the record extracted under `key`
+        return dataset.holder(key) if key in dataset.claims else first[key]
+    loader = batch_loader(dataset, [[row(k) for k in keys.to_pylist()] for _, _, keys in plan], workers,
+                          pin_memory=device.type == "cuda")
 
     def checked(batch):
         _, _, views, bad = batch
@@ -167,6 +172,15 @@ def _source_views(fs: FeatureSet, opts: ExtractOptions, plan, todo: dict, device
             raise ExtractError(f"{record.origin}: {reason}; it was extracted before, so the source changed since")
         return views
     return (checked(batch) for batch in loader)
+
+
+def _checked_members(fs: FeatureSet, i: int, kept: bool) -> list:
+    """(member, batch) of shard i, checked whole against the manifest as every reader checks it (and
+    so is its kept-crops tar when the images come from there): a damaged set is refused by file name
+    before any column is computed from it."""
+    if kept:
+        fs._read(fs.columns[IMAGE]["shards"][i], IMAGE)
+    return fs._read(fs.manifest["shards"][i])
 
 
 def _kept_views(fs: FeatureSet, images: dict, plan, todo: dict, workers: int):
