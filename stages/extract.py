@@ -16,7 +16,9 @@ instead (`stages.add_columns`), without the tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import functools
 import json
 import math
@@ -177,7 +179,14 @@ def _packages() -> dict:
 def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> ExtractResult:
     """Extract, resume, or add teachers to the set at `opts.out`; a second job on the same folder
     is refused while this one runs."""
-    with main_rank_lock(opts.out):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(main_rank_lock(opts.out))
+        except OSError as exc:  # the lock is the first file written
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise ExtractError(f"--out {opts.out} is not writable ({exc.strerror}: {exc.filename}); nothing was written "
+                               "or marked done") from None
         return _extract(opts, overwrite, log)
 
 

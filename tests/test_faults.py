@@ -72,3 +72,72 @@ def test_a_full_disk_stops_extraction_cleanly_and_a_resume_completes_it(run_extr
     fs = FeatureSet.open(disk / "set")
     assert result.rows == 500 and fs.verify() == []
     assert fs.manifest["shards"] == FeatureSet.open(reference).manifest["shards"]  # the same bytes
+
+
+@pytest.fixture(params=["chmod", "read-only mount"])
+def read_only(request, tmp_path):
+    """A folder and two functions: make it read-only, make it writable again."""
+    where = tmp_path / "out"
+    where.mkdir()
+    if request.param == "chmod":
+        if os.geteuid() == 0:
+            pytest.skip("running as root: chmod does not stop root's writes (the read-only mount case covers it)")
+        modes = lambda mode: [p.chmod(mode) for p in [where, *where.rglob("*")] if p.is_dir()]  # noqa: E731
+        yield where, lambda: modes(0o555), lambda: modes(0o755)
+        modes(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root) to make read-only")
+    remount = lambda how: subprocess.run(["mount", "-o", f"remount,{how}", str(where)], check=True)  # noqa: E731
+    yield where, lambda: remount("ro"), lambda: remount("rw")
+    subprocess.run(["umount", str(where)], check=True)
+
+
+def listing(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_a_read_only_out_is_refused_in_one_line_marking_nothing_done(run_extract, read_only, codebook, tmp_path,
+                                                                      monkeypatch):
+    from click.testing import CliRunner
+    from pipeline.featureset import FeatureSet
+    from stages import extract as extract_stage
+    from stages.cli import main
+    folder, freeze, thaw = read_only
+    options = dict(source_options={"split": "test"}, shard_size=64, batch_size=32)
+    refused = rf"^--out {folder}/set is not writable \(.+: {folder}/set.*\); nothing was written or marked done$"
+
+    freeze()  # a new --out
+    with pytest.raises(extract_stage.ExtractError, match=refused):
+        run_extract("data/fashion-mnist-mini", out=folder / "set", **options)
+    cli = CliRunner().invoke(main, ["extract", "data/fashion-mnist-mini", "--split", "test", "--out", str(folder / "set"),
+                                    "--tokenizer-path", codebook, "--teacher-resolution", "32", "--no-progress"])
+    assert cli.exit_code == 1 and len(cli.output.strip().splitlines()) == 1, cli.output
+    assert f"Error: --out {folder}/set is not writable" in cli.output
+    assert listing(folder) == {}
+
+    thaw()  # an interrupted extraction: 3 of 8 shards done
+    write, written = extract_stage.write_shard, []
+
+    def stop_after_three(path, *args):
+        if len(written) == 3:
+            raise OSError("stopped by the test")
+        written.append(path)
+        return write(path, *args)
+    monkeypatch.setattr(extract_stage, "write_shard", stop_after_three)
+    with pytest.raises(extract_stage.ExtractError, match="stopped by the test"):
+        run_extract("data/fashion-mnist-mini", out=folder / "set", **options)
+    monkeypatch.undo()
+    before = listing(folder)
+    assert len([p for p in before if p.startswith("set/progress/shard-")]) == 3
+
+    freeze()
+    with pytest.raises(extract_stage.ExtractError, match=refused):
+        run_extract("data/fashion-mnist-mini", out=folder / "set", **options)
+    assert listing(folder) == before
+
+    thaw()
+    result, _ = run_extract("data/fashion-mnist-mini", out=folder / "set", **options)
+    _, reference = run_extract("data/fashion-mnist-mini", out=tmp_path / "reference", **options)
+    assert result.rows == 500 and FeatureSet.open(folder / "set").verify() == []
+    assert FeatureSet.open(folder / "set").manifest["shards"] == FeatureSet.open(reference).manifest["shards"]
