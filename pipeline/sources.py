@@ -398,6 +398,8 @@ def _read_table(path: Path, options: SourceOptions):
         key, bad_key = _text(key_value, "key")
         label = row.get(options.label_column) if options.label_column else None
         try:
+            if isinstance(label, bool) or (isinstance(label, float) and not label.is_integer()):
+                raise ValueError  # int() would make True 1 and 3.7 3
             label = -1 if label in (None, "") else int(label)
             if not -1 <= label < 2 ** 31:
                 raise ValueError

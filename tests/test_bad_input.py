@@ -603,3 +603,130 @@ def test_a_row_rejected_on_decoding_does_not_take_a_good_rows_key(tmp_path, run_
         ("t.csv row 1", "corrupt"), ("t.csv row 2", "empty"), ("t.csv row 5", "duplicate-key")]
     assert fs.rejects()[2]["reason"] == "duplicate-key: 'k' first seen at t.csv row 4"
     assert (result.rows, result.rejects) == (2, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# every class of input the adversarial run tried, each with what happens to it. Covered elsewhere
+# and not repeated here: corrupt, truncated, empty, non-image, missing, oversized and bomb files,
+# odd modes, captions and file names that are not UTF-8, duplicate keys, malformed rows and lines
+# (above); FIFOs, devices, links leading out, files over --max-file-bytes, 1-pixel-wide images
+# (test_hostile_files.py); numeric flags out of range (test_cli_flags.py).
+
+
+def frames(fmt: str, n: int = 3, **kw) -> bytes:
+    """An animated (or multi-page) image of n different frames."""
+    images = [Image.fromarray(random_rgb(20 + i)) for i in range(n)]
+    return encoded(images[0], fmt, save_all=True, append_images=images[1:], **kw)
+
+
+def csv_of(rows: list[str], header: str = "image,caption") -> bytes:
+    return ("\n".join([header, *rows]) + "\n").encode()
+
+
+def tar_with(members: dict[str, bytes | str]) -> bytes:
+    """A tar of these members; a str value makes the member a symlink to it."""
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(data, str):
+                info.type, info.linkname = tarfile.SYMTYPE, data
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def img2dataset(members: dict[str, bytes | str], keys: list[str]):
+    """Writes an img2dataset folder: 00000.tar of `members` and 00000.parquet naming `keys`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        (folder / "00000.tar").write_bytes(tar_with(members))
+        pq.write_table(pa.table({"key": keys, "caption": [f"caption {k}" for k in keys], "status": ["success"] * len(keys)}),
+                       folder / "00000.parquet")
+    return write
+
+
+PNG = encoded(Image.fromarray(random_rgb(30)), "PNG")
+LONG = "a long report " * 10_000  # 140 KB: over the csv module's default field limit of 128 KiB
+
+# name: (files to write {relative path: bytes or a writer}, source (relative), extract options, expected outcome)
+# outcome: ("row", key, caption) extracted | ("reject", key, category) | ("refused", message regex)
+CLASSES = {
+    "animated GIF: first frame": ({"x/anim.gif": frames("GIF")}, "x", {}, ("row", "anim.gif", "")),
+    "animated PNG: first frame": ({"x/anim.png": frames("PNG")}, "x", {}, ("row", "anim.png", "")),
+    "animated WebP: first frame": ({"x/anim.webp": frames("WEBP", lossless=True)}, "x", {}, ("row", "anim.webp", "")),
+    "multi-page TIFF: first page": ({"x/pages.tif": frames("TIFF")}, "x", {}, ("row", "pages.tif", "")),
+    "header larger than --max-side": ({"x/tall.png": bomb_png(1, 20_000)}, "x", {}, ("reject", "tall.png", "oversized")),
+    "file name with spaces, a newline, quotes and non-ASCII": (
+        {"x/c/a b\n'\"é😀.png": PNG}, "x", {}, ("row", "c/a b\n'\"é😀.png", "c")),
+    "caption with a NUL, control characters and newlines": (
+        {"t.csv": csv_of(['a.png,"line 1\nline 2\x00\x07\ttab"']), "a.png": PNG}, "t.csv", {},
+        ("row", "a.png", "line 1\nline 2\x00\x07\ttab")),
+    "caption of only whitespace": ({"t.csv": csv_of(["a.png,   "]), "a.png": PNG}, "t.csv", {}, ("row", "a.png", "   ")),
+    "CSV caption over 128 KiB": ({"t.csv": csv_of([f"a.png,{LONG}"]), "a.png": PNG}, "t.csv", {}, ("row", "a.png", LONG)),
+    "JSONL caption a number: its text": (
+        {"t.jsonl": b'{"image": "a.png", "caption": 7}\n', "a.png": PNG}, "t.jsonl", {}, ("row", "a.png", "7")),
+    "JSONL caption true": ({"t.jsonl": b'{"image": "a.png", "caption": true}\n', "a.png": PNG}, "t.jsonl", {},
+                           ("reject", "a.png", "bad-row")),
+    "JSONL label 3.7": ({"t.jsonl": b'{"image": "a.png", "caption": "x", "label": 3.7}\n', "a.png": PNG}, "t.jsonl",
+                        {"source_options": {"label_column": "label"}}, ("reject", "a.png", "bad-row")),
+    "JSONL label true": ({"t.jsonl": b'{"image": "a.png", "caption": "x", "label": true}\n', "a.png": PNG}, "t.jsonl",
+                         {"source_options": {"label_column": "label"}}, ("reject", "a.png", "bad-row")),
+    "JSONL image path a list": ({"t.jsonl": b'{"image": ["a.png"], "caption": "x"}\n', "a.png": PNG}, "t.jsonl", {},
+                                ("reject", "", "bad-row")),
+    "conversation image path a number": (
+        {"c.json": b'[{"conversations": [{"from": "human", "value": "x"}], "image": [7]}]'}, "c.json", {},
+        ("reject", "c.json#0", "bad-row")),
+    "tar member named ../../x: read from the tar, nothing written": (
+        {"d": img2dataset({"../../000001.png": PNG}, ["000001"])}, "d", {}, ("row", "000001", "caption 000001")),
+    "tar member that is a link: not read": ({"d": img2dataset({"000001.png": "/etc/passwd"}, ["000001"])}, "d", {},
+                                            ("reject", "000001", "missing")),
+    "empty image folder": ({"x/.keep": b""}, "x", {}, ("refused", r"x: no files found in this image folder")),
+    "CSV with a header only": ({"t.csv": b"image,caption\n"}, "t.csv", {}, ("refused", r"t.csv: the table has no rows")),
+    "empty JSONL file": ({"t.jsonl": b""}, "t.jsonl", {}, ("refused", r"t.jsonl: the table has no rows")),
+    "conversation JSON that is an object": ({"c.json": b'{"image": "a.png"}'}, "c.json", {},
+                                            ("refused", r"c.json: expected a JSON list of conversation items, got dict")),
+    "img2dataset folder without parquet": ({"d/00000.tar": tar_with({"000001.png": PNG})}, "d",
+                                           {"source_format": "img2dataset"},
+                                           ("refused", r"00000.tar: no 00000.parquet beside it")),
+}
+
+
+def write_class(src: Path, files: dict) -> None:
+    for name, data in files.items():
+        path = src / name
+        if callable(data):
+            data(path)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_each_class_of_bad_input_is_converted_rejected_or_refused(name, tmp_path, run_extract):
+    files, source, options, (outcome, *expected) = CLASSES[name]
+    src = tmp_path / "src"
+    write_class(src, files)
+    out = tmp_path / "set"
+
+    if outcome == "refused":
+        with pytest.raises((SourceError, ExtractError), match=expected[0]):
+            run_extract(src / source, out=out, **options)
+        assert not (out / "shards").exists() and not (out / "progress").exists()  # before any work
+        return
+    run_extract(src / source, out=out, **options)
+    fs = FeatureSet.open(out)
+    rows = fs.table().select(["key", "caption"]).to_pylist()
+    if outcome == "row":
+        key, caption = expected
+        assert rows == [{"key": key, "caption": caption}] and fs.rejects() == [], (rows, fs.rejects())
+    else:
+        key, cat = expected
+        assert rows == [] and [(r["key"], category(r["reason"])) for r in fs.rejects()] == [(key, cat)], fs.rejects()
+    assert sorted(tmp_path.iterdir()) == [out, src] and fs.verify() == []  # nothing written anywhere else
