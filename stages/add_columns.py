@@ -106,7 +106,14 @@ def add_teachers(fs: FeatureSet, opts: ExtractOptions, names: list[str], log=pri
     members, counts = {i: [] for i in mine}, Counter(i for i, _, _ in plan)
 
     def add(i: int, keys, outputs: HostCopy) -> None:  # on the writer thread
-        members[i].append((keys, {n: a.astype(np.float16) for n, a in outputs.numpy().items()}))
+        with np.errstate(over="ignore"):  # what float16 cannot hold becomes inf, refused below
+            feats = {n: a.astype(np.float16) for n, a in outputs.numpy().items()}
+        for name, f in feats.items():
+            if len(bad := np.flatnonzero(~np.isfinite(f).all(axis=1))):
+                raise ExtractError(f"teacher {name} gave non-finite features (NaN, inf or beyond float16) for {len(bad)} "
+                                   f"rows of {shards[i]['name']}, e.g. {keys.take(bad[:3]).to_pylist()}; a column needs "
+                                   "a finite value for every row of the set, so it is not added")
+        members[i].append((keys, feats))
         if len(members[i]) == counts[i]:
             _write(fs, shards[i], members.pop(i), fields, progress)
 

@@ -88,3 +88,24 @@ def test_an_added_column_has_the_features_of_the_record_that_holds_each_key(code
     assert [r["origin"] for r in fs.rejects()] == ["t.csv row 1", "t.csv row 6"]
     feats = [np.stack(FeatureSet.open(p).table().column("feat.dinov2-s").to_numpy(zero_copy_only=False)) for p in (out, both)]
     assert np.array_equal(*feats)
+
+
+def test_a_teacher_giving_non_finite_features_is_not_added(codebook, table, dino, tmp_path, monkeypatch):
+    """A shard's rows are fixed once extracted, so a row the new teacher gives NaN for cannot become
+    a reject: the column is refused naming the row, and nothing of it is marked done."""
+    import torch
+    from pipeline.teachers import Teacher
+    out = tmp_path / "set"
+    extract(options(codebook, table, out), log=lambda m: None)
+    forward = Teacher.forward
+
+    def poisoned(self, images):
+        features = forward(self, images)
+        return torch.where(torch.arange(len(images))[:, None] == 0, torch.nan, features) if self.name == "dinov2-s" else features
+    monkeypatch.setattr(Teacher, "forward", poisoned)
+
+    with pytest.raises(ExtractError, match=r"teacher dinov2-s gave non-finite features .* rows of shards/shard-00000\d.tar, "
+                                           r"e\.g\. \['\w'\]; .* not added"):
+        add(codebook, out, dino)
+    assert "dinov2-s" not in FeatureSet.open(out).columns
+    assert not list((out / "columns" / "dinov2-s" / "progress").glob("shard-*.json"))
