@@ -17,7 +17,9 @@ it decodes the reference) and the k-NN search run on `device`.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ import torch
 from PIL import Image
 
 from pipeline.crops import crop_loader
-from pipeline.featureset import IMAGE, STATS, FeatureSet, feature_column
+from pipeline.featureset import IMAGE, STATS, FeatureSet, feature_column, shards_digest
 from pipeline.files import atomic_write_bytes, sha256_file
 from pipeline.images import DEFAULT_MAX_SIDE, center_crop, resize_square, to_array
 from pipeline.metrics import fd, fit_linear_probe, precision_recall
@@ -83,19 +85,30 @@ def reference_images(fs: FeatureSet, tokenizer_path: str | None, limit: int | No
         return images, f"tokenizer reconstructions (source unavailable: {exc})"
 
 
+def reference_key(fs: FeatureSet, inception) -> str:
+    """What a set's reference Inception features depend on: its rows (the shards' digest), the
+    source files and crop they came from, and the network file. A re-extracted set or another
+    network never meets an old cache."""
+    m = fs.manifest
+    identity = [shards_digest(m["shards"]), [m["source"].get(k) for k in ("fingerprint", "files_fingerprint")],
+                m["preprocess"]]
+    return f"{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]}-{sha256_file(inception.path)[:12]}"
+
+
 def reference_inception(fs: FeatureSet, inception, tokenizer_path: str | None, limit: int | None = None,
                         table=None) -> tuple[np.ndarray, str]:
-    """Inception features of the (first `limit`) reference images, cached per network file and limit."""
+    """Inception features of the (first `limit`) reference images, cached in `<set>/stats/` by
+    `reference_key` and count, as float32: a cached FID equals the fresh one."""
     n = min(limit or fs.rows, fs.rows)
-    cache = fs.path / STATS / f"inception-{sha256_file(inception.path)[:12]}-{n}.npz"
+    cache = fs.path / STATS / f"inception-{reference_key(fs, inception)}-{n}.npz"
     if cache.exists():
         with np.load(cache) as z:
-            return z["features"].astype(np.float32), str(z["origin"])
+            return z["features"], str(z["origin"])
     images, origin = reference_images(fs, tokenizer_path, n, table=table, device=inception.device)
     feats = inception.features(images)
     cache.parent.mkdir(exist_ok=True)
     buf = io.BytesIO()
-    np.savez(buf, features=feats.astype(np.float16), origin=np.array(origin))
+    np.savez(buf, features=feats, origin=np.array(origin))
     atomic_write_bytes(cache, buf.getvalue())
     return feats, origin
 

@@ -115,6 +115,26 @@ def test_fd_from_cached_features_equals_fd_from_recomputed_features(sets):
     assert fd(gen, cached) == pytest.approx(fd(gen, recomputed), rel=1e-3)
 
 
+def test_cached_reference_inception_features_equal_fresh_ones_and_follow_the_set(sets, tmp_path):
+    import shutil
+
+    from pipeline.inception import Inception
+    from stages.evaluate import reference_inception, reference_key
+    test, train, _ = sets
+    copy = shutil.copytree(test, tmp_path / "copy", ignore=shutil.ignore_patterns("stats"))
+    fs, net = FeatureSet.open(copy), Inception()
+    fresh, origin = reference_inception(fs, net, None, limit=8)
+    direct = net.features(reference_images(fs, None, 8)[0])
+    net.features = None  # the second call must not run the network
+    cached, cached_origin = reference_inception(fs, net, None, limit=8)
+    assert [p.name for p in (copy / "stats").iterdir()] == [f"inception-{reference_key(fs, net)}-8.npz"]
+    assert cached.dtype == np.float32 and np.array_equal(cached, direct) and np.array_equal(fresh, direct)
+    assert cached_origin == origin == "source images"
+    gen = np.random.default_rng(0).normal(size=(8, 2048))
+    assert fd(gen, cached) == fd(gen, direct)  # a cached FID is the fresh FID, to the last bit
+    assert reference_key(FeatureSet.open(train), net) != reference_key(fs, net)
+
+
 def test_class_accuracy_proxy_with_a_probe_on_cached_training_features(sets, tmp_path):
     test, train, _ = sets
     fs = FeatureSet.open(test)
