@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.arra import ARRAModel  # noqa: E402
+from pipeline.objective import Objective  # noqa: E402
 from pipeline.lm import build_from_preset  # noqa: E402
 from pipeline.train_data import make_sequences  # noqa: E402
 from pipeline.vocab import VocabLayout  # noqa: E402
@@ -52,7 +53,7 @@ def measure(preset: str, batch: int, grid: int) -> dict:
             "labels": torch.from_numpy(labels), "align_mask": torch.from_numpy(align),
             "teacher": torch.randn(batch, args.teacher_dim)}
     lm = build_from_preset(preset, layout.vocab_size, ids.shape[1])
-    arms = {0: ARRAModel(lm, None, 0.0), 1: ARRAModel(lm, args.teacher_dim, 1.0, args.align_layer)}
+    arms = {0: ARRAModel(lm, None, Objective(lam=0.0)), 1: ARRAModel(lm, args.teacher_dim, Objective(align_layer=args.align_layer))}
     opt = torch.optim.AdamW(arms[1].parameters(), lr=1e-5)
 
     def step(lam: int) -> tuple[float, float]:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.objective import Objective
+from pipeline.options import OptionError
 from pipeline.train_data import IGNORE
 
 
@@ -32,18 +34,14 @@ def gva_loss(student: torch.Tensor, target: torch.Tensor, kind: str = "cosine") 
 
 
 class ARRAModel(nn.Module):
-    def __init__(self, lm: nn.Module, teacher_dim: int | None, lam: float = 1.0, align_layer: int = 1,
-                 align_loss: str = "cosine", projector_hidden: int | None = None, z_loss: float = 0.0):
+    def __init__(self, lm: nn.Module, teacher_dim: int | None, objective: Objective = Objective()):
         super().__init__()
-        self.lm, self.lam, self.align_layer, self.align_loss, self.z_loss = lm, lam, align_layer, align_loss, z_loss
-        n_layers = lm.config.num_hidden_layers
-        if not 0 <= align_layer <= n_layers:
-            raise ValueError(f"--align-layer {align_layer} is outside 0..{n_layers} (0 = embeddings, k = output of block k)")
-        self.projector = None
-        if lam > 0:
+        objective.check_depth(lm.config.num_hidden_layers)
+        self.lm, self.objective, self.projector = lm, objective, None
+        if objective.lam > 0:
             if not teacher_dim:
-                raise ValueError("GVA (--lambda > 0) needs a teacher column; pass --teacher or --lambda 0")
-            self.projector = Projector(lm.config.hidden_size, projector_hidden or teacher_dim, teacher_dim)
+                raise OptionError("GVA (--lambda > 0) needs a teacher column; pass --teacher or --lambda 0")
+            self.projector = Projector(lm.config.hidden_size, objective.projector_hidden or teacher_dim, teacher_dim)
 
     def forward(self, input_ids, attention_mask, labels, align_mask=None, teacher=None):
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=self.projector is not None,
@@ -52,17 +50,17 @@ class ARRAModel(nn.Module):
         targets = labels[:, 1:]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
         loss, metrics = ce, {"ce": ce.detach()}
-        if self.z_loss > 0:
+        if self.objective.z_loss > 0:
             valid = targets != IGNORE
             z = (torch.logsumexp(logits, dim=-1).pow(2) * valid).sum() / valid.sum().clamp(min=1)
-            loss = loss + self.z_loss * z
+            loss = loss + self.objective.z_loss * z
             metrics["z"] = z.detach()
         if self.projector is not None:
             # only the masked positions go through the projector: never text, padding or <eoi>
-            hidden = out.hidden_states[self.align_layer][align_mask]
+            hidden = out.hidden_states[self.objective.align_layer][align_mask]
             target = teacher[align_mask.nonzero(as_tuple=True)[0]]
-            gva = gva_loss(self.projector(hidden), target, self.align_loss)
-            loss = loss + self.lam * gva
+            gva = gva_loss(self.projector(hidden), target, self.objective.align_loss)
+            loss = loss + self.objective.lam * gva
             metrics["gva"] = gva.detach()
         metrics["loss"] = loss.detach()
         return loss, metrics

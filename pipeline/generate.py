@@ -10,19 +10,11 @@ The whole batch is sampled at once, with no host sync per step (see `sample_rows
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 
 import torch
 
+from pipeline.sampling import Sampling
 from pipeline.vocab import VocabLayout
-
-
-@dataclass(frozen=True)
-class Sampling:
-    cfg: float = 2.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:

@@ -101,34 +101,52 @@ class TrainStream:
         for ref in self.shards:  # every rank, before the model is built: present at their size; contents as read
             ref.featureset.check_files(ref.index, list(ref.columns))
         self.by_shard = len(self.shards) >= world
+        self.starts = np.cumsum([0] + [s.rows for s in self.shards])  # each shard's first row in the sets' order
+        self.excluded = self._excluded_rows() if exclude else np.zeros(0, dtype=np.int64)
 
-    def rank_shards(self, rank: int) -> list[ShardRef]:
-        return self.shards[rank::self.world] if self.by_shard else self.shards
+    def _excluded_rows(self) -> np.ndarray:
+        """Positions (in the sets' order) of the rows whose key is excluded, read once from every shard
+        so that an epoch counts exactly the rows that are trained on."""
+        keys = pa.array(sorted(self.exclude))
+        found = [self.starts[i] + seen + np.flatnonzero(pc.is_in(b.column("key"), keys).to_numpy(zero_copy_only=False))
+                 for i, ref in enumerate(self.shards)
+                 for seen, b in _offsets(ref.featureset.shard_batches(ref.index, []))]
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+    def rank_shards(self, rank: int) -> list[int]:
+        """Indices of the shards rank `rank` reads."""
+        ids = range(len(self.shards))
+        return list(ids[rank::self.world] if self.by_shard else ids)
 
     def rows_of_rank(self, rank: int) -> int:
-        total = sum(s.rows for s in self.rank_shards(rank))
-        return total if self.by_shard else len(range(rank, total, self.world))
+        """Rows rank `rank` trains on in one pass: its shards' (or its every world-th row), less the excluded."""
+        if self.by_shard:
+            mine = self.rank_shards(rank)
+            total = sum(self.shards[i].rows for i in mine)
+            owner = np.searchsorted(self.starts, self.excluded, side="right") - 1  # the shard of each excluded row
+            return total - int(np.isin(owner, mine).sum())
+        return len(range(rank, int(self.starts[-1]), self.world)) - int((self.excluded % self.world == rank).sum())
 
     def steps_per_epoch(self, accumulation: int) -> int:
         """Optimizer steps every rank can take per epoch (the smallest rank decides)."""
         return min(self.rows_of_rank(r) for r in range(self.world)) // (self.micro_batch * accumulation)
 
-    def _rows(self, rng: np.random.Generator) -> Iterator[dict]:
-        """This rank's rows as column chunks, shard order shuffled, forever (one pass after another)."""
+    def _rows(self, rng: np.random.Generator) -> Iterator[dict | None]:
+        """This rank's rows as column chunks, shard order shuffled, one pass after another forever;
+        None marks the end of each pass."""
         while True:
             shards = self.rank_shards(self.rank)
-            starts = np.cumsum([0] + [s.rows for s in shards])  # each shard's first row in the sets' order
             for j in rng.permutation(len(shards)):
-                seen = int(starts[j])
-                for batch in shards[j].batches():
+                ref = self.shards[shards[j]]
+                for seen, batch in _offsets(ref.batches()):
                     if not self.by_shard:  # keep every world-th row of the sets' rows, whatever order they are read in
-                        keep = np.arange(seen, seen + batch.num_rows) % self.world == self.rank
-                        seen += batch.num_rows
-                        batch = batch.filter(pa.array(keep))
+                        first = self.starts[shards[j]] + seen
+                        batch = batch.filter(pa.array(np.arange(first, first + batch.num_rows) % self.world == self.rank))
                     if self.exclude:
                         batch = batch.filter(pc.invert(pc.is_in(batch.column("key"), pa.array(sorted(self.exclude)))))
                     if batch.num_rows:
                         yield self._columns(batch)
+            yield None
 
     def _columns(self, batch: pa.RecordBatch) -> dict:
         n = batch.num_rows
@@ -140,20 +158,25 @@ class TrainStream:
         return out
 
     def epoch(self, epoch: int) -> Iterator[dict]:
-        """Infinite micro-batches for `epoch` on this rank (the trainer takes as many as it needs)."""
+        """Infinite micro-batches for `epoch` on this rank (the trainer takes as many as it needs).
+        Rows are shuffled in buffers of `shuffle_buffer` rows that never span two passes, so the
+        epoch's micro-batches (at most one pass of rows) never repeat a row."""
         rng = np.random.default_rng([self.seed, epoch, self.rank])
         chunks, held = [], 0
         for chunk in self._rows(rng):
-            chunks.append(chunk)
-            held += len(chunk["label"])
-            if held < self.shuffle_buffer:
+            if chunk is not None:
+                chunks.append(chunk)
+                held += len(chunk["label"])
+                if held < self.shuffle_buffer:
+                    continue
+            elif not held:
                 continue
-            buffer = {k: _cat([c[k] for c in chunks]) for k in chunk}
+            buffer = {k: _cat([c[k] for c in chunks]) for k in chunks[0]}
             order = rng.permutation(held)
             whole = len(order) // self.micro_batch * self.micro_batch
             for i in range(0, whole, self.micro_batch):
                 yield self._batch({k: _take(v, order[i:i + self.micro_batch]) for k, v in buffer.items()}, rng)
-            chunks = [{k: _take(v, order[whole:]) for k, v in buffer.items()}]
+            chunks = [{k: _take(v, order[whole:]) for k, v in buffer.items()}]  # fewer than a micro-batch: into the next pass
             held = len(order) - whole
 
     def _batch(self, rows: dict, rng: np.random.Generator) -> dict:
@@ -165,6 +188,14 @@ class TrainStream:
         if "feat" in rows:
             out["teacher"] = torch.from_numpy(rows["feat"])  # float16 as stored; the loss casts on the device
         return out
+
+
+def _offsets(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(rows before it in its shard, batch) for each record batch of a shard."""
+    seen = 0
+    for batch in batches:
+        yield seen, batch
+        seen += batch.num_rows
 
 
 def _cat(parts: list):

@@ -28,27 +28,10 @@ from PIL import Image, ImageDraw
 from pipeline import neighbours
 from pipeline.featureset import MANIFEST, FeatureSet, feature_column
 from pipeline.files import atomic_write_json
-
-DEFAULT_THRESHOLD = 0.95
-"""Cosine at or above which two rows count as the same image: a starting point to check on each
-dataset, not a law. Measured with EfficientNet-Lite0: exact copies score 1 and +-6 brightness copies
-above 0.998, while distinct look-alikes of a low-variety domain come close (Fashion-MNIST at 112 px:
-test items reach 0.943 against train, and two different shirts 0.96). Read the cosines in the
-reports and the memorization histogram, and raise it (0.98) for such domains."""
-
+from stages.options import AuditOptions
 
 class AuditError(ValueError):
     """The sets cannot be compared (other teacher, missing column) or the input is unusable."""
-
-
-@dataclass
-class AuditOptions:
-    teacher: str | None = None
-    threshold: float = DEFAULT_THRESHOLD
-    index: str = "auto"
-    k: int = 10  # neighbours looked at per row (dedup, leakage)
-    recall_target: float = 0.95
-    seed: int = 0
 
 
 @dataclass

@@ -70,6 +70,41 @@ def fail(exc: Exception):
     raise click.ClickException(str(exc)) from None
 
 
+def options_of(target: str):
+    """click options made from the option() fields of a dataclass ("module:Class"), with their
+    defaults, ranges and help as declared there (pipeline/options.py)."""
+    import importlib
+    import typing
+    from pipeline.options import flags
+    module, name = target.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    hints = typing.get_type_hints(cls)
+
+    def click_type(base, spec):
+        if spec.choices is not None:
+            return click.Choice(spec.choices)
+        if spec.exists:
+            return click.Path(exists=True, dir_okay=spec.exists == "dir", file_okay=spec.exists == "file")
+        if base in (int, float) and (spec.min is not None or spec.max is not None):
+            ranged = click.IntRange if base is int else click.FloatRange
+            return ranged(spec.min, spec.max, min_open=spec.min_open, max_open=spec.max_open)
+        return base
+
+    def decorate(fn):
+        for field_name, spec, default in reversed(flags(cls)):
+            base = next((t for t in typing.get_args(hints[field_name]) if t is not type(None)), hints[field_name])
+            decls = [spec.flag(field_name), field_name]
+            if base is bool:
+                if spec.negatable:
+                    decls[0] = f"{decls[0]}/--no-{decls[0][2:]}"
+                fn = click.option(*decls, default=default, help=spec.help, **({} if spec.negatable else {"is_flag": True}))(fn)
+                continue
+            fn = click.option(*decls, type=click_type(base, spec), default=default, metavar=spec.metavar,
+                              show_default=default is not None, help=spec.help)(fn)
+        return fn
+    return decorate
+
+
 def local_rank_flag(_ctx, _param, value):
     """The deepspeed launcher passes --local_rank=K before the subcommand; LOCAL_RANK says the same.
     A rank (started by any launcher) dies with its launcher rather than train on as an orphan."""
@@ -225,47 +260,12 @@ def recipe_defaults(ctx: click.Context, _param, value):
 @click.option("--recipe", callback=recipe_defaults, is_eager=True, expose_value=False,
               help="Recipe name in manifests/recipes (e.g. arra-base-llamagen-b) or a .toml path; sets defaults for the flags below.")
 @click.option("--out", "-o", "run", required=True, type=click.Path(file_okay=False), help="Run directory (created, or resumed when it holds checkpoints).")
-@click.option("--teacher", help="Teacher column to align to (default: the sets' only teacher).")
-@click.option("--model", default="tiny", show_default=True, help="Preset (tiny, llamagen-b|l|xl|xxl|3b) for ARRA-Base, or hf:PATH for a text-only causal LM (ARRA).")
-@click.option("--init", type=click.Path(exists=True, file_okay=False), help="ARRA-Adapt: continue from a directory written by `arra-pipe export`.")
-@click.option("--condition", type=click.Choice(["class", "text"]), default="class", show_default=True, help="Presets: condition on the class label or on the caption.")
-@click.option("--text-tokenizer", help="--condition text: a tokenizer directory, or `train` to fit a small BPE on the captions (default).")
-@click.option("--text-vocab", default=2048, show_default=True, help="Vocabulary of the BPE trained with --text-tokenizer train.")
-@click.option("--max-text-len", type=POSITIVE, default=64, show_default=True, help="Caption tokens kept (truncation).")
-@click.option("--lambda", "lam", type=NON_NEGATIVE_FLOAT, default=1.0, show_default=True, help="Weight of the GVA loss; 0 = plain AR baseline, no projector.")
-@click.option("--align-layer", type=NON_NEGATIVE, default=1, show_default=True, help="hidden_states index aligned: 1 = output of the first block (official).")
-@click.option("--align-positions", type=click.Choice(["image", "rep-token"]), default="image", show_default=True,
-              help="image: every position that predicts an image code; rep-token: only the <boi> position.")
-@click.option("--align-loss", type=click.Choice(["cosine", "mse"]), default="cosine", show_default=True)
-@click.option("--projector-hidden", type=POSITIVE, help="Projector hidden width (default: the teacher dim, as the official 512->512).")
-@click.option("--z-loss", type=NON_NEGATIVE_FLOAT, default=0.0, show_default=True, help="z-loss weight (independent of GVA).")
-@click.option("--cond-dropout", type=FRACTION, default=0.1, show_default=True, help="Probability of dropping the condition (for classifier-free guidance).")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True, help="Attention dropout of preset models.")
-@click.option("--zero", type=click.IntRange(0, 3), default=0, show_default=True, help="DeepSpeed ZeRO stage.")
-@click.option("--offload", type=click.Choice(["none", "cpu"]), default="none", show_default=True, help="Offload optimizer (and ZeRO-3 params) to CPU.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--procs", type=POSITIVE, default=1, show_default=True, help="Ranks on this node: CPU processes (gloo), or GPUs with --device cuda.")
 @click.option("--gpus", type=POSITIVE, help="GPUs on this node, one rank each: --procs N --device cuda.")
 @click.option("--hostfile", type=click.Path(dir_okay=False), help="DeepSpeed hostfile: ranks on several nodes (its slots), --launcher deepspeed.")
 @click.option("--launcher", type=click.Choice(["torchrun", "deepspeed"]),
               help="What starts the ranks (default: deepspeed on cuda or with --hostfile, torchrun otherwise).")
-@click.option("--micro-batch", type=POSITIVE, default=8, show_default=True, help="Sequences per rank per micro-step.")
-@click.option("--grad-accum", type=POSITIVE, default=1, show_default=True, help="Micro-steps per optimizer step.")
-@click.option("--steps", type=POSITIVE, help="Optimizer steps (default: --epochs).")
-@click.option("--epochs", type=click.FloatRange(0, min_open=True), help="Epochs over the sets (default 1 when --steps is not given).")
-@click.option("--lr", type=NON_NEGATIVE_FLOAT, default=1e-4, show_default=True)
-@click.option("--min-lr", type=NON_NEGATIVE_FLOAT, default=0.0, show_default=True, help="Floor of the cosine schedule.")
-@click.option("--warmup-steps", type=NON_NEGATIVE, default=0, show_default=True)
-@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
-@click.option("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.05, show_default=True)
-@click.option("--clip", type=NON_NEGATIVE_FLOAT, default=1.0, show_default=True, help="Gradient clipping (global norm).")
-@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
-@click.option("--save-every", type=POSITIVE, default=1000, show_default=True, help="Checkpoint every N steps (and at the end).")
-@click.option("--keep-checkpoints", type=NON_NEGATIVE, default=2, show_default=True)
-@click.option("--exclude-keys", "exclude", type=click.Path(exists=True, dir_okay=False), help="File of keys (one per line) to leave out, e.g. from `arra-pipe audit`.")
-@click.option("--deepspeed-config", type=click.Path(exists=True, dir_okay=False), help="Use this DeepSpeed JSON config instead of the generated one.")
-@click.option("--activation-checkpointing", is_flag=True, help="Recompute each decoder layer in the backward pass instead of keeping its activations (less memory, about a third more compute).")
-@click.option("--progress/--no-progress", default=True)
+@options_of("stages.options:TrainOptions")
 @click.pass_context
 def train(ctx, featuresets, procs, gpus, hostfile, launcher, **kw):
     """Train on FEATURESETS (made by `extract`) with CE + lambda * GVA under DeepSpeed ZeRO.
@@ -324,18 +324,15 @@ def export(run, out, tag, dtype):
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), help="File with one prompt per line.")
 @click.option("--class", "classes", type=NON_NEGATIVE, multiple=True, help="Class id (repeatable) for class-conditioned models; default all classes.")
 @click.option("--n", type=POSITIVE, default=1, show_default=True, help="Images per prompt or class.")
-@click.option("--cfg", type=NON_NEGATIVE_FLOAT, default=2.0, show_default=True, help="Classifier-free guidance scale (1 = off).")
-@click.option("--top-k", type=NON_NEGATIVE, default=0, show_default=True, help="Keep the k most likely image codes (0 = all).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Nucleus sampling threshold.")
-@click.option("--temperature", type=NON_NEGATIVE_FLOAT, default=1.0, show_default=True, help="0 = greedy.")
+@options_of("pipeline.sampling:Sampling")
 @click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Image i uses seed + i.")
 @click.option("--batch-size", type=POSITIVE, help="Images per batch (default: 64 on cuda, 16 on cpu); an image does not depend on it.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--tokenizer-path", type=click.Path(exists=True, dir_okay=False), help="Image tokenizer weights, when not at the recorded path.")
 @click.option("--progress/--no-progress", default=True)
-def sample(model, out, prompts, prompts_file, classes, cfg, top_k, top_p, temperature, **kw):
+def sample(model, out, prompts, prompts_file, classes, cfg, temperature, top_k, top_p, **kw):
     """Generate images from MODEL: a directory written by `export`, or a run directory."""
-    from pipeline.generate import Sampling
+    from pipeline.sampling import Sampling
     from stages.sample import sample as run
     prompts = list(prompts) + (Path(prompts_file).read_text().splitlines() if prompts_file else [])
     try:
@@ -445,25 +442,11 @@ def audit():
     """faiss audits on cached features: near duplicates, train/test leakage, memorization."""
 
 
-def audit_flags(fn):
-    """Options every audit takes."""
-    from stages.audit import DEFAULT_THRESHOLD
-    flags = [
-        click.option("--teacher", help="Teacher column to compare (default: the set's only teacher)."),
-        click.option("--threshold", type=click.FloatRange(-1, 1), default=DEFAULT_THRESHOLD, show_default=True,
-                     help="Cosine at or above which two images count as the same (exact and lightly edited copies score above 0.99; check the reported cosines on your data)."),
-        click.option("--index", type=click.Choice(["auto", "exact", "ivf", "hnsw"]), default="auto", show_default=True,
-                     help="auto: exact up to 50,000 rows, HNSW above; approximate indexes report their measured recall."),
-        click.option("--recall-target", type=FRACTION, default=0.95, show_default=True, help="IVF/HNSW: widen the search until recall@1 vs exact reaches this on a sample, but not past comparing each query with 1/32 of the set (wider costs about as much as exact search); the report warns if the target was not reached."),
-        click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seed of the recall samples and IVF training sample."),
-    ]
-    for flag in reversed(flags):
-        fn = flag(fn)
-    return fn
+audit_flags = options_of("stages.options:AuditOptions")
 
 
 def audit_options(kw: dict):
-    from stages.audit import AuditOptions
+    from stages.options import AuditOptions
     return AuditOptions(**{k: kw.pop(k) for k in ("teacher", "threshold", "index", "recall_target", "seed", "k") if k in kw})
 
 

@@ -13,14 +13,16 @@ from __future__ import annotations
 import math
 import platform
 import statistics
+import sysconfig
 import time
 from pathlib import Path
 
 import torch
 
 from pipeline.files import atomic_write_json
-from pipeline.generate import Sampling
+from pipeline.options import flag_of
 from pipeline.registry import option_names, read_manifest
+from pipeline.sampling import Sampling
 from pipeline.sources import SourceOptions
 from stages.evaluate import evaluate
 from stages.export import export
@@ -30,7 +32,17 @@ from stages.tokenizer_fit import fit_tokenizer
 from stages.train import TrainOptions, train
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-EMBEDDED_FASHION_MNIST = Path(__file__).resolve().parents[1] / "data" / "fashion-mnist-mini"
+
+
+def _embedded_fashion_mnist() -> Path:
+    """The 2,000 + 500 image subset: data/ beside the sources in a checkout (or editable install),
+    <prefix>/share/arra-pipe once installed from a wheel (pyproject's data-files)."""
+    places = [Path(__file__).resolve().parents[1] / "data", Path(sysconfig.get_path("data")) / "share" / "arra-pipe"]
+    return next((p / "fashion-mnist-mini" for p in places if (p / "fashion-mnist-mini").is_dir()),
+                places[0] / "fashion-mnist-mini")
+
+
+EMBEDDED_FASHION_MNIST = _embedded_fashion_mnist()
 HEADLINE = ("FID", "FD {teacher}", "class accuracy (proxy)")
 
 
@@ -40,7 +52,7 @@ def default_data() -> Path:
 
 
 def _flags(options: dict) -> str:
-    return " ".join(f"--{'lambda' if k == 'lam' else k.replace('_', '-')} {v}" for k, v in options.items())
+    return " ".join(f"{flag_of(TrainOptions, k)} {v}" for k, v in options.items())
 
 
 class Timer:

@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.generate import Sampling, generate
+from pipeline.generate import generate
 from pipeline.lm import LAYOUT_FILE
+from pipeline.sampling import Sampling
 from pipeline.tokenizers import load_recorded_tokenizer
 from pipeline.train_data import Conditioner
 from pipeline.vocab import VocabLayout

@@ -26,19 +26,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
-from pipeline.featureset import FeatureSet
 from pipeline import distributed
+from pipeline.featureset import FeatureSet
 from pipeline.files import atomic_write_bytes, atomic_write_json, read_json
-from pipeline.lm import LAYOUT_FILE, build_from_preset, extend_vocab, load_text_lm, preset_config, read_layout
-from pipeline.train_data import Conditioner, Prefetch, TrainStream
+from pipeline.lm import LAYOUT_FILE, PRESETS, build_from_preset, extend_vocab, load_text_lm, preset_config, read_layout
 from pipeline.lock import main_rank_lock
+from pipeline.objective import Objective
+from pipeline.options import flag_of
+from pipeline.train_data import Conditioner, Prefetch, TrainStream
 from pipeline.vocab import VocabLayout
 from pipeline.weights import deepspeed_loads_weights_only, load_torch
+from stages.options import TrainOptions
 
 
 CHECKPOINT_GLOB = "step" + "[0-9]" * 8
@@ -47,49 +50,6 @@ COMPLETE = "arra_complete.json"  # written by rank 0 once every rank has written
 
 class TrainError(ValueError):
     """The inputs or options cannot make a training run."""
-
-
-@dataclass
-class TrainOptions:
-    sets: list[str]
-    run: str
-    teacher: str | None = None
-    model: str = "tiny"
-    init: str | None = None
-    condition: str = "class"
-    text_tokenizer: str | None = None
-    text_vocab: int = 2048
-    max_text_len: int = 64
-    lam: float = 1.0
-    align_layer: int = 1
-    align_positions: str = "image"
-    align_loss: str = "cosine"
-    projector_hidden: int | None = None
-    z_loss: float = 0.0
-    cond_dropout: float = 0.1
-    dropout: float = 0.0
-    zero: int = 0
-    offload: str = "none"
-    device: str = "cpu"
-    micro_batch: int = 8
-    grad_accum: int = 1
-    steps: int | None = None
-    epochs: float | None = None
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip: float = 1.0
-    seed: int = 0
-    save_every: int = 1000
-    keep_checkpoints: int = 2
-    shuffle_buffer: int = 8192
-    exclude: str | None = None
-    deepspeed_config: str | None = None
-    activation_checkpointing: bool = False
-    progress: bool = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +223,23 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
     return layout, build, tokenizer, hidden
 
 
+def model_depth(opts: TrainOptions) -> int:
+    """Decoder layers of the LM these options build, read from its config alone (no weights), so
+    that --align-layer is checked before any process group or model exists."""
+    if opts.init:
+        read_layout(opts.init)  # says what --init needs when it is not an export
+    if opts.init or opts.model.startswith("hf:"):
+        from transformers import AutoConfig
+        path = opts.init or opts.model[3:]
+        if not Path(path, "config.json").is_file():
+            raise TrainError(f"{'--init' if opts.init else '--model hf:'} {path}: no config.json; "
+                             "a local Hugging Face model directory is needed")
+        return AutoConfig.from_pretrained(path, trust_remote_code=False).num_hidden_layers
+    if opts.model not in PRESETS:
+        raise TrainError(f"unknown --model preset {opts.model!r}; choose one of {', '.join(PRESETS)} or hf:PATH")
+    return PRESETS[opts.model][0]
+
+
 def _maybe_tokenizer(path: str):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -372,7 +349,6 @@ def lr_lambda(opts: TrainOptions, total_steps: int):
 
 
 RESUMABLE = {"steps", "epochs", "save_every", "keep_checkpoints", "progress", "run", "sets"}  # sets: by path, below
-FLAGS = {"lam": "lambda", "exclude": "exclude-keys"}
 
 
 def check_same_options(run: Path, opts: TrainOptions) -> None:
@@ -383,7 +359,7 @@ def check_same_options(run: Path, opts: TrainOptions) -> None:
         return
     before = read_json(run / "train_config.json").get("options", {})
     now = json.loads(json.dumps(asdict(opts)))  # tuples as the record holds them
-    diffs = [f"--{FLAGS.get(k, k).replace('_', '-')}: was {before[k]!r}, now {now[k]!r}"
+    diffs = [f"{flag_of(TrainOptions, k)}: was {before[k]!r}, now {now[k]!r}"
              for k in sorted(before) if k in now and k not in RESUMABLE and before[k] != now[k]]
     if diffs:
         raise TrainError(f"{run} holds a run started with other settings, and resuming it with these would change "
@@ -438,9 +414,9 @@ def _train(opts: TrainOptions, log) -> dict:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _single_process_env()
     run = Path(opts.run)
-    # ---- checks that need no model
-    if opts.align_positions not in ("image", "rep-token"):
-        raise TrainError(f"--align-positions must be image or rep-token, not {opts.align_positions!r}")
+    # ---- checks that need no model (the options checked themselves on construction)
+    objective = Objective(**{f.name: getattr(opts, f.name) for f in fields(Objective)})
+    objective.check_depth(model_depth(opts))
     sets, teacher, teacher_dim = open_sets(opts.sets, opts.teacher, opts.lam)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     is_main = rank == 0
@@ -464,7 +440,7 @@ def _train(opts: TrainOptions, log) -> dict:
     exclude = frozenset(k for k in Path(opts.exclude).read_text(encoding="utf-8").splitlines() if k) if opts.exclude else frozenset()
     stream = TrainStream(sets, teacher if opts.lam > 0 else None, layout, opts.micro_batch, rank, world, opts.seed,
                          opts.shuffle_buffer, opts.cond_dropout, Conditioner(layout, tokenizer, opts.max_text_len),
-                         opts.align_positions, exclude)
+                         objective.align_positions, exclude)
     per_epoch = stream.steps_per_epoch(opts.grad_accum)
     if per_epoch == 0:
         raise TrainError(f"the sets hold too few rows for one step of {world} ranks x {opts.micro_batch} rows x "
@@ -486,8 +462,7 @@ def _train(opts: TrainOptions, log) -> dict:
         lm = build()
     if opts.activation_checkpointing:
         checkpoint_activations(lm)
-    model = ARRAModel(lm, teacher_dim if opts.lam > 0 else None, opts.lam, opts.align_layer, opts.align_loss,
-                      opts.projector_hidden, opts.z_loss)
+    model = ARRAModel(lm, teacher_dim if opts.lam > 0 else None, objective)
     if is_main:
         model.lm.config.save_pretrained(model_dir)
         if tokenizer is not None:

@@ -3,13 +3,12 @@ are accepted, GVA without a teacher refused, and the defaults of the Python API 
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pytest
 import torch
 
 from pipeline.arra import ARRAModel
+from pipeline.objective import Objective
 from pipeline.train_data import IGNORE, make_sequences
 from pipeline.vocab import VocabLayout
 
@@ -47,10 +46,10 @@ def test_z_loss_is_the_mean_squared_logsumexp_and_independent_of_gva(lam):
     lm = tiny_lm()
     ids, attn, labels, align = batch()
     teacher = torch.randn(2, 6, generator=torch.Generator().manual_seed(1))
-    without = ARRAModel(lm, 6, lam=lam, z_loss=0.0)
+    without = ARRAModel(lm, 6, Objective(lam=lam, z_loss=0.0))
     loss0, metrics0 = without(ids, attn, labels, align, teacher)
     assert "z" not in metrics0                                     # off means not computed
-    with_z = ARRAModel(lm, 6, lam=lam, z_loss=0.25)
+    with_z = ARRAModel(lm, 6, Objective(lam=lam, z_loss=0.25))
     with_z.projector = without.projector                           # the same GVA term in both
     loss, metrics = with_z(ids, attn, labels, align, teacher)
     z = z_by_hand(lm, ids, attn, labels)
@@ -63,28 +62,29 @@ def test_z_loss_is_the_mean_squared_logsumexp_and_independent_of_gva(lam):
 def test_align_layer_runs_from_the_embeddings_to_the_last_block():
     lm = tiny_lm()
     for layer in (0, LAYERS):
-        assert ARRAModel(lm, 6, align_layer=layer).align_layer == layer
-    for layer in (-1, LAYERS + 1):
-        with pytest.raises(ValueError, match=f"--align-layer {layer} is outside 0..{LAYERS}"):
-            ARRAModel(lm, 6, align_layer=layer)
+        assert ARRAModel(lm, 6, Objective(align_layer=layer)).objective.align_layer == layer
+    with pytest.raises(ValueError, match=f"--align-layer {LAYERS + 1} is outside 0..{LAYERS}"):
+        ARRAModel(lm, 6, Objective(align_layer=LAYERS + 1))
+    with pytest.raises(ValueError, match="--align-layer must be >= 0, not -1"):
+        Objective(align_layer=-1)
 
 
 def test_gva_without_a_teacher_is_refused_and_lambda_zero_needs_none():
     lm = tiny_lm()
     for teacher_dim in (None, 0):
         with pytest.raises(ValueError, match="needs a teacher column"):
-            ARRAModel(lm, teacher_dim, lam=0.5)
-    assert ARRAModel(lm, None, lam=0.0).projector is None
-    widths = [m.weight.shape for m in ARRAModel(lm, 6, lam=0.5).projector if isinstance(m, torch.nn.Linear)]
+            ARRAModel(lm, teacher_dim, Objective(lam=0.5))
+    assert ARRAModel(lm, None, Objective(lam=0.0)).projector is None
+    widths = [m.weight.shape for m in ARRAModel(lm, 6, Objective(lam=0.5)).projector if isinstance(m, torch.nn.Linear)]
     assert widths == [(6, 16), (6, 6)]                             # hidden width defaults to the teacher's
 
 
 def test_python_defaults_are_the_train_defaults():
-    """benchmarks/gva_overhead.py builds ARRAModel with its defaults: they are train's (--projector-hidden
-    has none: the teacher's width)."""
+    """benchmarks/gva_overhead.py builds ARRAModel with the default Objective: it is train's
+    (--projector-hidden has none: the teacher's width)."""
     from stages.cli import main
     flags = {p.name: p.default for p in main.commands["train"].params}
-    defaults = {k: p.default for k, p in inspect.signature(ARRAModel.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    assert defaults == {"lam": 1.0, "align_layer": 1, "align_loss": "cosine", "projector_hidden": None, "z_loss": 0.0}
-    assert all(defaults[k] == flags[k] for k in ("lam", "align_layer", "align_loss", "z_loss"))
+    assert ARRAModel.__init__.__defaults__ == (Objective(),)
+    assert vars(Objective()) == {"lam": 1.0, "align_layer": 1, "align_positions": "image", "align_loss": "cosine",
+                                 "projector_hidden": None, "z_loss": 0.0}
+    assert all(flags[k] == v for k, v in vars(Objective()).items())

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pipeline.arra import ARRAModel
+from pipeline.objective import Objective
 from pipeline.train_data import IGNORE, make_sequences
 from pipeline.vocab import VocabLayout
 
@@ -54,7 +55,7 @@ def tiny_arra(kind: str, lam: float = LAM) -> ARRAModel:
         for p in lm.parameters():
             if p.dim() == 2:
                 p.normal_(0, 1 if p is lm.model.embed_tokens.weight else 0.3)
-    model = ARRAModel(lm, TEACHER_DIM, lam=lam, align_layer=ALIGN_LAYER, align_loss=kind, projector_hidden=10)
+    model = ARRAModel(lm, TEACHER_DIM, Objective(lam=lam, align_layer=ALIGN_LAYER, align_loss=kind, projector_hidden=10))
     if model.projector is not None:
         with torch.no_grad():  # no zero biases: every weight of the projector shows in the numbers
             for p in model.projector.parameters():

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from pipeline.arra import ARRAModel
+from pipeline.objective import Objective
 from pipeline.train_data import IGNORE, make_sequences
 from pipeline.vocab import VocabLayout
 
@@ -54,7 +55,7 @@ def test_gva_sees_only_the_masked_hidden_states():
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=LAYOUT.vocab_size, hidden_size=16, intermediate_size=32,
                                       num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=32))
-    model = ARRAModel(lm, teacher_dim=8, lam=1.0, align_layer=1)
+    model = ARRAModel(lm, 8, Objective(lam=1.0, align_layer=1))
     seen = []
     model.projector.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
     ids, attn, labels, align = (torch.from_numpy(a) for a in
@@ -63,7 +64,7 @@ def test_gva_sees_only_the_masked_hidden_states():
     assert seen == [torch.Size([12, 16])]                    # 2 rows x 6 image positions, nothing else
     assert torch.isclose(loss, metrics["ce"] + metrics["gva"])
     # moving padding or text tokens' hidden states cannot change GVA at layer 0 (the embeddings)
-    model0 = ARRAModel(lm, teacher_dim=8, lam=1.0, align_layer=0)
+    model0 = ARRAModel(lm, 8, Objective(lam=1.0, align_layer=0))
     feats = torch.randn(2, 8)
     base = model0(ids, attn, labels, align, feats)[1]["gva"]
     changed = ids.clone()
