@@ -598,9 +598,11 @@ def resume_tag(ckpt_dir: Path, world: int, log=print) -> str | None:
     complete = sorted(p.name for p in ckpt_dir.glob(CHECKPOINT_GLOB) if (p / COMPLETE).is_file())
     tag = complete[-1] if complete else latest  # none complete: written before completeness was recorded
     if not tag:
-        if any(ckpt_dir.glob(CHECKPOINT_GLOB)):
+        if any(ckpt_dir.glob(CHECKPOINT_GLOB)) and (ckpt_dir / "latest").exists():
             raise TrainError(f"{ckpt_dir}: no checkpoint is complete and `latest` names none; remove the step* "
                              "folders to start again, or train into another --out")
+        if any(ckpt_dir.glob(CHECKPOINT_GLOB)):  # `latest` is written after the first complete one: a stop during it
+            log(f"{ckpt_dir}: the first checkpoint was not finished; starting from step 0")
         return None
     if complete and latest != tag:
         log(f"{ckpt_dir}: `latest` names {latest or 'nothing'}, which not every rank finished writing; "

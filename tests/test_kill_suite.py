@@ -37,11 +37,11 @@ def launch(args: list[str]) -> subprocess.Popen:
 
 
 def alive(path: Path) -> list[int]:
-    """Live processes whose command line names `path` (zombies have none)."""
+    """Live processes with `path` as an argument (zombies have none)."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and str(path) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+            if proc.name.isdigit() and str(path) in (proc / "cmdline").read_bytes().decode(errors="replace").split("\0"):
                 found.append(int(proc.name))
         except OSError:
             pass
@@ -194,3 +194,15 @@ def test_zero3_training_killed_at_random_points_resumes_to_the_same_losses(run_e
 
     landed = run_with_kills(KILLS_TRAIN, start, kill_point, same_as_reference)
     assert len(landed) == KILLS_TRAIN
+
+
+def test_a_stop_during_the_first_checkpoint_starts_again_from_step_0(tmp_path):
+    """Found by this suite: rank 0 writes `latest` only once a checkpoint is complete, so step folders
+    with none complete and no `latest` are a first checkpoint cut short, not a damaged run."""
+    from stages.train import resume_tag
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "step00000002").mkdir(parents=True)
+    (ckpt / "step00000002" / "arra_state_rank0.pt").write_bytes(b"cut short")
+    said = []
+    assert resume_tag(ckpt, 2, said.append) is None
+    assert said == [f"{ckpt}: the first checkpoint was not finished; starting from step 0"]
