@@ -18,10 +18,14 @@ def arrow(keys: list[str], feats: np.ndarray) -> pa.RecordBatch:
                                       names=["key", "feat.t"])
 
 
-def write_tar(path, batches: list[pa.RecordBatch]) -> dict:
-    """The tar of one .arrow member per batch, and its manifest entry."""
+def write_tar(path, batches: list[pa.RecordBatch], others: dict[str, bytes] | None = None) -> dict:
+    """The tar of one .arrow member per batch (and `others`, name -> bytes), and its manifest entry."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in (others or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
         for i, batch in enumerate(batches):
             sink = io.BytesIO()
             with pa.ipc.new_stream(sink, batch.schema) as writer:
@@ -35,9 +39,9 @@ def write_tar(path, batches: list[pa.RecordBatch]) -> dict:
             "rows": sum(b.num_rows for b in batches)}
 
 
-def test_an_intact_tar_gives_its_batches(tmp_path):
+def test_an_intact_tar_gives_its_batches_and_skips_other_members(tmp_path):
     batches = [arrow(["a", "b"], np.ones((2, 3))), arrow(["c"], np.zeros((1, 3)))]
-    entry = write_tar(tmp_path / "s.tar", batches)
+    entry = write_tar(tmp_path / "s.tar", batches, {"notes.txt": b"not arrow", "x.arrow.txt": b"nor this"})
     members, problems = check_tar(tmp_path, entry, schema_fields(batches[0].schema))
     assert problems == [] and [m for m, _ in members] == ["000.arrow", "001.arrow"]
     assert [b.column("key").to_pylist() for _, b in members] == [["a", "b"], ["c"]]
@@ -55,13 +59,19 @@ def test_each_damage_is_named(tmp_path):
     other = {**fields, "feat.t": "fixed_size_list<item: float>[3]"}
     assert check_tar(tmp_path, entry, other)[1][0].startswith("s.tar: schema differs from the manifest")
     data = (tmp_path / "s.tar").read_bytes()
-    (tmp_path / "s.tar").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    assert check_tar(tmp_path, entry, fields) == ([], [f"s.tar: sha256 {hashlib.sha256(data[:-1] + bytes([data[-1] ^ 1])).hexdigest()[:16]}... "
-                                                      f"differs from the manifest's {entry['sha256'][:16]}..."])
-    (tmp_path / "s.tar").write_bytes(data[:100])
-    problems = check_tar(tmp_path, entry, fields)[1]
-    assert problems[0] == f"s.tar: 100 bytes on disk, manifest says {entry['bytes']} (truncated or replaced)"
-    assert len(problems) == 2  # and its sha256
+    flipped = [data[:i] + bytes([data[i] ^ 1]) + data[i + 1:] for i in range(len(data) - 8, len(data))]  # in the padding
+    digests = [hashlib.sha256(d).hexdigest() for d in flipped]
+    # a flipped byte whose digest sorts before the manifest's and one whose digest sorts after it
+    for d, digest in (min(zip(flipped, digests), key=lambda x: x[1]), max(zip(flipped, digests), key=lambda x: x[1])):
+        (tmp_path / "s.tar").write_bytes(d)
+        assert check_tar(tmp_path, entry, fields) == ([], [f"s.tar: sha256 {digest[:16]}... differs from the manifest's "
+                                                          f"{entry['sha256'][:16]}..."])
+    assert min(digests) < entry["sha256"] < max(digests)
+    for damaged in (data[:100], data + bytes(512)):  # truncated, or grown by a zero block tar readers skip
+        (tmp_path / "s.tar").write_bytes(damaged)
+        problems = check_tar(tmp_path, entry, fields)[1]
+        assert problems[0] == f"s.tar: {len(damaged)} bytes on disk, manifest says {entry['bytes']} (truncated or replaced)"
+        assert len(problems) == 2  # and its sha256
 
 
 def test_garbage_with_a_matching_entry_is_unreadable_not_a_crash(tmp_path):
