@@ -4,6 +4,7 @@ suite, run it by hand after changing one of these modules or its tests.
     nice -n 10 .venv/bin/python benchmarks/mutation_score.py pipeline/vocab.py pipeline/generate.py
     .venv/bin/python benchmarks/mutation_score.py --list          # the modules and their test selections
     .venv/bin/python benchmarks/mutation_score.py --report-only   # rebuild the report from stored results
+    .venv/bin/python benchmarks/mutation_score.py --survivors pipeline/vocab.py   # after adding tests: survivors only
 
 cosmic-ray rather than mutmut: mutmut 3 leaves decorated functions unmutated (its trampolines cannot
 wrap them), and here those are every VocabLayout property and `generate` itself.
@@ -138,7 +139,9 @@ def pytest_command(target: Target) -> list[str]:
     return [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *target.tests]
 
 
-def run_module(module: str, scratch: Path) -> dict:
+def run_module(module: str, scratch: Path, stored: dict | None = None) -> dict:
+    """Mutate `module` against its tests; with `stored` (an earlier result of the same source), only
+    that run's survivors are tested again and its other outcomes kept."""
     from cosmic_ray.commands import init
     from cosmic_ray.mutating import mutate_and_test
     from cosmic_ray.work_db import WorkDB, use_db
@@ -183,6 +186,13 @@ def run_module(module: str, scratch: Path) -> dict:
             else:
                 todo.append(item)
         todo.sort(key=lambda it: tuple(it.mutations[0].start_pos))
+        if stored:
+            results = [m for m in stored["mutants"] if m["outcome"] != "survived"]
+            again = {(m["line"], m["operator"], m["occurrence"]): m["original"] for m in stored["mutants"] if m["outcome"] == "survived"}
+            lines = source.splitlines()
+            if any(lines[line - 1].strip() != orig for (line, _, _), orig in again.items()):
+                raise SystemExit(f"{module} changed since its stored run: run it whole")
+            todo = [it for it in todo if (it.mutations[0].start_pos[0], it.mutations[0].operator_name, it.mutations[0].occurrence) in again]
         print(f"{module}: {len(todo)} mutants ({len(items) - len(todo)} left out: {skipped}), "
               f"baseline {baseline_s:.0f} s, limit {timeout:.0f} s each", flush=True)
         started = time.monotonic()
@@ -199,9 +209,12 @@ def run_module(module: str, scratch: Path) -> dict:
             print(f"  [{i}/{len(todo)}] {outcome:9s} line {mutation.start_pos[0]}: {mutant}  (~{left / 60:.0f} min left)",
                   flush=True)
         assert Path(module).read_text() == source, "cosmic-ray left the module mutated"
+    seconds = round(time.monotonic() - started)
+    results.sort(key=lambda m: (m["line"], m["operator"], m["occurrence"]))
     return {"module": module, "tests": list(target.tests), "functions": list(target.functions),
             "excluded_operators": list(EXCLUDED_OPERATORS), "left_out": skipped, "baseline_seconds": round(baseline_s, 1),
-            "seconds": round(time.monotonic() - started), "date": time.strftime("%Y-%m-%d"), "mutants": results}
+            "seconds": stored["seconds"] + seconds if stored else seconds, "date": time.strftime("%Y-%m-%d"), "mutants": results,
+            **({"survivors_retested": {"mutants": len(todo), "seconds": seconds}} if stored else {})}
 
 
 def load_equivalent() -> dict[tuple[str, str, str], str]:
@@ -240,6 +253,8 @@ def write_report() -> None:
         sections += ["", f"## `{r['module']}`", "",
                      f"Mutated: {scope}; left out: {r['left_out'] or 'nothing'}. {s['mutants']} mutants in "
                      f"{r['seconds'] / 60:.0f} min (baseline test run {r['baseline_seconds']} s)."
+                     + (f" The survivors tested again after tests were added: {r['survivors_retested']['mutants']} in "
+                        f"{r['survivors_retested']['seconds'] / 60:.0f} min." if "survivors_retested" in r else "")
                      + (f" {s['incompetent']} incompetent (cosmic-ray could not run them)." if s["incompetent"] else ""), ""]
         if not s["survivors"]:
             sections.append("No survivors.")
@@ -255,6 +270,8 @@ def main() -> None:
     parser.add_argument("modules", nargs="*", help=f"modules to mutate, from: {', '.join(TARGETS)}")
     parser.add_argument("--list", action="store_true", help="print the modules and their test selections")
     parser.add_argument("--report-only", action="store_true", help="rebuild report.md from the stored results")
+    parser.add_argument("--survivors", action="store_true",
+                        help="test only the stored run's survivors again (after adding tests; the module must be unchanged)")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/arra-mutation"), help="where the copies of the tree go")
     args = parser.parse_args()
     if args.list:
@@ -267,8 +284,9 @@ def main() -> None:
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONDONTWRITEBYTECODE="1")
     OUT.mkdir(parents=True, exist_ok=True)
     for module in ([] if args.report_only else args.modules):
-        result = run_module(module, args.scratch)
-        (OUT / (Path(module).stem + ".json")).write_text(json.dumps(result, indent=1) + "\n")
+        stored = OUT / (Path(module).stem + ".json")
+        result = run_module(module, args.scratch, json.loads(stored.read_text()) if args.survivors else None)
+        stored.write_text(json.dumps(result, indent=1) + "\n")
     write_report()
 
 
