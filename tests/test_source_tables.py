@@ -27,3 +27,11 @@ def test_table_keys_default_to_the_image_path_and_templates_fill_captions(tmp_pa
         ("a.png", "first (1)", -1, None), ("t.csv#2", "no image (2)", -1, "bad-row: no image path"),
         ("b.png", "bad label (x)", -1, None), ("c.png", " (-1)", -1, None),
         ("a.png", "dup (3)", -1, "duplicate-key: 'a.png' first seen at t.csv row 1")]
+
+
+def test_a_row_the_table_reader_cannot_take_is_a_reject_without_a_label(tmp_path):
+    (tmp_path / "t.csv").write_text("image,caption\na.png,x\nb.png,y,extra\n", encoding="utf-8")
+    records = read_source(tmp_path / "t.csv").records
+    assert [(r.key, r.caption, r.label, r.ref, r.origin, r.reject) for r in records] == [
+        ("a.png", "x", -1, ("file", str(tmp_path / "a.png")), "t.csv row 1", None),
+        ("t.csv#2", "", -1, ("file", ""), "t.csv row 2", "bad-row: line 3 has more fields than the header")]
