@@ -1,7 +1,9 @@
-"""A CSV source read row by row (no extraction): keys, captions, labels and image paths, and each
+"""Table sources read row by row (no extraction): keys, captions, labels and image paths, and each
 row that cannot be used is a reject naming its row, never a failure."""
 
 from __future__ import annotations
+
+import json
 
 from pipeline.sources import SourceOptions, read_source
 
@@ -35,3 +37,14 @@ def test_a_row_the_table_reader_cannot_take_is_a_reject_without_a_label(tmp_path
     assert [(r.key, r.caption, r.label, r.ref, r.origin, r.reject) for r in records] == [
         ("a.png", "x", -1, ("file", str(tmp_path / "a.png")), "t.csv row 1", None),
         ("t.csv#2", "", -1, ("file", ""), "t.csv row 2", "bad-row: line 3 has more fields than the header")]
+
+
+def test_json_labels_must_be_integers_not_booleans_or_fractions(tmp_path):
+    rows = [{"image": "a.png", "label": True}, {"image": "b.png", "label": 3.7}, {"image": "c.png", "label": 3.0},
+            {"image": "d.png", "label": 4}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({**r, "caption": "x"}) + "\n" for r in rows), encoding="utf-8")
+    records = read_source(tmp_path / "t.jsonl", options=SourceOptions(label_column="label")).records
+    assert [(r.key, r.label, r.reject) for r in records] == [
+        ("a.png", -1, "bad-row: label True is not an integer in 0..2**31-1"),
+        ("b.png", -1, "bad-row: label 3.7 is not an integer in 0..2**31-1"),
+        ("c.png", 3, None), ("d.png", 4, None)]
