@@ -39,12 +39,13 @@ def test_a_row_the_table_reader_cannot_take_is_a_reject_without_a_label(tmp_path
         ("t.csv#2", "", -1, ("file", ""), "t.csv row 2", "bad-row: line 3 has more fields than the header")]
 
 
-def test_json_labels_must_be_integers_not_booleans_or_fractions(tmp_path):
+def test_json_labels_must_be_int32_integers_not_booleans_or_fractions(tmp_path):
     rows = [{"image": "a.png", "label": True}, {"image": "b.png", "label": 3.7}, {"image": "c.png", "label": 3.0},
-            {"image": "d.png", "label": 4}]
+            {"image": "d.png", "label": 4}, {"image": "e.png", "label": 2 ** 31 - 1}, {"image": "f.png", "label": 2 ** 31}]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({**r, "caption": "x"}) + "\n" for r in rows), encoding="utf-8")
     records = read_source(tmp_path / "t.jsonl", options=SourceOptions(label_column="label")).records
     assert [(r.key, r.label, r.reject) for r in records] == [
         ("a.png", -1, "bad-row: label True is not an integer in 0..2**31-1"),
         ("b.png", -1, "bad-row: label 3.7 is not an integer in 0..2**31-1"),
-        ("c.png", 3, None), ("d.png", 4, None)]
+        ("c.png", 3, None), ("d.png", 4, None), ("e.png", 2 ** 31 - 1, None),
+        ("f.png", -1, "bad-row: label 2147483648 is not an integer in 0..2**31-1")]
