@@ -9,8 +9,11 @@ against the test split (FID, FD in teacher space, class-accuracy proxy) and writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+
+import torch
 
 from pipeline.files import atomic_write_json
 from pipeline.generate import Sampling
@@ -28,7 +31,21 @@ from stages.train import TrainOptions, train
 
 
 CODEBOOK_SIZE = 256  # 4x fewer codes than `run` uses: fitted in seconds, and a vocabulary a tiny model learns in few steps
+PROJECTOR_HIDDEN = 256  # the default (the teacher's 1280) made the projector ~95 % of a 64-wide model's step
+FID_REFERENCE = 200  # test images through TF-Inception (~0.5 CPU-s each); FID is compared at equal counts only
 MINUTES = "about 26"  # measured on 2 cores shared with other jobs (load average 3-8), README "Quick start"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block on n torch threads: the tiny model's matrices are too small to split, and two
+    OpenMP threads on a busy 2-core machine spin against other jobs (docs/benchmarks/demo-knobs.md)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_demo(out: str, data: str | None, workers: int, teacher_resolution: int, steps: int = 300, log=print) -> Path:
@@ -57,21 +74,23 @@ def run_demo(out: str, data: str | None, workers: int, teacher_resolution: int, 
         log(f"{split}: {result.status}, {result.rows} rows" +
             (f", {result.rows_extracted / result.seconds:.0f} rows/s" if result.seconds else ""))
         log(describe(out / split) + "\n")
-    options = {**load_recipe("tiny-cpu"), "steps": steps, "save_every": steps}
+    options = {**load_recipe("tiny-cpu"), "projector_hidden": PROJECTOR_HIDDEN, "steps": steps, "save_every": steps}
     log(f"training: recipe tiny-cpu, {steps} steps -> {run}")
-    timer("train", train, TrainOptions(sets=[str(out / "train")], run=str(run), progress=True, **options), log=log)
+    with torch_threads(1):
+        timer("train", train, TrainOptions(sets=[str(out / "train")], run=str(run), progress=True, **options), log=log)
     commands["train"] = f"arra-pipe train {out / 'train'} --out {run} {_flags(options)}"
     first, last = read_metrics(run)[0], read_metrics(run)[-1]
     log(f"trained {last['step']} steps: CE {first['ce']:.3f} -> {last['ce']:.3f}, GVA {first['gva']:.3f} -> {last['gva']:.3f}")
     timer("export", export, str(run), str(model))
     commands["export"] = f"arra-pipe export {run} --out {model}"
     log(f"exported {model} (loads with transformers.AutoModelForCausalLM)")
-    timer("sample", sample, str(model), str(samples), n=10, sampling=Sampling(cfg=2.0), progress=False)
+    with torch_threads(1):
+        timer("sample", sample, str(model), str(samples), n=10, sampling=Sampling(cfg=2.0), progress=False)
     commands["sample"] = f"arra-pipe sample {model} --out {samples} --n 10 --cfg 2.0"
     log(f"sampled 10 images per class: {samples / 'grid.png'} (one row per class)")
-    result = timer("eval", evaluate, str(samples), str(out / "test"), train_set=str(out / "train"), fid_reference=500)
+    result = timer("eval", evaluate, str(samples), str(out / "test"), train_set=str(out / "train"), fid_reference=FID_REFERENCE)
     (samples / "eval.json").write_text(json.dumps(result, indent=1))
-    commands["eval"] = f"arra-pipe eval --generated {samples} --reference {out / 'test'} --train-set {out / 'train'} --fid-reference 500"
+    commands["eval"] = f"arra-pipe eval --generated {samples} --reference {out / 'test'} --train-set {out / 'train'} --fid-reference {FID_REFERENCE}"
     log(format_table(result))
     atomic_write_json(out / "demo.json", {"steps": [{"name": k, "command": c, "seconds": timer.seconds.get(k, 0.0)}
                                                     for k, c in commands.items()]})
