@@ -1,6 +1,6 @@
 """Quality per CPU-second of the demo's training knobs, all on one demo extraction and seed 0.
 
-    python benchmarks/demo_knobs.py DEMO_DIR tiny-p256-300 tiny-p256-600 ...
+    PYTHONPATH=. .venv/bin/python benchmarks/demo_knobs.py DEMO_DIR tiny-p256-300 tiny-p256-600 ...
 
 DEMO_DIR holds `train/` and `test/` as `arra-pipe demo` leaves them. Each config trains (one
 torch thread, as the demo does), exports, samples 10 per class with cfg 2 and is evaluated
