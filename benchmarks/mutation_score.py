@@ -69,7 +69,7 @@ TARGETS = {
     "pipeline/train_data.py": Target(("tests/test_train_data_layout.py", "tests/test_sequences.py", "tests/test_objective.py", "tests/test_rank_split.py"),
                                      ("make_sequences", "Conditioner.__call__", "TrainStream.rank_shards",
                                       "TrainStream.rows_of_rank", "TrainStream.steps_per_epoch", "TrainStream._rows")),
-    "pipeline/featureset.py": Target(("tests/test_featureset_keys.py", "tests/test_check_tar.py",
+    "pipeline/featureset.py": Target(("tests/test_featureset_keys.py", "tests/test_check_tar.py", "tests/test_verify_rejects.py",
                                       "tests/test_featureset.py::test_verify_reports_tars_that_no_manifest_lists",
                                       "tests/test_featureset.py::test_verify_counts_the_rows_of_every_tar",
                                       "tests/test_featureset.py::test_verify_catches_flipped_byte_and_truncation",

@@ -56,8 +56,11 @@ def test_each_damage_is_named(tmp_path):
     members, problems = check_tar(tmp_path, {**entry, "name": "dir.tar"}, fields)
     assert members == [] and problems[0].startswith("dir.tar: unreadable (IsADirectoryError")
     assert check_tar(tmp_path, {**entry, "rows": 3}, fields)[1] == ["s.tar: 2 rows, manifest says 3"]
+    assert check_tar(tmp_path, {**entry, "rows": 1}, fields)[1] == ["s.tar: 2 rows, manifest says 1"]
     other = {**fields, "feat.t": "fixed_size_list<item: float>[3]"}
-    assert check_tar(tmp_path, entry, other)[1][0].startswith("s.tar: schema differs from the manifest")
+    assert check_tar(tmp_path, entry, other)[1] == [  # both sides of what differs
+        "s.tar: schema differs from the manifest: [('feat.t', 'fixed_size_list<item: float>[3]'), "
+        "('feat.t', 'fixed_size_list<item: halffloat>[3]')]"]
     data = (tmp_path / "s.tar").read_bytes()
     flipped = [data[:i] + bytes([data[i] ^ 1]) + data[i + 1:] for i in range(len(data) - 8, len(data))]  # in the padding
     digests = [hashlib.sha256(d).hexdigest() for d in flipped]
@@ -82,13 +85,22 @@ def test_garbage_with_a_matching_entry_is_unreadable_not_a_crash(tmp_path):
     assert members == [] and problems[0].startswith("g.tar: unreadable (")
 
 
-def test_non_finite_features_name_the_rows(tmp_path):
-    feats = np.ones((4, 3))
-    feats[1, 2], feats[3, 0] = np.nan, np.inf
-    batch = arrow(["a", "b", "c", "d"], feats)
+def test_non_finite_features_name_the_first_three_rows(tmp_path):
+    feats = np.ones((6, 3))
+    feats[1, 2], feats[3, 0], feats[4, 1], feats[5, 2] = np.nan, np.inf, -np.inf, np.nan
+    batch = arrow(["a", "b", "c", "d", "e", "f"], feats)
     entry = write_tar(tmp_path / "s.tar", [batch])
     members, problems = check_tar(tmp_path, entry, schema_fields(batch.schema))
-    assert problems == ["s.tar: 2 rows have non-finite feat.t values, e.g. ['b', 'd']"] and len(members) == 1
+    assert problems == ["s.tar: 4 rows have non-finite feat.t values, e.g. ['b', 'd', 'e']"] and len(members) == 1
+
+
+def test_a_null_feature_value_is_non_finite_not_a_crash(tmp_path):
+    values = pa.array([1.0, 1.0, 1.0, 1.0, None, 1.0], pa.float16())
+    batch = pa.RecordBatch.from_arrays([pa.array(["a", "b"]), pa.FixedSizeListArray.from_arrays(values, 3)],
+                                       names=["key", "feat.t"])
+    entry = write_tar(tmp_path / "s.tar", [batch])
+    assert check_tar(tmp_path, entry, schema_fields(batch.schema))[1] == [
+        "s.tar: 1 rows have non-finite feat.t values, e.g. ['b']"]
 
 
 def test_offsets_out_of_order_in_a_crafted_file_are_unreadable(tmp_path):
