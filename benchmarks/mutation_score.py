@@ -188,11 +188,13 @@ def run_module(module: str, scratch: Path, stored: dict | None = None) -> dict:
         todo.sort(key=lambda it: tuple(it.mutations[0].start_pos))
         if stored:
             results = [m for m in stored["mutants"] if m["outcome"] != "survived"]
-            again = {(m["line"], m["operator"], m["occurrence"]): m["original"] for m in stored["mutants"] if m["outcome"] == "survived"}
+            # matched by operator and occurrence (lines may have moved), the mutated line's text unchanged
+            again = {(m["operator"], m["occurrence"]): m["original"] for m in stored["mutants"] if m["outcome"] == "survived"}
+            todo = [it for it in todo if (it.mutations[0].operator_name, it.mutations[0].occurrence) in again]
             lines = source.splitlines()
-            if any(lines[line - 1].strip() != orig for (line, _, _), orig in again.items()):
+            if len(todo) != len(again) or any(lines[it.mutations[0].start_pos[0] - 1].strip() !=
+                                              again[it.mutations[0].operator_name, it.mutations[0].occurrence] for it in todo):
                 raise SystemExit(f"{module} changed since its stored run: run it whole")
-            todo = [it for it in todo if (it.mutations[0].start_pos[0], it.mutations[0].operator_name, it.mutations[0].occurrence) in again]
         print(f"{module}: {len(todo)} mutants ({len(items) - len(todo)} left out: {skipped}), "
               f"baseline {baseline_s:.0f} s, limit {timeout:.0f} s each", flush=True)
         started = time.monotonic()
