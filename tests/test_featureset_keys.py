@@ -29,3 +29,13 @@ def test_alignment_checks_member_names_then_each_members_keys():
         "col.tar: members ['000.arrow']... do not match the shard's ['000.arrow', '001.arrow']..."]
     assert _alignment("col.tar", [("000.arrow", batch("a", "b")), ("001.arrow", batch("d"))], shard) == [
         "col.tar: member 001.arrow does not line up with the shard: row 0 has key 'd' where the shard has 'c'"]
+
+
+def test_alignment_names_the_first_four_members_of_each_side():
+    def batch(*names):
+        return pa.RecordBatch.from_arrays([keys(*names)], names=["key"])
+    shard = [(f"{i:03d}.arrow", keys("a")) for i in range(6)]
+    column = [(f"{i:03d}.arrow", batch("a")) for i in range(1, 7)]  # one member name off, and sorting after the shard's
+    assert _alignment("col.tar", column, shard) == [
+        "col.tar: members ['001.arrow', '002.arrow', '003.arrow', '004.arrow']... do not match the shard's "
+        "['000.arrow', '001.arrow', '002.arrow', '003.arrow']..."]
