@@ -102,6 +102,7 @@ def extract_args(codebook: str, out: Path) -> list[str]:
             "32", "--batch-size", "10", "--shard-size", "25", "--workers", "1", "--no-progress"]
 
 
+@pytest.mark.timeout(1200)  # minutes on 2 busy cores; the suite's 600 s would fail it for the load, not a fault
 def test_extraction_killed_at_random_points_resumes_to_the_same_set(codebook, tmp_path):
     reference = tmp_path / "reference"
     finish(launch(extract_args(codebook, reference)))
@@ -165,6 +166,7 @@ def resumes_from(run: Path) -> int:
     return max(steps, default=0)
 
 
+@pytest.mark.timeout(1200)
 def test_zero3_training_killed_at_random_points_resumes_to_the_same_losses(run_extract, tmp_path):
     _, fmnist = run_extract(MINI, source_options={"split": "test"}, shard_size=128, batch_size=50)
     reference = tmp_path / "reference"
