@@ -77,7 +77,7 @@ TARGETS = {
                                       "tests/test_corrupt_sets.py::test_verify_reports_a_deleted_rejects_file"),
                                      ("FeatureSet.verify", "FeatureSet._rejects_problems", "_alignment", "_unlisted",
                                       "check_tar", "_non_finite", "keys_mismatch")),
-    "pipeline/sources.py": Target(("tests/test_source_text.py", "tests/test_source_tables.py",
+    "pipeline/sources.py": Target(("tests/test_source_text.py", "tests/test_source_tables.py", "tests/test_source_idx.py",
                                    "tests/test_sources.py::test_a_rejected_row_does_not_claim_its_key",
                                    "tests/test_sources.py::test_negative_labels_other_than_none_are_bad_rows",
                                    "tests/test_sources.py::test_table_without_recognisable_columns",
