@@ -33,7 +33,7 @@ from stages.train import TrainOptions, train
 CODEBOOK_SIZE = 256  # 4x fewer codes than `run` uses: fitted in seconds, and a vocabulary a tiny model learns in few steps
 PROJECTOR_HIDDEN = 256  # the default (the teacher's 1280) made the projector ~95 % of a 64-wide model's step
 FID_REFERENCE = 200  # test images through TF-Inception (~0.5 CPU-s each); FID is compared at equal counts only
-MINUTES = "about 26"  # measured on 2 cores shared with other jobs (load average 3-8), README "Quick start"
+MINUTES = "about 18 (6 CPU-minutes)"  # measured on 2 cores shared with other jobs (load average 7-9), README "Quick start"
 
 
 @contextlib.contextmanager
