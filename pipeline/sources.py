@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import ArraError
 from pipeline.images import Rejected, decode_rgb
 
 FORMATS = ("conversations", "imagefolder", "table", "img2dataset", "fashion-mnist")
@@ -44,7 +45,7 @@ DUPLICATE = "duplicate-key"  # a reject category that extraction revisits (pipel
 CSV_FIELD_LIMIT = 16 << 20  # the csv module's own default (128 KiB) would fail a long report's whole table
 
 
-class SourceError(ValueError):
+class SourceError(ArraError):
     """The source as a whole cannot be read (wrong path, missing column, bad header...)."""
 
 

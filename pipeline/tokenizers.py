@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.errors import ArraError
 from pipeline.models import FrozenModel
 from pipeline.registry import RegistryError, register
 
@@ -115,7 +116,7 @@ def fit_kmeans_codebook(patches: np.ndarray, codebook_size: int, iterations: int
     """faiss k-means on float32 patch vectors -> (codebook_size, dim) centroids."""
     import faiss
     if len(patches) < codebook_size:
-        raise ValueError(f"{len(patches)} patches cannot fit a codebook of {codebook_size}; use more images")
+        raise ArraError(f"{len(patches)} patches cannot fit a codebook of {codebook_size}; use more images")
     km = faiss.Kmeans(patches.shape[1], codebook_size, niter=iterations, seed=seed,
                       max_points_per_centroid=max(256, len(patches) // codebook_size + 1))
     km.train(np.ascontiguousarray(patches, dtype=np.float32))

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from pipeline.errors import ArraError
 from pipeline.featureset import FeatureSet, feature_column
 from pipeline.vocab import VocabLayout
 
@@ -44,7 +45,7 @@ class Conditioner:
         self.layout, self.tokenizer, self.max_text_len = layout, text_tokenizer, max_text_len
         if layout.condition == "text":
             if text_tokenizer is None:
-                raise ValueError("a text-conditioned layout needs a text tokenizer")
+                raise ArraError("a text-conditioned layout needs a text tokenizer")
             self.null = self.encode([""])[0]
         else:
             self.null = [layout.null_class]

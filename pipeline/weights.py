@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import ArraError
 from pipeline.files import sha256_file
 
 FLAGS = {"teachers": "--teacher-path", "tokenizers": "--tokenizer-path"}
 
 
-class WeightsError(ValueError):
+class WeightsError(ArraError):
     """The weights cannot be found or read."""
 
 

@@ -26,11 +26,12 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
 from pipeline import neighbours
+from pipeline.errors import ArraError
 from pipeline.featureset import MANIFEST, FeatureSet, feature_column
 from pipeline.files import atomic_write_json
 from stages.options import AuditOptions
 
-class AuditError(ValueError):
+class AuditError(ArraError):
     """The sets cannot be compared (other teacher, missing column) or the input is unusable."""
 
 

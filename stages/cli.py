@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from pipeline.errors import ArraError
 from pipeline.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from pipeline.sources import DEFAULT_MAX_FILE_BYTES, FORMATS, SourceOptions
 
@@ -66,10 +67,6 @@ def per_teacher(items, teachers, flag: str) -> dict[str, str]:
     return out
 
 
-def fail(exc: Exception):
-    raise click.ClickException(str(exc)) from None
-
-
 def options_of(target: str):
     """click options made from the option() fields of a dataclass ("module:Class"), with their
     defaults, ranges and help as declared there (pipeline/options.py)."""
@@ -115,7 +112,21 @@ def local_rank_flag(_ctx, _param, value):
         die_with_parent()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Commands(click.Group):
+    """Every command's ArraError (bad input, options or files) and OSError (a full or read-only disk,
+    a missing file) are printed as one line naming what is wrong, exit status 1; anything else is a
+    bug and keeps its traceback. ARRA_DEBUG=1 shows the traceback of those too."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (ArraError, OSError) as exc:
+            if os.environ.get("ARRA_DEBUG"):
+                raise
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="arra-pipe")
 @click.option("--local_rank", "--local-rank", type=int, hidden=True, expose_value=False, callback=local_rank_flag)
 def main():
@@ -167,15 +178,12 @@ def extract(source, out, tokenizer, tokenizer_path, teachers, teacher_paths, agg
     torchrun each rank extracts its own shards. With --out a finished set, teachers it lacks are
     added to it as columns (the tokenizer is not run; SOURCE defaults to the one it was made from).
     """
-    from stages.extract import ExtractError, ExtractOptions, extract as run
+    from stages.extract import ExtractOptions, extract as run
     opts = ExtractOptions(source=source, out=out, source_options=source_options(kw), tokenizer=tokenizer,
                           tokenizer_path=tokenizer_path, teachers=tuple(teachers),
                           teacher_paths=per_teacher(teacher_paths, teachers, "--teacher-path"),
                           teacher_aggregations=per_teacher(aggregations, teachers, "--aggregation"), **kw)
-    try:
-        result = run(opts, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
-    except (ExtractError, ValueError, OSError) as exc:  # OSError: a full or read-only --out, named in the message
-        fail(exc)
+    result = run(opts, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
     if result.status == "up-to-date":
         click.echo(f"{out} is already complete ({result.rows} rows, {result.rejects} rejects): nothing to do.")
     elif result.status == "added":
@@ -192,10 +200,7 @@ def extract(source, out, tokenizer, tokenizer_path, teachers, teacher_paths, agg
 def inspect(featureset):
     """Summarise a feature set: rows, shards, bytes per row, tokenizer, teachers, rejects."""
     from stages.inspect import describe
-    try:
-        click.echo(describe(featureset))
-    except ValueError as exc:
-        fail(exc)
+    click.echo(describe(featureset))
 
 
 @main.command()
@@ -203,10 +208,7 @@ def inspect(featureset):
 def verify(featureset):
     """Re-check every shard (size, sha256, schema, rows); exit 1 naming each bad shard."""
     from pipeline.featureset import FeatureSet
-    try:
-        fs = FeatureSet.open(featureset)
-    except ValueError as exc:
-        fail(exc)
+    fs = FeatureSet.open(featureset)
     problems = fs.verify()
     for p in problems:
         click.echo(f"BAD {p}", err=True)
@@ -235,10 +237,7 @@ def tokenizer_fit(source, out, **kw):
     """Fit the kmeans patch tokenizer on SOURCE with faiss k-means."""
     from stages.tokenizer_fit import fit_tokenizer
     kw["source_options"] = source_options(kw)
-    try:
-        summary = fit_tokenizer(source, out, log=lambda m: click.echo(m, err=True), **kw)
-    except ValueError as exc:
-        fail(exc)
+    summary = fit_tokenizer(source, out, log=lambda m: click.echo(m, err=True), **kw)
     click.echo(f"wrote {out}: {summary['codebook_size']} codes of {summary['patch']}x{summary['patch']} px at "
                f"{summary['resolution']} px, fitted on {summary['images']} images; "
                f"reconstruction PSNR {summary['psnr_db']:.2f} dB")
@@ -274,7 +273,7 @@ def train(ctx, featuresets, procs, gpus, hostfile, launcher, **kw):
     for you; started by torchrun or deepspeed yourself, each process joins the existing ranks.
     Re-running into the same --out resumes from its last checkpoint with the very next batch.
     """
-    from stages.train import TrainError, TrainOptions, launch_command, run_launcher, train as run
+    from stages.train import TrainOptions, launch_command, run_launcher, train as run
     if gpus:
         if kw["device"] == "cpu" and ctx.get_parameter_source("device") == ParameterSource.COMMANDLINE:
             raise click.BadParameter("--gpus trains on GPUs; leave out --device cpu (or use --procs)", param_hint="--gpus")
@@ -282,19 +281,14 @@ def train(ctx, featuresets, procs, gpus, hostfile, launcher, **kw):
             raise click.BadParameter(f"--procs {procs} and --gpus {gpus} disagree; give one", param_hint="--gpus")
         procs, kw["device"] = gpus, "cuda"
     launcher = launcher or ("deepspeed" if kw["device"] == "cuda" or hostfile else "torchrun")
-    try:
-        cmd = launch_command(procs, hostfile, launcher, sys.argv[1:])
-    except TrainError as exc:
-        fail(exc)
+    cmd = launch_command(procs, hostfile, launcher, sys.argv[1:])
     if cmd:
         sys.exit(run_launcher(cmd, kw["device"]))
     from pipeline import distributed
     try:
         last = run(TrainOptions(sets=list(featuresets), **kw), log=lambda m: click.echo(m, err=True))
-    except (TrainError, ValueError) as exc:
-        distributed.shutdown()
-        fail(exc)
-    distributed.shutdown()  # a gloo group left alive can abort the process at exit (SIGABRT)
+    finally:
+        distributed.shutdown()  # a gloo group left alive can abort the process at exit (SIGABRT)
     if last and int(os.environ.get("RANK", "0")) == 0:
         click.echo("done: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float)))
 
@@ -308,10 +302,7 @@ def export(run, out, tag, dtype):
     """Export a training run to a plain Hugging Face model directory (safetensors) that
     AutoModelForCausalLM loads without arra-pipe; the GVA projector is saved beside it."""
     from stages.export import export as run_export
-    try:
-        path = run_export(run, out, tag, dtype)
-    except ValueError as exc:
-        fail(exc)
+    path = run_export(run, out, tag, dtype)
     click.echo(f"exported {path}")
 
 
@@ -335,11 +326,8 @@ def sample(model, out, prompts, prompts_file, classes, cfg, temperature, top_k, 
     from pipeline.sampling import Sampling
     from stages.sample import sample as run
     prompts = list(prompts) + (Path(prompts_file).read_text().splitlines() if prompts_file else [])
-    try:
-        path = run(model, out, prompts=[p for p in prompts if p.strip()], classes=list(classes),
-                   sampling=Sampling(cfg, temperature, top_k, top_p), **kw)
-    except ValueError as exc:
-        fail(exc)
+    path = run(model, out, prompts=[p for p in prompts if p.strip()], classes=list(classes),
+               sampling=Sampling(cfg, temperature, top_k, top_p), **kw)
     click.echo(f"wrote {path / 'samples.jsonl'} and {path / 'grid.png'}")
 
 
@@ -364,10 +352,7 @@ def sample(model, out, prompts, prompts_file, classes, cfg, temperature, top_k, 
 def evaluate(generated, reference, teachers, out, **kw):
     """FID, FD in teacher space (from cached features), CLIP-Score, precision/recall and class accuracy."""
     from stages.evaluate import evaluate as run, format_table
-    try:
-        result = run(generated, reference, list(teachers) or None, **kw)
-    except ValueError as exc:
-        fail(exc)
+    result = run(generated, reference, list(teachers) or None, **kw)
     out = Path(out or Path(generated) / "eval.json")
     out.write_text(json.dumps(result, indent=1))
     click.echo(format_table(result))
@@ -387,10 +372,7 @@ def run_experiment(experiment, scale, seeds, ablations, out, data, workers):
     once, then train, sample and eval per arm; writes results.md and results.json. Re-running
     resumes: finished sets and runs are reused."""
     from stages.experiment import run_experiment as run
-    try:
-        run(experiment, scale, seeds, out, data, ablations, workers, log=lambda m: click.echo(m, err=True))
-    except ValueError as exc:
-        fail(exc)
+    run(experiment, scale, seeds, out, data, ablations, workers, log=lambda m: click.echo(m, err=True))
     click.echo((Path(out) / "results.md").read_text())
 
 
@@ -419,10 +401,7 @@ def demo(out, data, workers, teacher_resolution, steps):
     tiny ARRA model on CPU, export it, sample 10 images per class, evaluate them and write
     OUT/report.html (and report.md)."""
     from stages.demo import run_demo
-    try:
-        run_demo(out, data, workers, teacher_resolution, steps, log=click.echo)
-    except ValueError as exc:
-        fail(exc)
+    run_demo(out, data, workers, teacher_resolution, steps, log=click.echo)
 
 
 @main.command()
@@ -431,10 +410,7 @@ def report(folder):
     """Write FOLDER/report.html and report.md for a training run (curves, options), an `arra-pipe
     run` experiment (arms side by side with mean ± sd, their sample grids) or the demo's folder."""
     from stages.report import report as write
-    try:
-        click.echo(f"wrote {write(folder)} and report.md")
-    except ValueError as exc:
-        fail(exc)
+    click.echo(f"wrote {write(folder)} and report.md")
 
 
 @main.group()
@@ -451,10 +427,7 @@ def audit_options(kw: dict):
 
 
 def run_audit(fn, *args, **kw):
-    try:
-        click.echo(fn(*args, log=lambda m: click.echo(m, err=True), **kw), nl=False)
-    except ValueError as exc:  # AuditError, FeatureSetError, RegistryError
-        fail(exc)
+    click.echo(fn(*args, log=lambda m: click.echo(m, err=True), **kw), nl=False)
 
 
 @audit.command("dedup")

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from pipeline.crops import crop_loader
+from pipeline.errors import ArraError
 from pipeline.featureset import IMAGE, STATS, FeatureSet, feature_column, shards_digest
 from pipeline.files import atomic_write_bytes, sha256_file
 from pipeline.images import DEFAULT_MAX_SIDE, center_crop, resize_square, to_array
@@ -41,7 +42,7 @@ def load_generated(folder: Path, resolution: int) -> tuple[np.ndarray, list[dict
     from stages.sample import read_samples
     files, rows = read_samples(folder)
     if not files:
-        raise ValueError(f"{folder}: no generated images (samples.jsonl or *.png)")
+        raise ArraError(f"{folder}: no generated images (samples.jsonl or *.png)")
     return np.stack([to_array(center_crop(Image.open(f).convert("RGB"), resolution)) for f in files]), rows
 
 
@@ -185,7 +186,7 @@ def evaluate(generated: str, reference: str, teachers: list[str] | None = None, 
         add("recall inception", r, space, k=k, n_reference=len(ref_feats))
     prompts = [r.get("prompt") for r in rows]
     if clip_model and not all(prompts):
-        raise ValueError(f"--clip-model {clip_model}: {generated} has images without a prompt in samples.jsonl")
+        raise ArraError(f"--clip-model {clip_model}: {generated} has images without a prompt in samples.jsonl")
     clip_model = clip_model or (default_clip_model(fs) if all(prompts) else None)
     if clip_model:
         scores = clip_scores(clip_model, clip_model_path or teacher_path, images, prompts, device, batch_size)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import ArraError
 from pipeline.files import atomic_write_json
 from pipeline.options import flag_of
 from pipeline.registry import option_names, read_manifest
@@ -70,11 +71,11 @@ def run_experiment(name: str, scale: str, seeds: int, out: str, data: str | None
                    workers: int = 2, log=print) -> dict:
     path, exp = read_manifest("experiments", name)
     if scale not in exp["scales"]:
-        raise ValueError(f"unknown --scale {scale!r}; {path.name} has {sorted(exp['scales'])}")
+        raise ArraError(f"unknown --scale {scale!r}; {path.name} has {sorted(exp['scales'])}")
     conf = option_names(exp["scales"][scale])
     note, device = conf.pop("note", ""), conf.pop("device", "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--scale {scale} needs a CUDA device")
+        raise ArraError(f"--scale {scale} needs a CUDA device")
     per_class, fid_reference = conf.pop("samples_per_class"), conf.pop("fid_reference")
     out, data = Path(out), Path(data) if data else default_data()
     out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import ArraError
 from pipeline.lm import LAYOUT_FILE, PROJECTOR_FILE
 from pipeline.weights import deepspeed_loads_weights_only
 
@@ -24,7 +25,7 @@ def consolidated_state_dict(checkpoints: Path, tag: str | None) -> dict[str, tor
     tag = tag or (checkpoints / "latest").read_text().strip()
     files = sorted((checkpoints / tag).glob("*model_states.pt"))
     if not files:
-        raise ValueError(f"{checkpoints / tag}: no DeepSpeed model states")
+        raise ArraError(f"{checkpoints / tag}: no DeepSpeed model states")
     with deepspeed_loads_weights_only():
         if _zero_stage(checkpoints / tag) == 0:  # the whole model is in one file
             state = torch.load(checkpoints / tag / "mp_rank_00_model_states.pt")
@@ -43,7 +44,7 @@ def export(run: str, out: str, tag: str | None = None, dtype: str = "float32") -
     from transformers import AutoConfig, AutoModelForCausalLM
     run, out = Path(run), Path(out)
     if not (run / "checkpoints" / "latest").exists() and tag is None:
-        raise ValueError(f"{run}: no checkpoints yet")
+        raise ArraError(f"{run}: no checkpoints yet")
     state = consolidated_state_dict(run / "checkpoints", tag)
     lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
     projector = {k[len("projector."):]: v.contiguous() for k, v in state.items() if k.startswith("projector.")}
@@ -52,7 +53,7 @@ def export(run: str, out: str, tag: str | None = None, dtype: str = "float32") -
     missing, unexpected = model.load_state_dict(lm_state, strict=False)
     missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", None) or ()]
     if unexpected or missing:
-        raise ValueError(f"{run}: checkpoint does not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ArraError(f"{run}: checkpoint does not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     out.mkdir(parents=True, exist_ok=True)
     model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
     for f in (run / "model").iterdir():

@@ -41,6 +41,7 @@ from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, FORMAT, IMAGE, MANIFEST
                                  FeatureSet, column_field, feature_column, make_batch, make_column_batch, make_schema,
                                  schema_fields, set_entries_to_remove, shards_digest, write_shard)
 from pipeline.crops import KEPT, crop_loader, decode_workers
+from pipeline.errors import ArraError
 from pipeline.files import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from pipeline.lock import main_rank_lock
@@ -51,7 +52,7 @@ from pipeline.sources import SourceOptions, read_source
 TEACHER_VIEWS = ("crop", "original")
 
 
-class ExtractError(RuntimeError):
+class ExtractError(ArraError):
     """The extraction cannot start or its result is not acceptable."""
 
 

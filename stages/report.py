@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pipeline.errors import ArraError  # noqa: E402
 from pipeline.sources import FASHION_MNIST_CLASSES  # noqa: E402
 
 ZOOM = 4  # 28-32 px samples become visible at 4x; nearest neighbour keeps their pixels sharp
@@ -254,4 +255,4 @@ def report(folder: str) -> Path:
         return experiment_report(path)
     if (path / "metrics.jsonl").is_file():
         return run_report(path)
-    raise ValueError(f"{folder}: neither an experiment (results.json), the demo (demo.json) nor a training run (metrics.jsonl)")
+    raise ArraError(f"{folder}: neither an experiment (results.json), the demo (demo.json) nor a training run (metrics.jsonl)")

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.errors import ArraError
 from pipeline.generate import generate
 from pipeline.lm import LAYOUT_FILE
 from pipeline.sampling import Sampling
@@ -50,7 +51,7 @@ def resolve_model(path: str) -> Path:
         tag = (p / "checkpoints" / "latest").read_text().strip()
         out = p / f"export-{tag}"
         return out if (out / LAYOUT_FILE).exists() else export(str(p), str(out))
-    raise ValueError(f"{path}: neither an exported model (config.json + {LAYOUT_FILE}) nor a run directory with checkpoints")
+    raise ArraError(f"{path}: neither an exported model (config.json + {LAYOUT_FILE}) nor a run directory with checkpoints")
 
 
 def save_grid(images: list[np.ndarray], path: Path, cols: int | None = None) -> None:
@@ -80,15 +81,15 @@ def sample(model_path: str, out: str, prompts: list[str] | None = None, classes:
     conditioner = Conditioner(layout, text_tok, layout.max_text_len or 64)  # 64: models exported before it was recorded
     if layout.condition == "class":
         if prompts:
-            raise ValueError("this model is class-conditioned: give --class, not --prompt/--prompts")
+            raise ArraError("this model is class-conditioned: give --class, not --prompt/--prompts")
         classes = classes if classes else list(range(layout.null_class))
         bad = [c for c in classes if not 0 <= c < layout.null_class]
         if bad:
-            raise ValueError(f"--class {bad} outside 0..{layout.null_class - 1}")
+            raise ArraError(f"--class {bad} outside 0..{layout.null_class - 1}")
         wanted = [("class", c, [c]) for c in classes]
     else:
         if not prompts or classes:
-            raise ValueError("this model is text-conditioned: give --prompt or --prompts, not --class")
+            raise ArraError("this model is text-conditioned: give --prompt or --prompts, not --class")
         wanted = [("prompt", p, ids) for p, ids in zip(prompts, conditioner.encode(prompts))]
     jobs = [(kind, value, ids) for kind, value, ids in wanted for _ in range(n)]
     image_tok = load_recorded_tokenizer(meta["tokenizer"], tokenizer_path, dev)

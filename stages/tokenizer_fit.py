@@ -7,6 +7,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.crops import crop_loader, decode_workers
+from pipeline.errors import ArraError
 from pipeline.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from pipeline.sources import SourceOptions, read_source
 from pipeline.tokenizers import fit_kmeans_codebook, save_kmeans_codebook, to_patches
@@ -20,7 +21,7 @@ def fit_tokenizer(source: str, out: str, resolution: int = 32, patch: int = 4, c
     """Sample up to `max_images` images (seeded), cut every canonical crop into patches, keep at most
     `patches_per_code * codebook_size` of them and run faiss k-means. Returns a summary."""
     if resolution % patch:
-        raise ValueError(f"--resolution {resolution} is not a multiple of --patch {patch}")
+        raise ArraError(f"--resolution {resolution} is not a multiple of --patch {patch}")
     source_options = source_options or SourceOptions()
     records = [r for r in read_source(source, source_format, source_options).records if not r.reject]
     rng = np.random.default_rng(seed)

@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 
 from pipeline import distributed
+from pipeline.errors import ArraError
 from pipeline.featureset import FeatureSet
 from pipeline.files import atomic_write_bytes, atomic_write_json, read_json
-from pipeline.lm import LAYOUT_FILE, PRESETS, build_from_preset, extend_vocab, load_text_lm, preset_config, read_layout
+from pipeline.lm import LAYOUT_FILE, build_from_preset, extend_vocab, load_text_lm, preset_config, read_layout
 from pipeline.lock import main_rank_lock
 from pipeline.objective import Objective
 from pipeline.options import flag_of
@@ -48,7 +49,7 @@ CHECKPOINT_GLOB = "step" + "[0-9]" * 8
 COMPLETE = "arra_complete.json"  # written by rank 0 once every rank has written its part of a checkpoint
 
 
-class TrainError(ValueError):
+class TrainError(ArraError):
     """The inputs or options cannot make a training run."""
 
 
@@ -235,9 +236,7 @@ def model_depth(opts: TrainOptions) -> int:
             raise TrainError(f"{'--init' if opts.init else '--model hf:'} {path}: no config.json; "
                              "a local Hugging Face model directory is needed")
         return AutoConfig.from_pretrained(path, trust_remote_code=False).num_hidden_layers
-    if opts.model not in PRESETS:
-        raise TrainError(f"unknown --model preset {opts.model!r}; choose one of {', '.join(PRESETS)} or hf:PATH")
-    return PRESETS[opts.model][0]
+    return preset_config(opts.model, vocab_size=1, max_positions=1).num_hidden_layers
 
 
 def _maybe_tokenizer(path: str):
@@ -455,34 +454,9 @@ def _train(opts: TrainOptions, log) -> dict:
     if (run / "train_config.json").exists():
         _same_run(run, config)
 
-    # ---- the model (same seed on every rank, LM before projector so lambda 0 and 1 share the LM init)
-    torch.manual_seed(opts.seed)
-    from pipeline.arra import ARRAModel
-    with built_partitioned(ds_config):
-        lm = build()
-    if opts.activation_checkpointing:
-        checkpoint_activations(lm)
-    model = ARRAModel(lm, teacher_dim if opts.lam > 0 else None, objective)
+    engine = build_engine(opts, build, teacher_dim if opts.lam > 0 else None, objective, ds_config, total, device)
     if is_main:
-        model.lm.config.save_pretrained(model_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(model_dir)
-        (model_dir / LAYOUT_FILE).write_text(json.dumps(layout.to_dict(), indent=1))
-        atomic_write_json(run / "train_config.json", config)
-        atomic_write_json(run / "deepspeed_config.json", ds_config)
-
-    groups = param_groups(model, opts.weight_decay)
-    from torch.optim.lr_scheduler import LambdaLR
-    schedule = lr_lambda(opts, total)
-    if opts.offload == "cpu":  # DeepSpeed's CPU Adam for offloaded optimizer states
-        ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": opts.lr, "betas": list(opts.betas), "eps": 1e-8}}
-        optimizer = None
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=opts.lr, betas=opts.betas, eps=1e-8, fused=device.type == "cuda")
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups if optimizer is None else None,
-                                           optimizer=optimizer, lr_scheduler=lambda opt: LambdaLR(opt, schedule),
-                                           config=ds_config)
-    engine.train()  # from_pretrained hands the LM over in eval mode, where dropout and checkpointing are off
+        save_run_files(run, engine.module.lm.config, tokenizer, layout, config, ds_config)
 
     # ---- resume
     step = 0
@@ -493,11 +467,56 @@ def _train(opts: TrainOptions, log) -> dict:
         restore_rank_state(load_torch(ckpt_dir / tag / f"arra_state_rank{rank}.pt"), device)
         if is_main:
             log(f"resumed from {ckpt_dir / tag} at step {step}")
-    metrics = Metrics(run, step, is_main)
+    return train_loop(opts, engine, stream, step, total, per_epoch, Metrics(run, step, is_main), device)
 
-    # ---- loop
+
+def build_engine(opts: TrainOptions, build, teacher_dim: int | None, objective: Objective, ds_config: dict, total: int,
+                 device: torch.device):
+    """The LM (same seed on every rank; LM before projector so lambda 0 and 1 share the LM init),
+    the ARRA model around it, the optimizer and schedule, in a DeepSpeed engine in training mode."""
+    torch.manual_seed(opts.seed)
+    from pipeline.arra import ARRAModel
+    with built_partitioned(ds_config):
+        lm = build()
+    if opts.activation_checkpointing:
+        checkpoint_activations(lm)
+    model = ARRAModel(lm, teacher_dim, objective)
+    groups = param_groups(model, opts.weight_decay)
+    from torch.optim.lr_scheduler import LambdaLR
+    schedule = lr_lambda(opts, total)
+    if opts.offload == "cpu":  # DeepSpeed's CPU Adam for offloaded optimizer states
+        ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": opts.lr, "betas": list(opts.betas), "eps": 1e-8}}
+        optimizer = None
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=opts.lr, betas=opts.betas, eps=1e-8, fused=device.type == "cuda")
+    import deepspeed
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups if optimizer is None else None,
+                                           optimizer=optimizer, lr_scheduler=lambda opt: LambdaLR(opt, schedule),
+                                           config=ds_config)
+    engine.train()  # from_pretrained hands the LM over in eval mode, where dropout and checkpointing are off
+    return engine
+
+
+def save_run_files(run: Path, lm_config, tokenizer, layout: VocabLayout, config: dict, ds_config: dict) -> None:
+    """What `export` and a resume read: the LM config, text tokenizer and vocabulary layout in
+    run/model, the run's record and its DeepSpeed config."""
+    model_dir = run / "model"
+    lm_config.save_pretrained(model_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(model_dir)
+    (model_dir / LAYOUT_FILE).write_text(json.dumps(layout.to_dict(), indent=1))
+    atomic_write_json(run / "train_config.json", config)
+    atomic_write_json(run / "deepspeed_config.json", ds_config)
+
+
+def train_loop(opts: TrainOptions, engine, stream: TrainStream, step: int, total: int, per_epoch: int,
+               metrics: Metrics, device: torch.device) -> dict:
+    """Optimizer steps from `step` to `total`: one metrics line per step, a checkpoint every
+    --save-every steps and at the end. Returns the last step's figures."""
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, unit="step", desc="train", disable=not (is_main and opts.progress),
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    ckpt_dir = Path(opts.run) / "checkpoints"
+    bar = tqdm(total=total, initial=step, unit="step", desc="train", disable=not (rank == 0 and opts.progress),
                dynamic_ncols=True)
     last = {}
     with Prefetch(micro_batches(stream, step, total, per_epoch, opts.grad_accum), pin=device) as batches:

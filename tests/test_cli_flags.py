@@ -44,3 +44,23 @@ def test_out_of_range_numbers_are_refused_naming_the_flag(args, flag):
     from stages.cli import main
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.output, result.output
+
+
+def test_a_refusal_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """Every command goes through one wrapper: ArraError and OSError become `Error: <message>` with
+    exit status 1; any other exception is a bug and reaches the caller as itself."""
+    from click.testing import CliRunner
+
+    import stages.export
+    from pipeline.errors import ArraError
+    from stages.cli import main
+    run = tmp_path / "run"
+    run.mkdir()
+    result = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "model")])
+    assert result.exit_code == 1 and result.output.strip() == f"Error: {run}: no checkpoints yet"
+    monkeypatch.setenv("ARRA_DEBUG", "1")
+    assert isinstance(CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "m")]).exception, ArraError)
+    monkeypatch.delenv("ARRA_DEBUG")
+    monkeypatch.setattr(stages.export, "export", lambda *a: {}["bug"])
+    result = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "model")])
+    assert isinstance(result.exception, KeyError) and "Error:" not in result.output
