@@ -21,7 +21,9 @@ def test_a_wheel_install_finds_the_embedded_subset(tmp_path):
     prefix = tmp_path / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", prefix], check=True)
     wheel = next((tmp_path / "wheel").glob("arra_pipe-*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix", prefix, wheel], check=True)
+    # --ignore-installed: without it pip would uninstall this checkout's own (editable) install first
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", "--prefix", prefix, wheel],
+                   check=True)
     # the new environment's own packages first (its site-packages holds our wheel), then this one's
     # dependencies: PYTHONPATH does not run this checkout's editable-install hook
     env = {**os.environ, "PYTHONPATH": sysconfig.get_path("purelib")}
