@@ -66,7 +66,7 @@ TARGETS = {
     "pipeline/vocab.py": Target(("tests/test_vocab_layout.py", "tests/test_sampling_numbers.py",
                                  "tests/test_sequences.py", "tests/test_objective.py")),
     "pipeline/generate.py": Target(("tests/test_generate_inputs.py", "tests/test_sampling_numbers.py", "tests/test_sample.py")),
-    "pipeline/train_data.py": Target(("tests/test_train_data_layout.py", "tests/test_sequences.py", "tests/test_objective.py", "tests/test_rank_split.py"),
+    "pipeline/train_data.py": Target(("tests/test_train_data_layout.py", "tests/test_exclude_per_rank.py", "tests/test_sequences.py", "tests/test_objective.py", "tests/test_rank_split.py"),
                                      ("make_sequences", "Conditioner.__call__", "TrainStream.rank_shards",
                                       "TrainStream.rows_of_rank", "TrainStream.steps_per_epoch", "TrainStream._rows")),
     "pipeline/featureset.py": Target(("tests/test_featureset_keys.py", "tests/test_check_tar.py", "tests/test_verify_rejects.py",
