@@ -12,6 +12,7 @@ import signal
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -57,3 +58,12 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rank_device(name: str, ranks: Ranks) -> torch.device:
+    """This rank's device. A GPU is also made current, before any memory is pinned (the DataLoader's,
+    the host copies): else every rank opens a context on GPU 0 to pin it."""
+    if name != "cuda":
+        return torch.device(name)
+    torch.cuda.set_device(ranks.local_rank)
+    return torch.device("cuda", ranks.local_rank)

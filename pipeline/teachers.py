@@ -12,8 +12,11 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
+from pipeline.images import resize_square, to_array
 from pipeline.models import FrozenModel, to_float
 from pipeline.registry import RegistryError, register
 from pipeline.weights import load_torch
@@ -48,6 +51,18 @@ class Teacher(FrozenModel):
         x = (to_float(images, self.device) - self.mean) / self.std
         with self.autocast():
             return self.features(x).float()
+
+    def embed(self, crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Global features of canonical crops (N x S x S x 3 uint8) as a feature set stores them: each
+        crop resized to this teacher's input size (the `crop` view, the only one a generated image
+        has), run at this teacher's precision and rounded to float16 (returned as float32). Eval and
+        the audits embed generated images with it, so they meet the cached features through the
+        same view and rounding that extraction used."""
+        out = []
+        for i in range(0, len(crops), batch_size):
+            views = np.stack([to_array(resize_square(Image.fromarray(c), self.input_size)) for c in crops[i:i + batch_size]])
+            out.append(self(torch.from_numpy(views)).cpu().numpy().astype(np.float16))
+        return np.concatenate(out).astype(np.float32)
 
     def text_tower(self) -> TextTower:
         """The text encoder whose embeddings live in the same space as the `cls` image feature."""

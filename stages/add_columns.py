@@ -33,27 +33,36 @@ from tqdm import tqdm
 
 from pipeline import __version__, distributed
 from pipeline.crops import CropDataset, batch_loader, decode_workers, kept_crop_loader
+from pipeline.feature_stats import EMPTY_SUMS, add_sums, feature_sums, summarize
 from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, IMAGE, MANIFEST, PROGRESS, VERSION, FeatureSet, column_field,
                                  make_column_batch, schema_fields, shards_digest, write_shard)
 from pipeline.files import atomic_write_json, read_json
 from pipeline.images import DEFAULT_MAX_SIDE
+from pipeline.jobs import JobError, JobResult, ShardWriter, diff, job_lock, packages, unrecorded
 from pipeline.models import HostCopy
 from pipeline.registry import load_spec
 from pipeline.sources import SourceOptions, read_source
 from pipeline.weights import checkpoint_files, fingerprint, resolve
-from stages.extract import (EMPTY_SUMS, ExtractError, ExtractOptions, ExtractResult, ShardWriter, _diff, _packages,
-                            add_sums, build_teacher, feature_sums, rank_device, summarize, unrecorded)
+from stages.options import ExtractOptions
 
 
-def add_teachers(fs: FeatureSet, opts: ExtractOptions, names: list[str], log=print) -> ExtractResult:
+def add_teachers(opts: ExtractOptions, log=print) -> JobResult:
+    """Add the --teachers that the finished set at `opts.out` lacks as columns (up to date when it
+    has them all); a second job on the same folder is refused while this one runs."""
+    with job_lock(opts.out):
+        fs = FeatureSet.open(opts.out)
+        return _add(fs, opts, opts.new_teachers(fs.manifest), log)
+
+
+def _add(fs: FeatureSet, opts: ExtractOptions, names: list[str], log) -> JobResult:
     _check_tokenizer_flags(fs, opts)
     ranks = distributed.init()
-    device = rank_device(opts.device, ranks)
+    device = distributed.rank_device(opts.device, ranks)
     workers = decode_workers(opts.workers)
-    teachers = {t.name: t.to(device).eval() for t in (build_teacher(opts, name) for name in names)}
+    teachers = {t.name: t.to(device).eval() for t in (opts.teacher(name) for name in names)}
     clash = sorted(set(teachers) & {IMAGE, *fs.manifest["teachers"]})
     if clash:
-        raise ExtractError(f"{fs.path} already has {clash} as part of its shards")
+        raise JobError(f"{fs.path} already has {clash} as part of its shards")
     pre, added = fs.manifest["preprocess"], fs.columns
     digest = shards_digest(fs.manifest["shards"])
     jobs = {name: {"teacher": t.describe(), "teacher_view": pre["teacher_view"], "shards_sha256": digest,
@@ -61,23 +70,23 @@ def add_teachers(fs: FeatureSet, opts: ExtractOptions, names: list[str], log=pri
             for name, t in teachers.items()}
     for name in set(teachers) & set(added):
         comparable, _ = unrecorded(added[name], jobs[name])
-        diffs = _diff({k: added[name].get(k) for k in comparable}, comparable)
+        diffs = diff({k: added[name].get(k) for k in comparable}, comparable)
         if diffs:
-            raise ExtractError(f"{fs.path / COLUMNS / name} holds other features; differences:\n  " + "\n  ".join(diffs[:12])
+            raise JobError(f"{fs.path / COLUMNS / name} holds other features; differences:\n  " + "\n  ".join(diffs[:12])
                                + f"\nRemove {fs.path / COLUMNS / name} to compute it again.")
     todo = {name: t for name, t in teachers.items() if name not in added}
     if not todo:
         distributed.shutdown()
-        return ExtractResult("up-to-date", fs.path, fs.rows, fs.manifest["rejects"]["total"])
+        return JobResult("up-to-date", fs.path, fs.rows, fs.manifest["rejects"]["total"])
 
     progress = {name: fs.path / COLUMNS / name / PROGRESS for name in todo}
     if ranks.is_main:
         for name, folder in progress.items():
             folder.mkdir(parents=True, exist_ok=True)
             if (folder / "job.json").exists():
-                diffs = _diff(read_json(folder / "job.json"), jobs[name])
+                diffs = diff(read_json(folder / "job.json"), jobs[name])
                 if diffs:
-                    raise ExtractError(f"{folder.parent} is being added with other settings:\n  " + "\n  ".join(diffs[:12])
+                    raise JobError(f"{folder.parent} is being added with other settings:\n  " + "\n  ".join(diffs[:12])
                                        + f"\nRemove {folder.parent} to start it again.")
             else:
                 atomic_write_json(folder / "job.json", jobs[name])
@@ -110,7 +119,7 @@ def add_teachers(fs: FeatureSet, opts: ExtractOptions, names: list[str], log=pri
             feats = {n: a.astype(np.float16) for n, a in outputs.numpy().items()}
         for name, f in feats.items():
             if len(bad := np.flatnonzero(~np.isfinite(f).all(axis=1))):
-                raise ExtractError(f"teacher {name} gave non-finite features (NaN, inf or beyond float16) for {len(bad)} "
+                raise JobError(f"teacher {name} gave non-finite features (NaN, inf or beyond float16) for {len(bad)} "
                                    f"rows of {shards[i]['name']}, e.g. {keys.take(bad[:3]).to_pylist()}; a column needs "
                                    "a finite value for every row of the set, so it is not added")
         members[i].append((keys, feats))
@@ -133,19 +142,19 @@ def add_teachers(fs: FeatureSet, opts: ExtractOptions, names: list[str], log=pri
             _finish(fs, name, jobs[name], progress[name], "kept crops" if kept else "source")
     distributed.barrier()
     distributed.shutdown()
-    return ExtractResult("added", fs.path, fs.rows, fs.manifest["rejects"]["total"], seconds, rows)
+    return JobResult("added", fs.path, fs.rows, fs.manifest["rejects"]["total"], seconds, rows)
 
 
 def _check_tokenizer_flags(fs: FeatureSet, opts: ExtractOptions) -> None:
     """Adding columns never runs the tokenizer; refuse flags that ask for another one."""
     tok = fs.manifest["tokenizer"]
     if load_spec("tokenizers", opts.tokenizer)["name"] != tok["name"] and opts.tokenizer != "kmeans":
-        raise ExtractError(f"{fs.path} was tokenized with {tok['name']}, not {opts.tokenizer}; a set has one tokenizer")
+        raise JobError(f"{fs.path} was tokenized with {tok['name']}, not {opts.tokenizer}; a set has one tokenizer")
     if opts.tokenizer_path:
         spec = load_spec("tokenizers", tok["name"])
         digest, _ = fingerprint(checkpoint_files(spec, resolve("tokenizers", spec, opts.tokenizer_path)))
         if digest != tok["weights_sha256"]:
-            raise ExtractError(f"{opts.tokenizer_path} is not the tokenizer {fs.path} was made with (sha256 differs)")
+            raise JobError(f"{opts.tokenizer_path} is not the tokenizer {fs.path} was made with (sha256 differs)")
 
 
 def _source_views(fs: FeatureSet, opts: ExtractOptions, plan, todo: dict, device, workers: int):
@@ -155,12 +164,12 @@ def _source_views(fs: FeatureSet, opts: ExtractOptions, plan, todo: dict, device
     path, fmt, options = ((opts.source, opts.source_format, opts.source_options) if opts.source else
                           (src["path"], src["format"], SourceOptions(**src["options"])))
     if not Path(path).exists():
-        raise ExtractError(f"the source of {fs.path}, {path}, is gone and the set keeps no images "
+        raise JobError(f"the source of {fs.path}, {path}, is gone and the set keeps no images "
                            f"(--keep-images); pass SOURCE where it is now")
     source = read_source(path, fmt, options)
     for name, what in (("fingerprint", "records"), ("files_fingerprint", "image files (size or modification time)")):
         if name in src and getattr(source, name) != src[name]:  # sets made before files_fingerprint lack it
-            raise ExtractError(f"{path} is not the source {fs.path} was made from: its {what} changed "
+            raise JobError(f"{path} is not the source {fs.path} was made from: its {what} changed "
                                f"(source.{name} {getattr(source, name)[:12]} vs {src[name][:12]})")
     dataset = CropDataset(source.records, pre["resolution"], sorted({t.input_size for t in todo.values()}),
                           pre["teacher_view"], pre["max_pixels"], max_side=pre.get("max_side", DEFAULT_MAX_SIDE),
@@ -176,7 +185,7 @@ def _source_views(fs: FeatureSet, opts: ExtractOptions, plan, todo: dict, device
         _, _, views, bad = batch
         if bad:
             record, reason = source.records[bad[0][0]], bad[0][1]
-            raise ExtractError(f"{record.origin}: {reason}; it was extracted before, so the source changed since")
+            raise JobError(f"{record.origin}: {reason}; it was extracted before, so the source changed since")
         return views
     return (checked(batch) for batch in loader)
 
@@ -199,7 +208,7 @@ def _kept_views(fs: FeatureSet, images: dict, plan, todo: dict, workers: int):
     def checked(planned, kept):
         (i, member, keys), (kept_keys, views) = planned, kept
         if kept_keys != keys.to_pylist():
-            raise ExtractError(f"{images['shards'][i]['name']}: member {member} does not line up with the shard")
+            raise JobError(f"{images['shards'][i]['name']}: member {member} does not line up with the shard")
         return views
     return (checked(planned, kept) for planned, kept in zip(plan, loader))
 
@@ -219,12 +228,12 @@ def _finish(fs: FeatureSet, name: str, job: dict, progress: Path, images_from: s
     for shard in fs.manifest["shards"]:
         p = progress / f"{Path(shard['name']).stem}.json"
         if not p.exists():
-            raise ExtractError(f"{fs.path}: column {name} of {shard['name']} was not finished by its rank; "
+            raise JobError(f"{fs.path}: column {name} of {shard['name']} was not finished by its rank; "
                                f"re-run the same command to resume")
         done.append(read_json(p))
     column = {"format": COLUMN_FORMAT, "version": VERSION, "kind": "teacher", "name": name,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "arra_pipe": __version__,
-              "packages": _packages(), **job, "images_from": images_from,
+              "packages": packages(), **job, "images_from": images_from,
               "feature_stats": summarize(functools.reduce(add_sums, (d["feature_sums"] for d in done))),
               "rows": sum(d["rows"] for d in done),
               "shards": [{k: d[k] for k in ("name", "rows", "bytes", "sha256")} for d in done]}

@@ -234,8 +234,8 @@ def leakage(train_path: str, test_path: str, out: str, opts: AuditOptions = Audi
 
 def embed_images(files: list[Path], root: Path, fs: FeatureSet, teacher: str, teacher_path: str | None,
                  device: str = "cpu", batch_size: int = 32) -> tuple[Rows, list[dict]]:
-    """Teacher features of image files, through the crop and teacher view the set was made with
-    (the extractor's crop loader) and rounded to float16 as the set stores them."""
+    """Teacher features of image files: their canonical crop as the set was made (the extractor's
+    crop loader), then `Teacher.embed`, as eval embeds generated images."""
     from pipeline.crops import crop_loader
     from pipeline.sources import Record
     from pipeline.teachers import load_recorded_teacher
@@ -243,13 +243,13 @@ def embed_images(files: list[Path], root: Path, fs: FeatureSet, teacher: str, te
     model = load_recorded_teacher(fs.teachers[teacher], teacher_path, str(fs.path)).to(device)
     records = [Record(f.relative_to(root).as_posix(), "", -1, ("file", str(f)), f.name) for f in files]
     batches = [list(range(i, min(i + batch_size, len(files)))) for i in range(0, len(files), batch_size)]
-    loader = crop_loader(records, batches, pre["resolution"], [model.input_size], pre["teacher_view"], pre["max_pixels"], 0)
+    loader = crop_loader(records, batches, pre["resolution"], [], "crop", pre["max_pixels"], 0)
     keys, feats, rejects = [], [], []
-    for ok, _, views, bad, *_ in loader:  # newer loaders also yield kept PNGs
+    for ok, crops, _, bad in loader:
         rejects += [{"key": records[i].key, "reason": reason} for i, reason in bad]
         if ok:
             keys += [records[i].key for i in ok]
-            feats.append(model(views[model.input_size]).cpu().numpy().astype(np.float16))
+            feats.append(model.embed(crops.numpy(), batch_size))
     if not keys:
         raise AuditError(f"no usable generated image among {len(files)} files: {rejects[:3]}")
     return Rows(keys, neighbours.normalise(np.concatenate(feats))), rejects
@@ -344,7 +344,7 @@ def memorization(generated: str, path: str, out: str, opts: AuditOptions = Audit
         check_same_space(fs, gen_fs, teacher)
         gen = load_rows(gen_fs, teacher)
     else:
-        from stages.sample import SAMPLES, read_samples
+        from pipeline.samples import SAMPLES, read_samples
         files, _ = read_samples(generated)
         if not files:
             raise AuditError(f"{generated}: no {SAMPLES} and no PNG images")

@@ -178,12 +178,19 @@ def extract(source, out, tokenizer, tokenizer_path, teachers, teacher_paths, agg
     torchrun each rank extracts its own shards. With --out a finished set, teachers it lacks are
     added to it as columns (the tokenizer is not run; SOURCE defaults to the one it was made from).
     """
-    from stages.extract import ExtractOptions, extract as run
+    from pipeline.featureset import MANIFEST, FeatureSet
+    from stages.options import ExtractOptions
     opts = ExtractOptions(source=source, out=out, source_options=source_options(kw), tokenizer=tokenizer,
                           tokenizer_path=tokenizer_path, teachers=tuple(teachers),
                           teacher_paths=per_teacher(teacher_paths, teachers, "--teacher-path"),
                           teacher_aggregations=per_teacher(aggregations, teachers, "--aggregation"), **kw)
-    result = run(opts, overwrite=overwrite, log=lambda m: click.echo(m, err=True))
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    if Path(out, MANIFEST).exists() and not overwrite and (source is None or opts.new_teachers(FeatureSet.open(out).manifest)):
+        from stages.add_columns import add_teachers
+        result = add_teachers(opts, log)  # a finished set: the teachers it lacks become columns
+    else:
+        from stages.extract import extract as run
+        result = run(opts, overwrite=overwrite, log=log)
     if result.status == "up-to-date":
         click.echo(f"{out} is already complete ({result.rows} rows, {result.rejects} rejects): nothing to do.")
     elif result.status == "added":
@@ -325,10 +332,24 @@ def sample(model, out, prompts, prompts_file, classes, cfg, temperature, top_k, 
     """Generate images from MODEL: a directory written by `export`, or a run directory."""
     from pipeline.sampling import Sampling
     from stages.sample import sample as run
+    model = exported_model(model)
     prompts = list(prompts) + (Path(prompts_file).read_text().splitlines() if prompts_file else [])
     path = run(model, out, prompts=[p for p in prompts if p.strip()], classes=list(classes),
                sampling=Sampling(cfg, temperature, top_k, top_p), **kw)
     click.echo(f"wrote {path / 'samples.jsonl'} and {path / 'grid.png'}")
+
+
+def exported_model(path: str) -> str:
+    """`sample`'s MODEL: an export directory as is; a run directory is exported first (once per
+    checkpoint) into <run>/export-<tag>."""
+    from pipeline.lm import LAYOUT_FILE
+    p = Path(path)
+    latest = p / "checkpoints" / "latest"
+    if (p / LAYOUT_FILE).exists() or not latest.exists():
+        return path  # sample names what is missing
+    from stages.export import export
+    out = p / f"export-{latest.read_text().strip()}"
+    return str(out if (out / LAYOUT_FILE).exists() else export(str(p), str(out)))
 
 
 @main.command("eval")
@@ -351,7 +372,8 @@ def sample(model, out, prompts, prompts_file, classes, cfg, temperature, top_k, 
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="JSON report (default: GENERATED/eval.json).")
 def evaluate(generated, reference, teachers, out, **kw):
     """FID, FD in teacher space (from cached features), CLIP-Score, precision/recall and class accuracy."""
-    from stages.evaluate import evaluate as run, format_table
+    from stages.evaluate import evaluate as run
+    from stages.report import format_table
     result = run(generated, reference, list(teachers) or None, **kw)
     out = Path(out or Path(generated) / "eval.json")
     out.write_text(json.dumps(result, indent=1))

@@ -19,12 +19,13 @@ from pipeline.files import atomic_write_json
 from pipeline.generate import Sampling
 from pipeline.registry import load_recipe
 from pipeline.sources import SourceOptions
-from stages.evaluate import evaluate, format_table
+from stages.evaluate import evaluate
 from stages.experiment import EMBEDDED_FASHION_MNIST, Timer, _flags
 from stages.export import export
-from stages.extract import ExtractOptions, extract
+from stages.extract import extract
 from stages.inspect import describe
-from stages.report import demo_report, read_metrics
+from stages.options import ExtractOptions
+from stages.report import demo_report, format_table, read_metrics
 from stages.sample import sample
 from stages.tokenizer_fit import fit_tokenizer
 from stages.train import TrainOptions, train

@@ -26,64 +26,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.crops import crop_loader
 from pipeline.errors import ArraError
 from pipeline.featureset import IMAGE, STATS, FeatureSet, feature_column, shards_digest
 from pipeline.files import atomic_write_bytes, sha256_file
-from pipeline.images import DEFAULT_MAX_SIDE, center_crop, resize_square, to_array
+from pipeline.images import center_crop, to_array
 from pipeline.metrics import fd, fit_linear_probe, precision_recall
-from pipeline.sources import SourceOptions, read_source
+from pipeline.set_images import column_array, reference_images
 
 FID_MIN_IMAGES = 10_000
 
 
 def load_generated(folder: Path, resolution: int) -> tuple[np.ndarray, list[dict]]:
     """The generated images (see `read_samples`) as uint8 at the reference resolution, with their rows."""
-    from stages.sample import read_samples
+    from pipeline.samples import read_samples
     files, rows = read_samples(folder)
     if not files:
         raise ArraError(f"{folder}: no generated images (samples.jsonl or *.png)")
     return np.stack([to_array(center_crop(Image.open(f).convert("RGB"), resolution)) for f in files]), rows
-
-
-def column(table, name: str) -> np.ndarray:
-    """A fixed-size-list column of a feature-set table as a float32 (rows, width) array."""
-    return np.stack(table.column(name).to_numpy(zero_copy_only=False)).astype(np.float32)
-
-
-def reference_images(fs: FeatureSet, tokenizer_path: str | None, limit: int | None = None,
-                     workers: int = 2, table=None, device: str | torch.device = "cpu") -> tuple[np.ndarray, str]:
-    """The set's images (the first `limit` rows) at the canonical crop, from its source; else
-    decoded from its codes."""
-    m = fs.manifest
-    table = table if table is not None else fs.table()
-    keys = table.column("key").to_pylist()[:limit]
-    try:
-        src = m["source"]
-        options = SourceOptions(**src["options"])
-        source = read_source(src["path"], src["format"], options)
-        recorded = [k for k in ("fingerprint", "files_fingerprint") if k in src]  # older sets lack the second
-        if [src[k] for k in recorded] != [getattr(source, k) for k in recorded]:
-            raise ValueError("the source changed since extraction")
-        index = {r.key: i for i, r in enumerate(source.records) if not r.reject}
-        order = [index[k] for k in keys]
-        batches = [order[i:i + 256] for i in range(0, len(order), 256)]
-        pre = m["preprocess"]
-        loader = crop_loader(source.records, batches, pre["resolution"], [], "crop", pre["max_pixels"], workers,
-                             max_side=pre.get("max_side", DEFAULT_MAX_SIDE), max_file_bytes=options.max_file_bytes)
-        crops = []
-        for _, batch, _, bad in loader:
-            if bad:
-                raise ValueError(f"source record {bad[0][1]} can no longer be read")
-            crops.append(batch.numpy())
-        return np.concatenate(crops), "source images"
-    except (ValueError, KeyError, OSError) as exc:
-        from pipeline.tokenizers import load_recorded_tokenizer
-        tok = load_recorded_tokenizer(m["tokenizer"], tokenizer_path, device)
-        codes = column(table, "codes")[:limit].astype(np.int64).reshape(-1, *m["tokenizer"]["grid"])
-        images = np.concatenate([tok.decode(torch.from_numpy(codes[i:i + 256])).cpu().numpy()
-                                 for i in range(0, len(codes), 256)])
-        return images, f"tokenizer reconstructions (source unavailable: {exc})"
 
 
 def reference_key(fs: FeatureSet, inception) -> str:
@@ -114,19 +73,10 @@ def reference_inception(fs: FeatureSet, inception, tokenizer_path: str | None, l
     return feats, origin
 
 
-def embed_images(teacher, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Images through `teacher`, each resized to its input size as at extraction."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        views = np.stack([to_array(resize_square(Image.fromarray(x), teacher.input_size)) for x in images[i:i + batch_size]])
-        out.append(teacher(torch.from_numpy(views)).cpu().numpy())
-    return np.concatenate(out)
-
-
 def teacher_features(fs: FeatureSet, name: str, images: np.ndarray, weights: str | None, device: str, batch_size: int) -> np.ndarray:
     """Generated images through the set's teacher, with the same weights and view."""
     from pipeline.teachers import load_recorded_teacher
-    return embed_images(load_recorded_teacher(fs.teachers[name], weights, str(fs.path)).to(device), images, batch_size)
+    return load_recorded_teacher(fs.teachers[name], weights, str(fs.path)).to(device).embed(images, batch_size)
 
 
 def default_clip_model(fs: FeatureSet) -> str | None:
@@ -143,7 +93,7 @@ def clip_scores(name: str, weights: str | None, images: np.ndarray, prompts: lis
     from pipeline.registry import build
     teacher = build("teachers", name, weights, aggregation="cls").to(device).eval()
     text = teacher.text_tower()
-    image_emb = torch.from_numpy(embed_images(teacher, images, batch_size))
+    image_emb = torch.from_numpy(teacher.embed(images, batch_size))
     text_emb = torch.cat([text(prompts[i:i + batch_size]).cpu() for i in range(0, len(prompts), batch_size)])
     return torch.nn.functional.cosine_similarity(image_emb, text_emb, dim=1).numpy()
 
@@ -167,7 +117,7 @@ def evaluate(generated: str, reference: str, teachers: list[str] | None = None, 
     gen_by_teacher = {}
     for name in teachers or list(fs.teachers):
         gen = teacher_features(fs, name, images, teacher_path, device, batch_size)
-        ref = column(table, feature_column(name))
+        ref = column_array(table, feature_column(name))
         gen_by_teacher[name] = gen
         add(f"FD {name}", fd(gen, ref), f"{name} ({fs.teachers[name]['dim']}-d), reference features cached")
         p, r = precision_recall(ref, gen, k, device)
@@ -196,23 +146,11 @@ def evaluate(generated: str, reference: str, teachers: list[str] | None = None, 
         train = FeatureSet.open(train_set)
         name = (teachers or list(fs.teachers))[0]
         train_table = train.table([name] if name in train.columns else [])
-        probe = fit_linear_probe(column(train_table, feature_column(name)), np.asarray(train_table.column("label")))
+        probe = fit_linear_probe(column_array(train_table, feature_column(name)), np.asarray(train_table.column("label")))
         wanted = np.array([r["class"] for r in rows])
         add("class accuracy (proxy)", float((probe(gen_by_teacher[name]) == wanted).mean()),
             f"linear probe on {name} features of {train.path}")
         ref_labels = np.asarray(table.column("label"))
-        add("class accuracy of real reference images (probe ceiling)", float((probe(column(table, feature_column(name))) == ref_labels).mean()),
+        add("class accuracy of real reference images (probe ceiling)", float((probe(column_array(table, feature_column(name))) == ref_labels).mean()),
             f"same probe on {fs.path}")
     return result
-
-
-def format_table(result: dict) -> str:
-    lines = [f"{'metric':44s} {'value':>10s} {'n_gen':>7s} {'n_ref':>7s}  space"]
-    for m in result["metrics"]:
-        lines.append(f"{m['metric']:44s} {m['value']:10.4f} {m['n_generated']:7d} {m['n_reference']:7d}  {m['space']}")
-        if m.get("note"):
-            lines.append(f"{'':44s} note: {m['note']}")
-    seeds = result["generated"]["seeds"]
-    lines.append(f"generated {result['generated']['path']} (seeds {seeds[0]}..{seeds[1]})" if seeds else
-                 f"generated {result['generated']['path']} (seeds not recorded)")
-    return "\n".join(lines)

@@ -27,7 +27,8 @@ from pipeline.sampling import Sampling
 from pipeline.sources import SourceOptions
 from stages.evaluate import evaluate
 from stages.export import export
-from stages.extract import ExtractOptions, extract
+from stages.extract import extract
+from stages.options import ExtractOptions
 from stages.sample import sample
 from stages.tokenizer_fit import fit_tokenizer
 from stages.train import TrainOptions, train

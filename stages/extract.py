@@ -10,30 +10,23 @@ device and each model's precision are part of the job: a resume elsewhere is ref
 When every shard is done, rank 0 writes `rejects.jsonl` and `manifest.json`. With `keep_images`
 the canonical crops are also written, as PNG, to the parallel column `columns/image/`.
 
-Pointed at a finished set with teachers it does not have, extraction adds them as columns
-instead (`stages.add_columns`), without the tokenizer.
+A finished set with teachers it does not have gets them as columns from `stages.add_columns`,
+without the tokenizer (the CLI sends `arra-pipe extract` there); `extract` itself refuses it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import errno
 import functools
 import json
 import math
-import queue
 import shutil
-import sys
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 from tqdm import tqdm
 
 from pipeline import __version__, distributed
@@ -41,179 +34,56 @@ from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, FORMAT, IMAGE, MANIFEST
                                  FeatureSet, column_field, feature_column, make_batch, make_column_batch, make_schema,
                                  schema_fields, set_entries_to_remove, shards_digest, write_shard)
 from pipeline.crops import KEPT, crop_loader, decode_workers
-from pipeline.errors import ArraError
+from pipeline.feature_stats import EMPTY_SUMS, add_sums, feature_sums, summarize
 from pipeline.files import atomic_write_bytes, atomic_write_json, read_json
-from pipeline.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
-from pipeline.lock import main_rank_lock
+from pipeline.jobs import (JobError, JobResult, ShardWriter, check_same_job, job_lock, packages, shard_name,
+                           unrecorded)
 from pipeline.models import HostCopy
-from pipeline.registry import build, load_spec
-from pipeline.sources import SourceOptions, read_source
+from pipeline.registry import build
+from pipeline.sources import read_source
+from stages.options import ExtractOptions
 
 TEACHER_VIEWS = ("crop", "original")
-
-
-class ExtractError(ArraError):
-    """The extraction cannot start or its result is not acceptable."""
-
-
-@dataclass
-class ExtractOptions:
-    source: str | None  # None: adding teachers to the set at `out`, whose manifest names its source
-    out: str
-    source_format: str | None = None
-    source_options: SourceOptions = field(default_factory=SourceOptions)
-    tokenizer: str = "kmeans"
-    tokenizer_path: str | None = None
-    teachers: tuple[str, ...] = ("efficientnet-lite0",)
-    teacher_paths: dict[str, str] = field(default_factory=dict)
-    teacher_resolution: int | None = None
-    teacher_view: str = "crop"
-    batch_size: int = 64
-    workers: int | None = None  # None: `decode_workers` picks from the CPUs of this rank
-    device: str = "cpu"
-    shard_size: int = 4096
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_side: int = DEFAULT_MAX_SIDE
-    max_reject_rate: float = 0.1
-    progress: bool = True
-    keep_images: bool = False
-    teacher_aggregations: dict[str, str] = field(default_factory=dict)
-    tokenizer_resolution: int | None = None
-
-
-@dataclass
-class ExtractResult:
-    status: str  # "extracted", "added" (teacher columns) or "up-to-date"
-    path: Path
-    rows: int
-    rejects: int
-    seconds: float = 0.0
-    rows_extracted: int = 0
-
-
-# ---------------------------------------------------------------------------------------------
-# per-teacher feature statistics, kept as sums so that batches and shards merge exactly
-
-
-def feature_sums(feats: np.ndarray) -> dict:
-    f = feats.astype(np.float32)
-    finite = np.isfinite(f).all(axis=1)
-    norms = np.linalg.norm(f[finite], axis=1).astype(np.float64)
-    return {"rows": int(finite.sum()), "nonfinite_rows": int((~finite).sum()),
-            "norm_sum": float(norms.sum()), "norm_sq_sum": float((norms ** 2).sum()),
-            "norm_min": float(norms.min()) if len(norms) else None,
-            "norm_max": float(norms.max()) if len(norms) else None,
-            "abs_max": float(np.abs(f[finite]).max()) if finite.any() else None}
-
-
-def add_sums(a: dict, b: dict) -> dict:
-    both = lambda k, fn: fn(v for v in (a[k], b[k]) if v is not None) if (a[k], b[k]) != (None, None) else None  # noqa: E731
-    return {"rows": a["rows"] + b["rows"], "nonfinite_rows": a["nonfinite_rows"] + b["nonfinite_rows"],
-            "norm_sum": a["norm_sum"] + b["norm_sum"], "norm_sq_sum": a["norm_sq_sum"] + b["norm_sq_sum"],
-            "norm_min": both("norm_min", min), "norm_max": both("norm_max", max), "abs_max": both("abs_max", max)}
-
-
-def summarize(sums: dict) -> dict:
-    n = sums["rows"]
-    mean = sums["norm_sum"] / n if n else None
-    std = math.sqrt(max(sums["norm_sq_sum"] / n - mean ** 2, 0.0)) if n else None
-    return {"rows": n, "nonfinite_rows": sums["nonfinite_rows"], "norm_mean": mean, "norm_std": std,
-            "norm_min": sums["norm_min"], "norm_max": sums["norm_max"], "abs_max": sums["abs_max"]}
-
-
-EMPTY_SUMS = feature_sums(np.zeros((0, 1), np.float16))
 
 
 # ---------------------------------------------------------------------------------------------
 # the job
 
 
-def shard_name(s: int) -> str:
-    return f"shard-{s:06d}"
-
-
-def _diff(a, b, prefix="") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [f"{prefix[:-1]}: was {a!r}, now {b!r}"]
-
-
-def _check_same_job(path: Path, previous: dict, job: dict) -> None:
-    diffs = _diff(previous, job)
-    if diffs:
-        raise ExtractError(f"{path} was made by a different extraction; differences:\n  " + "\n  ".join(diffs[:12])
-                           + "\nUse another --out, or --overwrite to start again.")
-
-
-# Job fields that older arra-pipe versions did not record. A finished set or column without one is
-# compared on the rest, so re-running the command that made it still finds it up to date. Resumes
-# compare every field: their new shards would be mixed with shards of unknown settings.
-LATER_FIELDS = ("compute", "preprocess.max_side", "source.options.follow_symlinks", "source.options.max_file_bytes",
-                "source.files_fingerprint")
-
-
-def unrecorded(finished: dict, job: dict) -> tuple[dict, list[str]]:
-    """`job` less the `LATER_FIELDS` that the record of a `finished` set or column lacks, and their names."""
-    job, missing = copy.deepcopy(job), []
-    for field_ in LATER_FIELDS:
-        *parents, leaf = field_.split(".")
-        old, new = finished, job
-        for key in parents:
-            old, new = old.get(key) if isinstance(old, dict) else None, new.get(key) if isinstance(new, dict) else None
-        if isinstance(old, dict) and isinstance(new, dict) and leaf not in old and leaf in new:
-            del new[leaf]
-            missing.append(field_)
-    return job, missing
-
-
-def _packages() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {"python": sys.version.split()[0]}
-    for name in ("torch", "pyarrow", "numpy", "pillow", "webdataset", "faiss-cpu", "transformers"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> ExtractResult:
-    """Extract, resume, or add teachers to the set at `opts.out`; a second job on the same folder
-    is refused while this one runs."""
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(main_rank_lock(opts.out))
-        except OSError as exc:  # the lock is the first file written
-            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            raise ExtractError(f"--out {opts.out} is not writable ({exc.strerror}: {exc.filename}); nothing was written "
-                               "or marked done") from None
+def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> JobResult:
+    """Extract or resume the set at `opts.out` (a finished one is reported up to date); a second
+    job on the same folder is refused while this one runs."""
+    with job_lock(opts.out):
         return _extract(opts, overwrite, log)
 
 
-def _extract(opts: ExtractOptions, overwrite: bool, log) -> ExtractResult:
+def _different_job(out: Path) -> tuple[str, str]:
+    return f"{out} was made by a different extraction", "Use another --out, or --overwrite to start again."
+
+
+def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
     if opts.teacher_view not in TEACHER_VIEWS:
-        raise ExtractError(f"--teacher-view must be one of {TEACHER_VIEWS}, got {opts.teacher_view!r}")
+        raise JobError(f"--teacher-view must be one of {TEACHER_VIEWS}, got {opts.teacher_view!r}")
     if not opts.teachers:
-        raise ExtractError("give at least one --teacher")
+        raise JobError("give at least one --teacher")
     out = Path(opts.out)
     stale = set_entries_to_remove(out, opts.source) if overwrite else []
     if (out / MANIFEST).exists() and not overwrite:
         fs = FeatureSet.open(out)
-        new = [name for name in opts.teachers if load_spec("teachers", name)["name"] not in fs.manifest["teachers"]]
+        new = opts.new_teachers(fs.manifest)
         if new or opts.source is None:
-            from stages.add_columns import add_teachers
-            return add_teachers(fs, opts, new, log)
+            raise JobError(f"{out} is a finished set{' without ' + ', '.join(new) if new else ''}: teachers are added "
+                               f"to it by `arra-pipe extract --out {out} --teacher NAME` (stages.add_columns.add_teachers)")
     if opts.source is None:
-        raise ExtractError(f"give SOURCE: {out} is not a finished feature set to add teachers to")
+        raise JobError(f"give SOURCE: {out} is not a finished feature set to add teachers to")
     ranks = distributed.init()
-    device = rank_device(opts.device, ranks)
+    device = distributed.rank_device(opts.device, ranks)
     workers = decode_workers(opts.workers)
 
     source = read_source(opts.source, opts.source_format, opts.source_options)
     records = source.records
     tokenizer = build("tokenizers", opts.tokenizer, opts.tokenizer_path, resolution=opts.tokenizer_resolution).to(device).eval()
-    teachers = {t.name: t.to(device).eval() for t in (build_teacher(opts, name) for name in opts.teachers)}
+    teachers = {t.name: t.to(device).eval() for t in (opts.teacher(name) for name in opts.teachers)}
     code_len = tokenizer.grid[0] * tokenizer.grid[1]
     job = {"source": {"format": source.format, "path": source.path, "fingerprint": source.fingerprint,
                       "files_fingerprint": source.files_fingerprint, "records": len(records),
@@ -230,12 +100,12 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> ExtractResult:
     if (out / MANIFEST).exists() and not overwrite:
         previous = read_json(out / MANIFEST)
         comparable, missing = unrecorded(previous, job)
-        _check_same_job(out, {k: previous.get(k) for k in comparable}, comparable)
+        check_same_job({k: previous.get(k) for k in comparable}, comparable, *_different_job(out))
         if missing:
             log(f"{out} was made by arra-pipe {previous.get('arra_pipe', '?')}, which did not record "
                 f"{', '.join(missing)}; compared on the rest")
         distributed.shutdown()
-        return ExtractResult("up-to-date", out, previous["rows"], previous["rejects"]["total"])
+        return JobResult("up-to-date", out, previous["rows"], previous["rejects"]["total"])
 
     progress = out / PROGRESS
     if ranks.is_main:
@@ -249,12 +119,12 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> ExtractResult:
             (out / COLUMNS / IMAGE).mkdir(parents=True, exist_ok=True)
         progress.mkdir(exist_ok=True)
         if (progress / "job.json").exists():
-            _check_same_job(out, read_json(progress / "job.json"), job)
+            check_same_job(read_json(progress / "job.json"), job, *_different_job(out))
         else:
             atomic_write_json(progress / "job.json", job)
     distributed.barrier()
     if ranks.rank and (progress / "job.json").exists():
-        _check_same_job(out, read_json(progress / "job.json"), job)
+        check_same_job(read_json(progress / "job.json"), job, *_different_job(out))
 
     schema = make_schema(code_len, tokenizer.codebook_size, tokenizer.grid, {n: t.dim for n, t in teachers.items()})
     n_shards = max(1, math.ceil(len(records) / opts.shard_size))
@@ -305,46 +175,7 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> ExtractResult:
         result.seconds, result.rows_extracted = seconds, todo
     distributed.barrier()
     distributed.shutdown()
-    return result or ExtractResult("extracted", out, 0, 0, seconds, todo)
-
-
-class ShardWriter:
-    """Runs `write(*item)` for each `put` item, in order, on one background thread, so that the
-    models' thread does not wait for host copies, Arrow encoding, tar, sha256 and fsync. At most
-    `depth` items wait, which bounds the host and device memory they hold. A failure is raised on
-    the models' thread at the next `put` or at the end, naming the item's shard."""
-
-    def __init__(self, where: str, write, depth: int = 3):
-        self._where, self._queue, self._failed = where, queue.Queue(depth), None
-        self._thread = threading.Thread(target=self._run, args=(write,), name="shard-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self, write) -> None:
-        while (item := self._queue.get()) is not None:
-            shard, args = item
-            if self._failed is None:  # after a failure only drain, so that `put` never blocks
-                try:
-                    write(*args)
-                except Exception as exc:  # noqa: BLE001 - raised again on the models' thread
-                    self._failed = ExtractError(f"{self._where}: writing {shard} failed: {type(exc).__name__}: {exc}")
-                    self._failed.__cause__ = exc
-
-    def _raise_failure(self) -> None:
-        if self._failed is not None:
-            raise self._failed
-
-    def put(self, shard: str, *args) -> None:
-        self._raise_failure()
-        self._queue.put((shard, args))
-
-    def __enter__(self) -> "ShardWriter":
-        return self
-
-    def __exit__(self, exc_type, *_) -> None:
-        self._queue.put(None)  # on an error too: what is queued is finished work, written before leaving
-        self._thread.join()
-        if exc_type is None:
-            self._raise_failure()
+    return result or JobResult("extracted", out, 0, 0, seconds, todo)
 
 
 class _ShardAssembler:
@@ -400,28 +231,14 @@ class _ShardAssembler:
                 {n: f[keep] for n, f in feats.items()}, kept and [kept[j] for j in keep])
 
 
-def rank_device(name: str, ranks: distributed.Ranks) -> torch.device:
-    """This rank's device. A GPU is also made current, before any memory is pinned (the DataLoader's,
-    the host copies): else every rank opens a context on GPU 0 to pin it."""
-    if name != "cuda":
-        return torch.device(name)
-    torch.cuda.set_device(ranks.local_rank)
-    return torch.device("cuda", ranks.local_rank)
-
-
-def build_teacher(opts: ExtractOptions, name: str):
-    return build("teachers", name, opts.teacher_paths.get(name), input_size=opts.teacher_resolution,
-                 aggregation=opts.teacher_aggregations.get(name))
-
-
-def _finish(out: Path, job: dict, schema, source, n_shards: int, max_reject_rate: float) -> ExtractResult:
+def _finish(out: Path, job: dict, schema, source, n_shards: int, max_reject_rate: float) -> JobResult:
     """Merge every shard's progress record into rejects.jsonl and manifest.json (rank 0)."""
     progress = out / PROGRESS
     done = []
     for s in range(n_shards):
         p = progress / f"{shard_name(s)}.json"
         if not p.exists():
-            raise ExtractError(f"{out}: shard {s} was not finished by its rank; re-run the same command to resume")
+            raise JobError(f"{out}: shard {s} was not finished by its rank; re-run the same command to resume")
         done.append(read_json(p))
     rejects = [r for d in done for r in d["rejects"]]
     by_reason: dict[str, int] = {}
@@ -432,11 +249,11 @@ def _finish(out: Path, job: dict, schema, source, n_shards: int, max_reject_rate
     inputs = len(source.records)
     rate = len(rejects) / inputs if inputs else 0.0
     if rate > max_reject_rate:
-        raise ExtractError(f"{len(rejects)} of {inputs} records rejected ({rate:.1%}), more than --max-reject-rate "
+        raise JobError(f"{len(rejects)} of {inputs} records rejected ({rate:.1%}), more than --max-reject-rate "
                            f"{max_reject_rate:.1%}; reasons {by_reason}; see {out / REJECTS}")
     stats = {name: summarize(functools.reduce(add_sums, (d["feature_sums"][name] for d in done))) for name in job["teachers"]}
     manifest = {"format": FORMAT, "version": VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "arra_pipe": __version__, "packages": _packages(), **job, "feature_stats": stats,
+                "arra_pipe": __version__, "packages": packages(), **job, "feature_stats": stats,
                 "schema": schema_fields(schema), "rows": sum(d["rows"] for d in done),
                 "shards": [{k: d[k] for k in ("name", "rows", "bytes", "sha256")} for d in done],
                 "payload_bytes": sum(d["payload_bytes"] for d in done),
@@ -452,5 +269,5 @@ def _finish(out: Path, job: dict, schema, source, n_shards: int, max_reject_rate
             "rows": sum(e["rows"] for e in shards), "shards": shards, "shards_sha256": shards_digest(manifest["shards"])})
     atomic_write_json(out / MANIFEST, manifest)
     shutil.rmtree(progress)
-    return ExtractResult("extracted", out, manifest["rows"], len(rejects))
+    return JobResult("extracted", out, manifest["rows"], len(rejects))
 

@@ -1,12 +1,14 @@
 """The options of each stage, declared once (pipeline/options.py): the stages take them, the CLI is
-built from them. Nothing heavy is imported here, so `arra-pipe --help` stays fast."""
+built from them. torch is not imported here, so `arra-pipe --help` stays fast."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from pipeline.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from pipeline.objective import Objective
 from pipeline.options import check, option
+from pipeline.sources import SourceOptions
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,3 +75,39 @@ class AuditOptions:
 
     def __post_init__(self):
         check(self)
+
+
+@dataclass
+class ExtractOptions:
+    source: str | None  # None: adding teachers to the set at `out`, whose manifest names its source
+    out: str
+    source_format: str | None = None
+    source_options: SourceOptions = field(default_factory=SourceOptions)
+    tokenizer: str = "kmeans"
+    tokenizer_path: str | None = None
+    teachers: tuple[str, ...] = ("efficientnet-lite0",)
+    teacher_paths: dict[str, str] = field(default_factory=dict)
+    teacher_resolution: int | None = None
+    teacher_view: str = "crop"
+    batch_size: int = 64
+    workers: int | None = None  # None: `decode_workers` picks from the CPUs of this rank
+    device: str = "cpu"
+    shard_size: int = 4096
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_side: int = DEFAULT_MAX_SIDE
+    max_reject_rate: float = 0.1
+    progress: bool = True
+    keep_images: bool = False
+    teacher_aggregations: dict[str, str] = field(default_factory=dict)
+    tokenizer_resolution: int | None = None
+
+    def teacher(self, name: str):
+        """The teacher `name` as these options build it (weights, input size, aggregation)."""
+        from pipeline.registry import build
+        return build("teachers", name, self.teacher_paths.get(name), input_size=self.teacher_resolution,
+                     aggregation=self.teacher_aggregations.get(name))
+
+    def new_teachers(self, manifest: dict) -> list[str]:
+        """The --teacher names a finished set (its manifest) does not hold yet."""
+        from pipeline.registry import load_spec
+        return [n for n in self.teachers if load_spec("teachers", n)["name"] not in manifest["teachers"]]

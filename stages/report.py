@@ -129,12 +129,12 @@ def plot_reconstructions(feature_set: Path, path: Path, n: int = 8) -> Path:
 
     from pipeline.featureset import FeatureSet
     from pipeline.tokenizers import load_recorded_tokenizer
-    from stages.evaluate import column, reference_images
+    from pipeline.set_images import column_array, reference_images
     fs = FeatureSet.open(feature_set)
     table = fs.table()
     originals, _ = reference_images(fs, None, limit=n, workers=0, table=table)
     grid = fs.manifest["tokenizer"]["grid"]
-    codes = torch.from_numpy(column(table, "codes")[:n].astype(np.int64)).view(-1, *grid)
+    codes = torch.from_numpy(column_array(table, "codes")[:n].astype(np.int64)).view(-1, *grid)
     decoded = load_recorded_tokenizer(fs.manifest["tokenizer"]).decode(codes).cpu().numpy()
     fig, axes = plt.subplots(2, len(originals), figsize=(1.2 * len(originals), 2.7), squeeze=False)
     for i, (a, b) in enumerate(zip(originals, decoded)):
@@ -198,7 +198,6 @@ def _run_section(page: Page, run: Path, folder: Path) -> None:
 
 
 def _eval_section(page: Page, eval_json: Path) -> None:
-    from stages.evaluate import format_table
     if eval_json.is_file():
         page.add("h2", "Evaluation")
         page.add("pre", format_table(json.loads(eval_json.read_text())))
@@ -256,3 +255,16 @@ def report(folder: str) -> Path:
     if (path / "metrics.jsonl").is_file():
         return run_report(path)
     raise ArraError(f"{folder}: neither an experiment (results.json), the demo (demo.json) nor a training run (metrics.jsonl)")
+
+
+def format_table(result: dict) -> str:
+    """`eval`'s result as the table `arra-pipe eval` and the reports print."""
+    lines = [f"{'metric':44s} {'value':>10s} {'n_gen':>7s} {'n_ref':>7s}  space"]
+    for m in result["metrics"]:
+        lines.append(f"{m['metric']:44s} {m['value']:10.4f} {m['n_generated']:7d} {m['n_reference']:7d}  {m['space']}")
+        if m.get("note"):
+            lines.append(f"{'':44s} note: {m['note']}")
+    seeds = result["generated"]["seeds"]
+    lines.append(f"generated {result['generated']['path']} (seeds {seeds[0]}..{seeds[1]})" if seeds else
+                 f"generated {result['generated']['path']} (seeds not recorded)")
+    return "\n".join(lines)

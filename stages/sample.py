@@ -20,38 +20,14 @@ from tqdm import tqdm
 from pipeline.errors import ArraError
 from pipeline.generate import generate
 from pipeline.lm import LAYOUT_FILE
+from pipeline.samples import SAMPLES
 from pipeline.sampling import Sampling
 from pipeline.tokenizers import load_recorded_tokenizer
 from pipeline.train_data import Conditioner
 from pipeline.vocab import VocabLayout
 
 
-SAMPLES = "samples.jsonl"
 BATCH_SIZE = {"cuda": 64, "cpu": 16}  # per device type: a GPU needs wide batches to be busy at each step
-
-
-def read_samples(folder: Path) -> tuple[list[Path], list[dict]]:
-    """The images `sample` listed in samples.jsonl with their rows (condition, seed, settings);
-    for any other folder every PNG but grid.png, with rows holding only the file name."""
-    listed = folder / SAMPLES
-    if listed.is_file():
-        rows = [json.loads(line) for line in listed.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        rows = [{"file": p.relative_to(folder).as_posix()} for p in sorted(folder.rglob("*.png")) if p.name != "grid.png"]
-    return [folder / r["file"] for r in rows], rows
-
-
-def resolve_model(path: str) -> Path:
-    """An export directory as is; a run directory is exported (once per checkpoint) into <run>/export-<tag>."""
-    p = Path(path)
-    if (p / LAYOUT_FILE).exists() and (p / "config.json").exists():
-        return p
-    if (p / "checkpoints" / "latest").exists():
-        from stages.export import export
-        tag = (p / "checkpoints" / "latest").read_text().strip()
-        out = p / f"export-{tag}"
-        return out if (out / LAYOUT_FILE).exists() else export(str(p), str(out))
-    raise ArraError(f"{path}: neither an exported model (config.json + {LAYOUT_FILE}) nor a run directory with checkpoints")
 
 
 def save_grid(images: list[np.ndarray], path: Path, cols: int | None = None) -> None:
@@ -70,7 +46,9 @@ def sample(model_path: str, out: str, prompts: list[str] | None = None, classes:
            n: int = 1, sampling: Sampling = Sampling(), seed: int = 0, batch_size: int | None = None, device: str = "cpu",
            tokenizer_path: str | None = None, progress: bool = True) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model_dir, out = resolve_model(model_path), Path(out)
+    model_dir, out = Path(model_path), Path(out)
+    if not ((model_dir / LAYOUT_FILE).exists() and (model_dir / "config.json").exists()):
+        raise ArraError(f"{model_dir}: not an exported model (config.json + {LAYOUT_FILE}); `arra-pipe export` makes one")
     meta = json.loads((model_dir / LAYOUT_FILE).read_text())
     layout = VocabLayout.from_dict(meta)
     dev = torch.device(device)

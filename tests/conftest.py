@@ -9,7 +9,8 @@ from PIL import Image
 
 from pipeline.sources import SourceOptions
 from pipeline.tokenizers import save_kmeans_codebook
-from stages.extract import ExtractOptions, extract
+from stages.extract import extract
+from stages.options import ExtractOptions
 
 TEACHER_RES = 32  # EfficientNet-Lite0 on 32 px inputs keeps CPU tests fast
 

@@ -13,7 +13,10 @@ import model_checkpoints as mc
 from conftest import TEACHER_RES, write_image
 from pipeline.featureset import FeatureSet, FeatureSetError
 from pipeline.sources import SourceOptions
-from stages.extract import ExtractError, ExtractOptions, extract
+from pipeline.jobs import JobError
+from stages.add_columns import add_teachers
+from stages.extract import extract
+from stages.options import ExtractOptions
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def options(codebook, source, out, **kw):
 
 
 def add(codebook, out, dino):
-    return extract(options(codebook, None, out, teachers=("dinov2-s",), teacher_paths=dino), log=lambda m: None)
+    return add_teachers(options(codebook, None, out, teachers=("dinov2-s",), teacher_paths=dino), log=lambda m: None)
 
 
 def flip_byte(path, at=600):
@@ -69,7 +72,7 @@ def test_a_source_whose_image_files_changed_is_refused(codebook, table, dino, tm
     write_image(image, size=(27, 20), seed=42)  # other pixels, the same records
     os.utime(image, ns=(0, 10**18))
 
-    with pytest.raises(ExtractError, match=r"its image files .* changed \(source.files_fingerprint"):
+    with pytest.raises(JobError, match=r"its image files .* changed \(source.files_fingerprint"):
         add(codebook, out, dino)
     assert "dinov2-s" not in FeatureSet.open(out).columns
 
@@ -104,7 +107,7 @@ def test_a_teacher_giving_non_finite_features_is_not_added(codebook, table, dino
         return torch.where(torch.arange(len(images))[:, None] == 0, torch.nan, features) if self.name == "dinov2-s" else features
     monkeypatch.setattr(Teacher, "forward", poisoned)
 
-    with pytest.raises(ExtractError, match=r"teacher dinov2-s gave non-finite features .* rows of shards/shard-00000\d.tar, "
+    with pytest.raises(JobError, match=r"teacher dinov2-s gave non-finite features .* rows of shards/shard-00000\d.tar, "
                                            r"e\.g\. \['\w'\]; .* not added"):
         add(codebook, out, dino)
     assert "dinov2-s" not in FeatureSet.open(out).columns

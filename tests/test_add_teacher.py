@@ -17,7 +17,10 @@ from conftest import TEACHER_RES, write_image
 from pipeline.featureset import FeatureSet, FeatureSetError, batch_to_ipc, read_members, write_shard
 from pipeline.tokenizers import KMeansTokenizer
 from stages.cli import main
-from stages.extract import ExtractError, ExtractOptions, extract
+from pipeline.jobs import JobError
+from stages.add_columns import add_teachers
+from stages.extract import extract
+from stages.options import ExtractOptions
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,7 @@ def test_added_teachers_equal_a_first_extraction_and_never_run_the_tokenizer(cod
     before = {p.name: p.read_bytes() for p in (base / "shards").glob("*.tar")} | {"manifest": (base / "manifest.json").read_bytes()}
 
     no_tokenizer(monkeypatch)
-    result = extract(options(codebook, None, base, teachers=("clip-l", "dinov2-s"), teacher_paths=checkpoints), log=lambda m: None)
+    result = add_teachers(options(codebook, None, base, teachers=("clip-l", "dinov2-s"), teacher_paths=checkpoints), log=lambda m: None)
     assert result.status == "added" and result.rows_extracted == 12
     fs = FeatureSet.open(base)
     assert set(fs.columns) == {"clip-l", "dinov2-s"} and list(fs.teachers) == ["efficientnet-lite0", "clip-l", "dinov2-s"]
@@ -80,11 +83,11 @@ def test_added_teachers_equal_a_first_extraction_and_never_run_the_tokenizer(cod
         assert np.array_equal(features(base, teacher), features(both, teacher))
     assert fs.columns["clip-l"]["feature_stats"] == FeatureSet.open(both).manifest["feature_stats"]["clip-l"]
 
-    again = extract(options(codebook, None, base, teachers=("clip-l",), teacher_paths=checkpoints), log=lambda m: None)
+    again = add_teachers(options(codebook, None, base, teachers=("clip-l",), teacher_paths=checkpoints), log=lambda m: None)
     assert again.status == "up-to-date"
     other = mc.write_clip(tmp_path / "other-clip")
-    with pytest.raises(ExtractError, match="(?s)holds other features.*weights_sha256"):
-        extract(options(codebook, None, base, teachers=("clip-l",), teacher_paths={"clip-l": str(other)}), log=lambda m: None)
+    with pytest.raises(JobError, match="(?s)holds other features.*weights_sha256"):
+        add_teachers(options(codebook, None, base, teachers=("clip-l",), teacher_paths={"clip-l": str(other)}), log=lambda m: None)
 
 
 def test_kept_images_stand_in_for_a_source_that_is_gone(codebook, folder, checkpoints, tmp_path, monkeypatch):
@@ -102,7 +105,7 @@ def test_kept_images_stand_in_for_a_source_that_is_gone(codebook, folder, checkp
             log=lambda m: None)
     shutil.rmtree(folder)
     no_tokenizer(monkeypatch)
-    extract(options(codebook, None, kept, teachers=("clip-l",), teacher_paths=checkpoints), log=lambda m: None)
+    add_teachers(options(codebook, None, kept, teachers=("clip-l",), teacher_paths=checkpoints), log=lambda m: None)
     assert FeatureSet.open(kept).columns["clip-l"]["images_from"] == "kept crops"
     assert np.array_equal(features(kept, "clip-l"), features(reference, "clip-l"))
 
@@ -111,17 +114,17 @@ def test_kept_images_stand_in_for_a_source_that_is_gone(codebook, folder, checkp
     write_image(folder / "c0" / "00.png", seed=0)
     extract(options(codebook, folder, gone), log=lambda m: None)
     write_image(folder / "c0" / "new.png", seed=99)
-    with pytest.raises(ExtractError, match="not the source .* its records changed"):
-        extract(options(codebook, None, gone, teachers=("clip-l",), teacher_paths=checkpoints), log=lambda m: None)
+    with pytest.raises(JobError, match="not the source .* its records changed"):
+        add_teachers(options(codebook, None, gone, teachers=("clip-l",), teacher_paths=checkpoints), log=lambda m: None)
     shutil.rmtree(folder)
-    with pytest.raises(ExtractError, match="is gone and the set keeps no images"):
-        extract(options(codebook, None, gone, teachers=("clip-l",), teacher_paths=checkpoints), log=lambda m: None)
+    with pytest.raises(JobError, match="is gone and the set keeps no images"):
+        add_teachers(options(codebook, None, gone, teachers=("clip-l",), teacher_paths=checkpoints), log=lambda m: None)
 
 
 def test_a_column_whose_keys_do_not_line_up_is_refused(codebook, folder, checkpoints, tmp_path):
     out = tmp_path / "set"
     extract(options(codebook, folder, out), log=lambda m: None)
-    extract(options(codebook, None, out, teachers=("clip-l",), teacher_paths=checkpoints), log=lambda m: None)
+    add_teachers(options(codebook, None, out, teachers=("clip-l",), teacher_paths=checkpoints), log=lambda m: None)
     manifest_path = out / "columns" / "clip-l" / "manifest.json"
     column = json.loads(manifest_path.read_text())
     entry = column["shards"][1]

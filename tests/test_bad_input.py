@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline.featureset import FeatureSet
 from pipeline.images import DEFAULT_MAX_PIXELS, Rejected, decode_rgb
 from pipeline.sources import SourceError
-from stages.extract import ExtractError
+from pipeline.jobs import JobError
 
 MAX_PIXELS = 1000  # the good test images are 20x24 = 480 pixels
 
@@ -352,7 +352,7 @@ def test_max_reject_rate(tmp_path, run_extract):
     (src / "text.png").write_text("not an image")
     out = tmp_path / "set"
 
-    with pytest.raises(ExtractError) as exc:
+    with pytest.raises(JobError) as exc:
         run_extract(src, out=out, max_reject_rate=0.25)
     msg = str(exc.value)
     assert "2 of 5" in msg and "40.0%" in msg and "25.0%" in msg, msg
@@ -716,7 +716,7 @@ def test_each_class_of_bad_input_is_converted_rejected_or_refused(name, tmp_path
     out = tmp_path / "set"
 
     if outcome == "refused":
-        with pytest.raises((SourceError, ExtractError), match=expected[0]):
+        with pytest.raises((SourceError, JobError), match=expected[0]):
             run_extract(src / source, out=out, **options)
         assert not (out / "shards").exists() and not (out / "progress").exists()  # before any work
         return

@@ -25,8 +25,11 @@ from pipeline.vocab import VocabLayout
 from stages import extract as extract_stage
 from stages.audit import dedup
 from stages.cli import main
-from stages.evaluate import evaluate, reference_images
-from stages.extract import ExtractError, ExtractOptions, extract
+from pipeline.set_images import reference_images
+from stages.evaluate import evaluate
+from pipeline.jobs import JobError
+from stages.extract import extract
+from stages.options import ExtractOptions
 
 MINI = "data/fashion-mnist-mini"
 TEACHER = "feat.efficientnet-lite0"
@@ -264,20 +267,20 @@ def test_an_image_changed_between_an_interrupted_run_and_its_resume_is_refused(c
             raise OSError(28, "No space left on device")
         return real(path, *args)
     monkeypatch.setattr(extract_stage, "write_shard", interrupted)
-    with pytest.raises(ExtractError):
+    with pytest.raises(JobError):
         extract(opts, log=lambda m: None)
     monkeypatch.setattr(extract_stage, "write_shard", real)
 
     original, stat = image.read_bytes(), image.stat()
     change_pixels(image, seed=99)
-    with pytest.raises(ExtractError, match=r"source.files_fingerprint: was '[0-9a-f]{64}', now '[0-9a-f]{64}'"):
+    with pytest.raises(JobError, match=r"source.files_fingerprint: was '[0-9a-f]{64}', now '[0-9a-f]{64}'"):
         extract(opts, log=lambda m: None)
     image.write_bytes(original)
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert extract(opts, log=lambda m: None).status == "extracted"  # the very file it began with: resumed
 
     change_pixels(image, seed=98)
-    with pytest.raises(ExtractError, match="source.files_fingerprint: was"):  # a finished set is no longer up to date
+    with pytest.raises(JobError, match="source.files_fingerprint: was"):  # a finished set is no longer up to date
         extract(opts, log=lambda m: None)
     _, origin = reference_images(FeatureSet.open(out), None, limit=2, workers=0)  # eval does not take the new pixels either
     assert origin == "tokenizer reconstructions (source unavailable: the source changed since extraction)"

@@ -18,7 +18,10 @@ from pipeline.crops import decode_workers
 from pipeline.models import FrozenModel
 from pipeline.registry import build
 from stages import add_columns, extract as extract_stage
-from stages.extract import LATER_FIELDS, ExtractError, ExtractOptions, extract
+from pipeline.jobs import JobError, LATER_FIELDS
+from stages.add_columns import add_teachers
+from stages.extract import extract
+from stages.options import ExtractOptions
 
 CPU = {"device": "cpu", "tokenizer": "fp32", "teachers": {"efficientnet-lite0": "fp32"}}
 CUDA = {"device": "cuda", "tokenizer": "fp32", "teachers": {"efficientnet-lite0": "bf16-autocast"}}  # what a CUDA run records
@@ -67,7 +70,7 @@ def test_precision_follows_the_rule_that_decides_autocast(codebook, monkeypatch)
 def test_a_resume_on_another_device_is_refused_and_the_manifest_records_the_compute(codebook, folder, tmp_path, monkeypatch):
     out = tmp_path / "set"
     fail_on_call(monkeypatch, extract_stage, 2)
-    with pytest.raises(ExtractError, match=r"writing shard-000001 failed: OSError: .*No space left") as failed:
+    with pytest.raises(JobError, match=r"writing shard-000001 failed: OSError: .*No space left") as failed:
         extract(options(codebook, folder, out), log=lambda m: None)
     assert isinstance(failed.value.__cause__, OSError)
     assert sorted(p.name for p in (out / "progress").glob("shard-*")) == ["shard-000000.json"]
@@ -76,7 +79,7 @@ def test_a_resume_on_another_device_is_refused_and_the_manifest_records_the_comp
     monkeypatch.undo()
 
     rewrite_json(job, compute=CUDA)  # the interrupted run was on a GPU
-    with pytest.raises(ExtractError, match="different extraction") as refused:
+    with pytest.raises(JobError, match="different extraction") as refused:
         extract(options(codebook, folder, out), log=lambda m: None)
     assert "compute.device: was 'cuda', now 'cpu'" in str(refused.value)
     assert "compute.teachers.efficientnet-lite0: was 'bf16-autocast', now 'fp32'" in str(refused.value)
@@ -102,24 +105,24 @@ def test_a_set_made_before_the_later_fields_is_still_up_to_date(codebook, folder
     log = []
     assert extract(options(codebook, folder, out), log=log.append).status == "up-to-date"
     assert log == [f"{out} was made by arra-pipe {__version__}, which did not record {', '.join(LATER_FIELDS)}; compared on the rest"]
-    with pytest.raises(ExtractError, match="teacher_view"):  # what it did record is still compared
+    with pytest.raises(JobError, match="teacher_view"):  # what it did record is still compared
         extract(options(codebook, folder, out, teacher_view="original"), log=lambda m: None)
     manifest["compute"] = CUDA
     (out / "manifest.json").write_text(json.dumps(manifest))  # a recorded compute is compared
-    with pytest.raises(ExtractError, match="compute.device: was 'cuda', now 'cpu'"):
+    with pytest.raises(JobError, match="compute.device: was 'cuda', now 'cpu'"):
         extract(options(codebook, folder, out), log=lambda m: None)
 
 
 def test_an_older_unfinished_job_is_not_resumed(codebook, folder, tmp_path, monkeypatch):
     out = tmp_path / "set"
     fail_on_call(monkeypatch, extract_stage, 2)
-    with pytest.raises(ExtractError):
+    with pytest.raises(JobError):
         extract(options(codebook, folder, out), log=lambda m: None)
     monkeypatch.undo()
     job = json.loads((out / "progress" / "job.json").read_text())
     del job["compute"]
     (out / "progress" / "job.json").write_text(json.dumps(job))
-    with pytest.raises(ExtractError, match="compute: was None"):
+    with pytest.raises(JobError, match="compute: was None"):
         extract(options(codebook, folder, out), log=lambda m: None)
 
 
@@ -128,22 +131,22 @@ def test_a_column_records_its_own_compute_and_its_resume_elsewhere_is_refused(co
     extract(options(codebook, folder, out), log=lambda m: None)
     add = options(codebook, folder, out, teachers=("dinov2-s",), teacher_paths={"dinov2-s": dino})
     fail_on_call(monkeypatch, add_columns, 2)
-    with pytest.raises(ExtractError, match="writing the columns of shards/shard-000001.tar failed: OSError"):
-        extract(add, log=lambda m: None)
+    with pytest.raises(JobError, match="writing the columns of shards/shard-000001.tar failed: OSError"):
+        add_teachers(add, log=lambda m: None)
     monkeypatch.undo()
     job = out / "columns" / "dinov2-s" / "progress" / "job.json"
     rewrite_json(job, compute={"device": "cuda", "teacher": "bf16-autocast"})
-    with pytest.raises(ExtractError, match="being added with other settings") as refused:
-        extract(add, log=lambda m: None)
+    with pytest.raises(JobError, match="being added with other settings") as refused:
+        add_teachers(add, log=lambda m: None)
     assert "compute.teacher: was 'bf16-autocast', now 'fp32'" in str(refused.value)
 
     rewrite_json(job, compute={"device": "cpu", "teacher": "fp32"})
-    assert extract(add, log=lambda m: None).status == "added"
+    assert add_teachers(add, log=lambda m: None).status == "added"
     column = json.loads((out / "columns" / "dinov2-s" / "manifest.json").read_text())
     assert column["compute"] == {"device": "cpu", "teacher": "fp32"}
     del column["compute"]  # a column added by an older arra-pipe
     (out / "columns" / "dinov2-s" / "manifest.json").write_text(json.dumps(column))
-    assert extract(add, log=lambda m: None).status == "up-to-date"
+    assert add_teachers(add, log=lambda m: None).status == "up-to-date"
 
 
 def test_decode_workers_default_to_this_ranks_cpus_less_one(codebook, folder, tmp_path, monkeypatch):

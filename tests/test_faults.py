@@ -58,11 +58,11 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_stops_extraction_cleanly_and_a_resume_completes_it(run_extract, small_disk, tmp_path):
-    from stages.extract import ExtractError
+    from pipeline.jobs import JobError
     from pipeline.featureset import FeatureSet
     disk, resize = small_disk
     options = dict(source_options={"split": "test"}, shard_size=64, batch_size=32)
-    with pytest.raises(ExtractError, match=r"writing shard-\d{6} failed: OSError: \[Errno 28\] No space left on device"):
+    with pytest.raises(JobError, match=r"writing shard-\d{6} failed: OSError: \[Errno 28\] No space left on device"):
         run_extract("data/fashion-mnist-mini", out=disk / "set", **options)
     done = sorted(p.stem for p in (disk / "set" / "progress").glob("shard-*.json"))
     assert 0 < len(done) < 8 and not list((disk / "set").rglob(".*tmp-*"))  # only complete shards are marked done
@@ -108,7 +108,7 @@ def test_a_read_only_out_is_refused_in_one_line_marking_nothing_done(run_extract
     refused = rf"^--out {folder}/set is not writable \(.+: {folder}/set.*\); nothing was written or marked done$"
 
     freeze()  # a new --out
-    with pytest.raises(extract_stage.ExtractError, match=refused):
+    with pytest.raises(extract_stage.JobError, match=refused):
         run_extract("data/fashion-mnist-mini", out=folder / "set", **options)
     cli = CliRunner().invoke(main, ["extract", "data/fashion-mnist-mini", "--split", "test", "--out", str(folder / "set"),
                                     "--tokenizer-path", codebook, "--teacher-resolution", "32", "--no-progress"])
@@ -125,14 +125,14 @@ def test_a_read_only_out_is_refused_in_one_line_marking_nothing_done(run_extract
         written.append(path)
         return write(path, *args)
     monkeypatch.setattr(extract_stage, "write_shard", stop_after_three)
-    with pytest.raises(extract_stage.ExtractError, match="stopped by the test"):
+    with pytest.raises(extract_stage.JobError, match="stopped by the test"):
         run_extract("data/fashion-mnist-mini", out=folder / "set", **options)
     monkeypatch.undo()
     before = listing(folder)
     assert len([p for p in before if p.startswith("set/progress/shard-")]) == 3
 
     freeze()
-    with pytest.raises(extract_stage.ExtractError, match=refused):
+    with pytest.raises(extract_stage.JobError, match=refused):
         run_extract("data/fashion-mnist-mini", out=folder / "set", **options)
     assert listing(folder) == before
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from pipeline.featureset import FeatureSet
 from stages.cli import main
-from stages.extract import ExtractError
+from pipeline.jobs import JobError
 
 MINI = "data/fashion-mnist-mini"
 
@@ -80,7 +80,7 @@ def test_rerun_is_a_noop_and_other_settings_are_refused(run_extract, fmnist_set)
     result, _ = run_extract(MINI, out=fmnist_set, source_options={"split": "test"}, shard_size=128, batch_size=32)
     assert result.status == "up-to-date" and result.rows == 500
     assert (fmnist_set / "manifest.json").read_bytes() == before
-    with pytest.raises(ExtractError, match="teacher_view"):
+    with pytest.raises(JobError, match="teacher_view"):
         run_extract(MINI, out=fmnist_set, source_options={"split": "test"}, shard_size=128, batch_size=32,
                     teacher_view="original")
 

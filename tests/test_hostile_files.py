@@ -23,7 +23,7 @@ from pipeline.featureset import FeatureSet
 from pipeline.images import DEFAULT_MAX_SIDE, Rejected, center_crop, decode_rgb
 from pipeline.sources import SourceError, SourceOptions, load_image, read_source
 from stages.cli import main
-from stages.extract import ExtractResult
+from pipeline.jobs import JobResult
 
 SECRET = "TOP SECRET: the launch codes"
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,7 +250,7 @@ def test_flags_reach_the_extraction(monkeypatch, tmp_path):
 
     def fake_extract(opts, overwrite=False, log=print):
         seen["opts"] = opts
-        return ExtractResult("up-to-date", Path(opts.out), 0, 0)
+        return JobResult("up-to-date", Path(opts.out), 0, 0)
 
     monkeypatch.setattr("stages.extract.extract", fake_extract)
     args = ["extract", str(tmp_path), "--out", str(tmp_path / "set"), "--follow-symlinks", "--max-file-bytes", "1000",

@@ -101,7 +101,9 @@ def test_extraction_rank_writes_only_the_shards_it_owns(codebook, tmp_path, monk
     import torch.distributed
 
     from conftest import TEACHER_RES
-    from stages.extract import ExtractError, ExtractOptions, extract
+    from pipeline.jobs import JobError
+    from stages.extract import extract
+    from stages.options import ExtractOptions
     for i in range(18):
         write_image(tmp_path / "src" / f"c{i % 2}" / f"{i:02d}.png", seed=i)
 
@@ -118,7 +120,7 @@ def test_extraction_rank_writes_only_the_shards_it_owns(codebook, tmp_path, monk
     two = tmp_path / "two"
     on_disk = lambda: sorted(int(p.stem[-6:]) for p in (two / "shards").glob("*.tar"))  # noqa: E731
     # 18 records in shards of 4 (4, 4, 4, 4, 2). Rank 0 alone: its shards, then no manifest
-    with pytest.raises(ExtractError, match="shard 1 was not finished by its rank"):
+    with pytest.raises(JobError, match="shard 1 was not finished by its rank"):
         run(two, 0, 2)
     assert groups == [("gloo",)]
     assert on_disk() == [0, 2, 4]

@@ -275,7 +275,8 @@ def test_lambda_zero_is_the_plain_baseline_with_the_same_lm_init(fmnist, tmp_pat
 def test_training_reads_a_teacher_added_as_a_column(run_extract_module, tmp_path):
     import model_checkpoints as mc
     from conftest import TEACHER_RES, write_image
-    from stages.extract import ExtractOptions, extract
+    from stages.extract import extract
+    from stages.options import ExtractOptions
     for i in range(24):
         write_image(tmp_path / "src" / f"c{i % 3}" / f"{i:02d}.png", seed=i)
     out = run_extract_module(tmp_path / "src", name="added", shard_size=8, batch_size=4)
