@@ -107,13 +107,27 @@ def collate(items):
     return [i for i, _ in ok], crops, views, rejects
 
 
+def rank_cpus() -> int:
+    """CPUs this rank may use: its affinity mask shared among the ranks on this node (torchrun's
+    LOCAL_WORLD_SIZE), at least one."""
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def decode_workers(workers: int | None) -> int:
-    """`workers`, or by default one per CPU this process may run on (its affinity mask), shared among
-    the ranks on this node (torchrun's LOCAL_WORLD_SIZE), less the one that runs the rank's models;
-    0 (decoding in that process) when a rank has a single CPU."""
-    if workers is not None:
-        return workers
-    return max(0, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
+    """`workers`, or by default one per CPU of this rank less the one that runs its models; 0
+    (decoding in that process) when a rank has a single CPU."""
+    return workers if workers is not None else rank_cpus() - 1
+
+
+def cpu_split(workers: int | None) -> tuple[int, int]:
+    """(decode workers, model threads) of an extraction: the rank's CPUs are split, not oversubscribed.
+    A teacher forward at native size costs tens of ms per image on a CPU core, a JPEG decode and crop a
+    few, so by default a quarter of the CPUs decode (one when the rank has 2 or 3, none with 1) and the
+    models' intra-op threads get the rest, at least one."""
+    cpus = rank_cpus()
+    if workers is None:
+        workers = cpus // 4 if cpus >= 4 else min(1, cpus - 1)
+    return workers, max(1, cpus - workers)
 
 
 def _worker_init(_):

@@ -36,7 +36,7 @@ def source_flags(fn):
         click.option("--max-side", type=POSITIVE, default=DEFAULT_MAX_SIDE, show_default=True, help="Reject images with a side longer than this, from the header, before decoding."),
         click.option("--max-file-bytes", type=POSITIVE, default=DEFAULT_MAX_FILE_BYTES, show_default=True, help="Reject image and caption files larger than this, before reading them."),
         click.option("--follow-symlinks", is_flag=True, help="Folder sources: also read files that are symlinks leading outside the folder (default: reject them)."),
-        click.option("--workers", type=NON_NEGATIVE, help="DataLoader worker processes that decode and crop images [default: this rank's share of the CPUs it may use, less one]."),
+        click.option("--workers", type=NON_NEGATIVE, help="DataLoader worker processes that decode and crop images; extract gives the models' torch threads the rank's other CPUs [default: extract a quarter of this rank's share of the CPUs it may use, other commands all but one]."),
         click.option("--progress/--no-progress", default=True, help="Show a progress bar."),
     ]
     for flag in reversed(flags):
@@ -164,7 +164,8 @@ def main():
 @click.option("--teacher-resolution", type=RESOLUTION, help="Feed teachers this input size instead of their native one (recorded in the manifest).")
 @click.option("--teacher-view", type=click.Choice(["crop", "original"]), default="crop", show_default=True,
               help="crop: teachers see the tokenizer's canonical crop; original: the whole original image through the teacher's own resize+crop, as the official code.")
-@click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Images per model batch (also rows per Arrow record batch). Keep it fixed when resuming.")
+@click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Rows per Arrow record batch. Keep it fixed when resuming.")
+@click.option("--model-batch", type=POSITIVE, help="Images per model forward, at most --batch-size [default: 16 on cpu, --batch-size on cuda]; recorded and kept on resume (it may change features' last bits).")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="Where the models run (bf16 autocast on cuda).")
 @click.option("--shard-size", type=POSITIVE, default=4096, show_default=True, help="Input records per shard.")
 @click.option("--max-reject-rate", type=FRACTION, default=0.1, show_default=True, help="Fail the run when more than this fraction of records is rejected.")

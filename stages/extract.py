@@ -27,13 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 from tqdm import tqdm
 
 from pipeline import __version__, distributed
 from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, FORMAT, IMAGE, MANIFEST, PROGRESS, REJECTS, SHARDS, VERSION,
                                  FeatureSet, column_field, feature_column, make_batch, make_column_batch, make_schema,
                                  schema_fields, set_entries_to_remove, shards_digest, write_shard)
-from pipeline.crops import KEPT, crop_loader, decode_workers
+from pipeline.crops import KEPT, cpu_split, crop_loader
 from pipeline.feature_stats import EMPTY_SUMS, add_sums, feature_sums, summarize
 from pipeline.files import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.jobs import (JobError, JobResult, ShardWriter, check_same_job, job_lock, packages, shard_name,
@@ -44,6 +45,9 @@ from pipeline.sources import read_source
 from stages.options import ExtractOptions
 
 TEACHER_VIEWS = ("crop", "original")
+# Images per model forward when --model-batch is not given, per device (at most --batch-size). On a CPU
+# a batch past 16 buys nothing (benchmarks/extract_vs_official.py --model-batch); a GPU wants them all.
+MODEL_BATCH = {"cpu": 16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,7 +58,11 @@ def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> JobResu
     """Extract or resume the set at `opts.out` (a finished one is reported up to date); a second
     job on the same folder is refused while this one runs."""
     with job_lock(opts.out):
-        return _extract(opts, overwrite, log)
+        threads = torch.get_num_threads()
+        try:
+            return _extract(opts, overwrite, log)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _different_job(out: Path) -> tuple[str, str]:
@@ -78,7 +86,9 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
         raise JobError(f"give SOURCE: {out} is not a finished feature set to add teachers to")
     ranks = distributed.init()
     device = distributed.rank_device(opts.device, ranks)
-    workers = decode_workers(opts.workers)
+    workers, threads = cpu_split(opts.workers)
+    torch.set_num_threads(threads)
+    model_batch = min(opts.model_batch or MODEL_BATCH.get(device.type, opts.batch_size), opts.batch_size)
 
     source = read_source(opts.source, opts.source_format, opts.source_options)
     records = source.records
@@ -94,7 +104,7 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
            "tokenizer": {**tokenizer.describe(), "code_len": code_len, "weights_path": str(tokenizer.weights_path.resolve())},
            "teachers": {name: t.describe() for name, t in teachers.items()},
            "layout": {"shard_size": opts.shard_size, "batch_size": opts.batch_size, "keep_images": opts.keep_images},
-           "compute": {"device": device.type, "tokenizer": tokenizer.precision,
+           "compute": {"device": device.type, "model_batch": model_batch, "tokenizer": tokenizer.precision,
                        "teachers": {name: t.precision for name, t in teachers.items()}}}
 
     if (out / MANIFEST).exists() and not overwrite:
@@ -146,7 +156,8 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
     todo = sum(len(c) for _, _, c in plan)
     if ranks.is_main:
         log(f"extracting on {device.type} (tokenizer {tokenizer.precision}, "
-            f"{', '.join(f'{n} {t.precision}' for n, t in teachers.items())}) with {workers} decode workers per rank")
+            f"{', '.join(f'{n} {t.precision}' for n, t in teachers.items())}), model batch {model_batch}, "
+            f"{workers} decode workers and {threads} model threads per rank")
         if todo < len(records):
             log(f"resuming: {len(records) - todo} of {len(records)} records are in finished shards")
     start = time.perf_counter()
@@ -158,9 +169,7 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
     batches = iter(loader) if plan else iter(())  # fork the decoding workers before the writer thread starts
     with ShardWriter(str(out), assemble) as writer:
         for (s, last, _), (ok, crops, views, bad) in zip(plan, batches):
-            outputs = (HostCopy({"codes": tokenizer.encode(crops).view(len(ok), -1),
-                                 **{feature_column(n): t(views[t.input_size]) for n, t in teachers.items()}})
-                       if ok else None)
+            outputs = HostCopy(_forward(tokenizer, teachers, crops, views, model_batch)) if ok else None
             writer.put(shard_name(s), s, last, ok, bad, outputs, views.get(KEPT))
             n_rejects += len(bad)
             bar.update(len(ok) + len(bad))
@@ -171,11 +180,20 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
     distributed.barrier()
     result = None
     if ranks.is_main:
-        result = _finish(out, job, schema, source, n_shards, opts.max_reject_rate)
+        result = _finish(out, job, schema, source, n_shards, opts.max_reject_rate,
+                         {"decode_workers": workers, "model_threads": threads})
         result.seconds, result.rows_extracted = seconds, todo
     distributed.barrier()
     distributed.shutdown()
     return result or JobResult("extracted", out, 0, 0, seconds, todo)
+
+
+def _forward(tokenizer, teachers: dict, crops, views: dict, model_batch: int) -> dict:
+    """Codes and teacher features of one record batch, the models run on `model_batch` images at a time."""
+    parts = [{"codes": tokenizer.encode(crops[i:i + model_batch]).view(len(crops[i:i + model_batch]), -1),
+              **{feature_column(n): t(views[t.input_size][i:i + model_batch]) for n, t in teachers.items()}}
+             for i in range(0, len(crops), model_batch)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 class _ShardAssembler:
@@ -231,8 +249,9 @@ class _ShardAssembler:
                 {n: f[keep] for n, f in feats.items()}, kept and [kept[j] for j in keep])
 
 
-def _finish(out: Path, job: dict, schema, source, n_shards: int, max_reject_rate: float) -> JobResult:
-    """Merge every shard's progress record into rejects.jsonl and manifest.json (rank 0)."""
+def _finish(out: Path, job: dict, schema, source, n_shards: int, max_reject_rate: float, throughput: dict) -> JobResult:
+    """Merge every shard's progress record into rejects.jsonl and manifest.json (rank 0). `throughput`
+    (how the CPUs were split) is recorded outside the job: it is no part of what a resume compares."""
     progress = out / PROGRESS
     done = []
     for s in range(n_shards):
@@ -260,7 +279,7 @@ def _finish(out: Path, job: dict, schema, source, n_shards: int, max_reject_rate
                 "labels": {"classes": max((r.label for r in source.records), default=-1) + 1,
                            "unlabelled": sum(r.label < 0 for r in source.records)},
                 "rejects": {"total": len(rejects), "by_reason": by_reason, "file": REJECTS},
-                "skipped": source.skipped}
+                "skipped": source.skipped, "throughput": throughput}
     if job["layout"]["keep_images"]:
         shards = [d["image_shard"] for d in done]
         atomic_write_json(out / COLUMNS / IMAGE / MANIFEST, {

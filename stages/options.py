@@ -90,7 +90,8 @@ class ExtractOptions:
     teacher_resolution: int | None = None
     teacher_view: str = "crop"
     batch_size: int = 64
-    workers: int | None = None  # None: `decode_workers` picks from the CPUs of this rank
+    model_batch: int | None = None  # None: `stages.extract.MODEL_BATCH` of the device
+    workers: int | None = None  # None: `cpu_split` (extract) or `decode_workers` picks from the CPUs of this rank
     device: str = "cpu"
     shard_size: int = 4096
     max_pixels: int = DEFAULT_MAX_PIXELS

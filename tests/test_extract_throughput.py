@@ -1,0 +1,89 @@
+"""How extraction spends a rank's CPUs and batches its model forwards: decode workers and model
+threads split the CPUs (recorded as throughput, outside the job), and the model batch, separate from
+the Arrow record batch, is chosen per device, recorded in `compute` and kept on resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import TEACHER_RES, write_image
+from pipeline.crops import cpu_split
+from pipeline.featureset import FeatureSet
+from pipeline.jobs import JobError
+from stages import extract as extract_stage
+from stages.extract import extract
+from stages.options import ExtractOptions
+
+
+@pytest.fixture
+def folder(tmp_path):
+    for i in range(9):
+        write_image(tmp_path / "src" / f"c{i % 2}" / f"{i:02d}.png", size=(20 + i, 20), seed=i)
+    return tmp_path / "src"
+
+
+def options(codebook, folder, out, **kw):
+    return ExtractOptions(**{**dict(source=str(folder), out=str(out), tokenizer_path=codebook, teacher_resolution=TEACHER_RES,
+                                    batch_size=4, workers=0, shard_size=8, progress=False), **kw})
+
+
+def test_cpus_are_split_between_decoding_and_the_models(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert cpu_split(None) == (4, 12) and cpu_split(2) == (2, 14) and cpu_split(20) == (20, 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert cpu_split(None) == (1, 3)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cpu_split(None) == (0, 1)  # half a CPU per rank is one
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert cpu_split(None) == (1, 1) and cpu_split(0) == (0, 2)
+
+
+def test_model_threads_are_set_recorded_and_restored(codebook, folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    seen, real = [], extract_stage._forward
+    monkeypatch.setattr(extract_stage, "_forward", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if before != 1 else 2)
+    before = torch.get_num_threads()
+    extract(options(codebook, folder, tmp_path / "set"), log=lambda m: None)
+    manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
+    assert set(seen) == {3} and manifest["throughput"] == {"decode_workers": 0, "model_threads": 3}
+    assert torch.get_num_threads() == before
+
+
+def test_model_batch_is_chosen_per_device_recorded_and_kept_on_resume(codebook, folder, tmp_path, monkeypatch):
+    sizes, real = [], extract_stage._forward
+    monkeypatch.setattr(extract_stage, "MODEL_BATCH", {"cpu": 3})
+    monkeypatch.setattr(extract_stage, "_forward", lambda tok, t, crops, v, m: sizes.append((len(crops), m)) or real(tok, t, crops, v, m))
+    extract(options(codebook, folder, tmp_path / "a"), log=lambda m: None)
+    assert FeatureSet.open(tmp_path / "a").manifest["compute"]["model_batch"] == 3 and {m for _, m in sizes} == {3}
+    assert sorted(n for n, _ in sizes) == [1, 4, 4]  # record batches stay --batch-size rows
+    extract(options(codebook, folder, tmp_path / "b", model_batch=99), log=lambda m: None)
+    assert FeatureSet.open(tmp_path / "b").manifest["compute"]["model_batch"] == 4  # at most --batch-size
+    with pytest.raises(JobError, match="model_batch"):  # a finished set made with another model batch
+        extract(options(codebook, folder, tmp_path / "a", model_batch=1), log=lambda m: None)
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    del manifest["compute"]["model_batch"]  # as arra-pipe wrote it before the model batch had its own flag
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    log = []
+    assert extract(options(codebook, folder, tmp_path / "a", model_batch=1), log=log.append).status == "up-to-date"
+    assert "did not record compute.model_batch" in log[0]
+
+
+def test_record_batches_are_the_same_whatever_the_model_batch(codebook, folder, tmp_path):
+    """Rows, keys and codes do not depend on the model batch; features agree to float16 rounding
+    (a batch may change a feature's last bit, which is why the model batch is part of the job)."""
+    sets = {}
+    for m in (1, 4):
+        extract(options(codebook, folder, tmp_path / str(m), model_batch=m), log=lambda m: None)
+        sets[m] = list(FeatureSet.open(tmp_path / str(m)).batches())
+    assert [b.num_rows for b in sets[1]] == [b.num_rows for b in sets[4]] == [4, 4, 1]
+    for a, b in zip(sets[1], sets[4]):
+        assert a.column("key").equals(b.column("key")) and a.column("codes").equals(b.column("codes"))
+        fa, fb = (x.column("feat.efficientnet-lite0").flatten().to_numpy().astype("float32") for x in (a, b))
+        assert abs(fa - fb).max() <= 2 ** -10 * max(1.0, abs(fa).max())  # a float16 step or so apart
