@@ -9,9 +9,11 @@ Both pipelines here read the same N JPEGs (Fashion-MNIST upscaled to 256x256 RGB
 cost something), use the same kmeans tokenizer codebook and the same EfficientNet-Lite0 teacher, and
 feed the teacher the canonical crop resized to its input size (arra-pipe's default `teacher_view="crop"`).
 Printed: rows/s, bytes per row on disk against the raw payload (codes + features + key + caption),
-files per row, and how close end-to-end extraction gets to the bare batched model forward (no I/O).
+files per row, how close end-to-end extraction gets to the bare batched model forward (no I/O), and
+the bare forward's rows/s at each of --model-batches, measured side by side (what `MODEL_BATCH` rests on).
 
-    .venv/bin/python benchmarks/extract_vs_official.py [--images N] [--teacher-resolution R] [--workers W] [--batch-size B]
+    .venv/bin/python benchmarks/extract_vs_official.py [--images N] [--teacher-resolution R] [--workers W]
+        [--batch-size B] [--model-batch M] [--model-batches 4,16,64]
 """
 
 import argparse
@@ -32,13 +34,16 @@ from pipeline.images import center_crop, resize_square, to_array  # noqa: E402
 from pipeline.registry import build  # noqa: E402
 from pipeline.sources import FASHION_MNIST_CLASSES, read_idx  # noqa: E402
 from stages.extract import ExtractOptions, extract  # noqa: E402
+from pipeline.crops import cpu_split  # noqa: E402
 from stages.tokenizer_fit import fit_tokenizer  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--images", type=int, default=1000)
 p.add_argument("--teacher-resolution", type=int, default=64)
-p.add_argument("--workers", type=int, default=2)
+p.add_argument("--workers", type=int, default=None, help="default: extract's own split of the CPUs")
 p.add_argument("--batch-size", type=int, default=64)
+p.add_argument("--model-batch", type=int, default=None, help="default: extract's per-device MODEL_BATCH")
+p.add_argument("--model-batches", default="4,16,64", help="bare forward batch sizes compared side by side")
 p.add_argument("--size", type=int, default=256, help="side of the JPEGs written from Fashion-MNIST")
 args = p.parse_args()
 N, R, B = args.images, args.teacher_resolution, args.batch_size
@@ -80,13 +85,14 @@ for i in range(N):
     Image.fromarray(pixels[i]).convert("RGB").resize((args.size, args.size), Image.BICUBIC).save(paths[-1], quality=90)
 codebook = str(root / "codebook.safetensors")
 fit_tokenizer(str(images), codebook, resolution=32, patch=4, codebook_size=1024, max_images=min(N, 1000),
-              iterations=10, workers=args.workers, progress=False, log=lambda m: None)
+              iterations=10, workers=cpu_split(args.workers)[0], progress=False, log=lambda m: None)
 tokenizer = build("tokenizers", "kmeans", codebook).eval()
 teacher = build("teachers", "efficientnet-lite0", None, input_size=R).eval()
+R = teacher.input_size
 print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads, "
       f"load average {os.getloadavg()[0]:.2f} at start")
 print(f"settings: {N} images {args.size}x{args.size} JPEG from {fm}, tokenizer kmeans 32px/4px/1024 codes, "
-      f"teacher efficientnet-lite0 @ {R}px ({teacher.dim}-d), workers {args.workers}, batch size {B}")
+      f"teacher efficientnet-lite0 @ {R}px ({teacher.dim}-d), batch size {B}")
 
 
 
@@ -109,7 +115,7 @@ off_files, off_bytes, off_alloc = sizes(official)
 
 # ---- 3. arra-pipe
 opts = ExtractOptions(source=str(images), out=str(root / "set"), tokenizer_path=codebook, teacher_resolution=R,
-                     workers=args.workers, batch_size=B, progress=False)
+                     workers=args.workers, batch_size=B, model_batch=args.model_batch, progress=False)
 res, arra_wall, arra_busy = timed(lambda: extract(opts, log=lambda m: None))
 manifest = json.loads((root / "set" / "manifest.json").read_text())
 arra_files, arra_bytes, arra_alloc = sizes(root / "set")
@@ -118,20 +124,31 @@ same = sum(np.array_equal(official_codes[Path(k).stem].numpy(), c)
            for shard in (root / "set").rglob("*.tar") for b in read_shard(shard)
            for k, c in zip(b.column("key").to_pylist(), b.column("codes").to_numpy(zero_copy_only=False)))
 
-# ---- 4. bare batched forward on pre-decoded, pre-cropped uint8 tensors (no I/O, no decode)
+M, split = manifest["compute"]["model_batch"], manifest["throughput"]
+print(f"arra-pipe: model batch {M}, {split['decode_workers']} decode workers, {split['model_threads']} model threads")
+
+# ---- 4. bare batched forward on pre-decoded, pre-cropped uint8 tensors (no I/O, no decode), at extract's threads
 crops = [center_crop(Image.open(p).convert("RGB"), tokenizer.resolution) for p in paths]
 x32 = torch.from_numpy(np.stack([to_array(c) for c in crops]))
 xr = torch.from_numpy(np.stack([to_array(resize_square(c, R)) for c in crops]))
-tokenizer.encode(x32[:B]), teacher(xr[:B])  # warm-up
-forward = lambda: [(tokenizer.encode(x32[i:i + B]), teacher(xr[i:i + B])) for i in range(0, N, B)]  # noqa: E731
-_, bare_s, bare_busy = min((timed(forward) for _ in range(3)), key=lambda r: r[1])  # best of 3: least disturbed
+torch.set_num_threads(split["model_threads"])
+
+
+def bare(m):  # best of 3 (least disturbed): (seconds, others' CPU share)
+    tokenizer.encode(x32[:m]), teacher(xr[:m])  # warm-up
+    forward = lambda: [(tokenizer.encode(x32[i:i + m]), teacher(xr[i:i + m])) for i in range(0, N, m)]  # noqa: E731
+    return min((timed(forward)[1:] for _ in range(3)), key=lambda r: r[0])
+
+
+sweep = {m: bare(m) for m in sorted({int(x) for x in args.model_batches.split(",")} | {M})}
+bare_s, bare_busy = sweep[M]
 
 # ---- 5. the table
 arra = (arra_bytes / res.rows, arra_alloc / res.rows, arra_files / res.rows, arra_busy)
 rows = [("official (1 image, 2 torch.save files)", N / official_s, off_bytes / N, off_alloc / N, off_files / N, official_busy),
         ("arra-pipe, loop (result.seconds)", res.rows / res.seconds, *arra),
         ("arra-pipe, wall (incl. model load)", res.rows / arra_wall, *arra),
-        (f"bare forward, batch {B} (no I/O)", N / bare_s, None, None, None, bare_busy)]
+        (f"bare forward, batch {M} (no I/O)", N / bare_s, None, None, None, bare_busy)]
 print(f"\n{'pipeline':<40} {'rows/s':>9} {'bytes/row':>10} {'disk/row':>9} {'files/row':>10} {'others CPU':>11}")
 for name, rate, b, a, f, busy in rows:
     print(f"{name:<40} {rate:>9.1f} " + (f"{b:>10.0f} {a:>9.0f} {f:>10.4f}" if b else f"{'-':>10} {'-':>9} {'-':>10}")
@@ -144,4 +161,6 @@ print(f"speed-up arra-pipe / official:     {loop_rate / off_rate:6.2f}x loop, {w
 print(f"arra-pipe bytes/row / payload:     {arra_bytes / res.rows / payload:6.3f}x   (goal <= 1.05x)")
 print(f"official bytes/row / payload:      {off_bytes / N / payload:6.3f}x")
 print(f"end-to-end / bare forward:         {loop_rate / bare_rate:6.1%} loop, {wall_rate / bare_rate:6.1%} wall")
+print("bare forward by model batch:       " + ", ".join(f"{m}: {N / s:.1f} rows/s ({s / bare_s:.2f}x the time of {M}, "
+                                                         f"others CPU {busy:.0%})" for m, (s, busy) in sweep.items()))
 tmp.cleanup()

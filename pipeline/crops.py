@@ -31,12 +31,15 @@ class CropDataset(Dataset):
 
     `view="crop"`: teachers see the canonical crop resized to their input size.
     `view="original"`: teachers see the original image through their own resize + centre crop
-    (what the official code does).
+    (what the official code does). With `jpeg_draft` a JPEG is reduced on decode to the largest
+    size these views need (`decode_rgb`).
     """
 
     def __init__(self, records: list[Record], resolution: int, teacher_sizes: list[int], view: str, max_pixels: int,
-                 keep_images: bool = False, max_side: int = DEFAULT_MAX_SIDE, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
+                 keep_images: bool = False, max_side: int = DEFAULT_MAX_SIDE, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                 jpeg_draft: bool = False):
         self.records, self.resolution, self.teacher_sizes = records, resolution, teacher_sizes
+        self.draft = (max([resolution, *teacher_sizes]) if view == "original" else resolution) if jpeg_draft else None
         self.view, self.max_pixels, self.keep_images = view, max_pixels, keep_images
         self.max_side, self.max_file_bytes = max_side, max_file_bytes
         self.claims = claims(records)
@@ -67,7 +70,7 @@ class CropDataset(Dataset):
     def _load(self, record: Record):
         """(canonical crop, views) of a record, or its reject reason."""
         try:
-            img = load_image(record.ref, self.max_pixels, self.max_side, self.max_file_bytes)
+            img = load_image(record.ref, self.max_pixels, self.max_side, self.max_file_bytes, self.draft)
             crop = center_crop(img, self.resolution, self.max_pixels)
             views = {s: to_array(resize_square(crop, s) if self.view == "crop" else center_crop(img, s, self.max_pixels))
                      for s in self.teacher_sizes}
@@ -136,9 +139,11 @@ def _worker_init(_):
 
 def crop_loader(records: list[Record], batches: list[list[int]], resolution: int, teacher_sizes: list[int],
                 view: str, max_pixels: int, workers: int, pin_memory: bool = False, keep_images: bool = False,
-                max_side: int = DEFAULT_MAX_SIDE, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> DataLoader:
+                max_side: int = DEFAULT_MAX_SIDE, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                jpeg_draft: bool = False) -> DataLoader:
     """A DataLoader that yields `collate` batches for exactly `batches` (lists of record indices), in order."""
-    dataset = CropDataset(records, resolution, teacher_sizes, view, max_pixels, keep_images, max_side, max_file_bytes)
+    dataset = CropDataset(records, resolution, teacher_sizes, view, max_pixels, keep_images, max_side, max_file_bytes,
+                          jpeg_draft)
     return batch_loader(dataset, batches, workers, pin_memory)
 
 

@@ -68,7 +68,7 @@ def check_same_job(previous: dict, job: dict, what: str, advice: str) -> None:
 # Job fields that older arra-pipe versions did not record. A finished set or column without one is
 # compared on the rest, so re-running the command that made it still finds it up to date. Resumes
 # compare every field: their new shards would be mixed with shards of unknown settings.
-LATER_FIELDS = ("compute", "compute.model_batch", "preprocess.max_side", "source.options.follow_symlinks", "source.options.max_file_bytes",
+LATER_FIELDS = ("compute", "compute.model_batch", "preprocess.jpeg_draft", "preprocess.max_side", "source.options.follow_symlinks", "source.options.max_file_bytes",
                 "source.files_fingerprint")
 
 

@@ -507,8 +507,9 @@ def _read_fashion_mnist(path: Path, options: SourceOptions):
 # loading one record's image
 
 
-def load_image(ref: tuple, max_pixels: int, max_side: int, max_file_bytes: int) -> Image.Image:
-    """Load and decode the image a record points at, as 8-bit RGB; raise `Rejected` if unusable."""
+def load_image(ref: tuple, max_pixels: int, max_side: int, max_file_bytes: int, draft: int | None = None) -> Image.Image:
+    """Load and decode the image a record points at, as 8-bit RGB (a JPEG reduced on decode to
+    `draft` px, see `decode_rgb`); raise `Rejected` if unusable."""
     kind = ref[0]
     if kind == "idx":
         return Image.fromarray(read_idx(ref[1])[ref[2]], mode="L").convert("RGB")
@@ -520,7 +521,7 @@ def load_image(ref: tuple, max_pixels: int, max_side: int, max_file_bytes: int) 
             data = f.read(ref[3])
         if len(data) != ref[3]:
             raise Rejected(f"corrupt: truncated tar member in {ref[1]}")
-        return decode_rgb(data, max_pixels, max_side)
+        return decode_rgb(data, max_pixels, max_side, draft)
     if not ref[1]:
         raise Rejected("bad-row: no image path")
-    return decode_rgb(read_file(ref[1], max_file_bytes), max_pixels, max_side)
+    return decode_rgb(read_file(ref[1], max_file_bytes), max_pixels, max_side, draft)

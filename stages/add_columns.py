@@ -173,7 +173,7 @@ def _source_views(fs: FeatureSet, opts: ExtractOptions, plan, todo: dict, device
                                f"(source.{name} {getattr(source, name)[:12]} vs {src[name][:12]})")
     dataset = CropDataset(source.records, pre["resolution"], sorted({t.input_size for t in todo.values()}),
                           pre["teacher_view"], pre["max_pixels"], max_side=pre.get("max_side", DEFAULT_MAX_SIDE),
-                          max_file_bytes=options.max_file_bytes)
+                          max_file_bytes=options.max_file_bytes, jpeg_draft=pre.get("jpeg_draft", False))
     first = {r.key: j for j, r in enumerate(source.records) if not r.reject}  # the one the source let claim it
 
     def row(key: str) -> int:  # the record extracted under `key`

@@ -160,6 +160,7 @@ def main():
               help="Weights file or folder for a teacher (NAME= is needed when there are several).")
 @click.option("--aggregation", "aggregations", multiple=True, metavar="[NAME=]AGG",
               help="Global feature of a teacher: cls, avgpool or cls+avgpool (default: its manifest's).")
+@click.option("--jpeg-draft", is_flag=True, help="Decode JPEGs reduced (1/2, 1/4, 1/8) to the size the crops need: faster on large photos, codes and features change a little (recorded).")
 @click.option("--keep-images", is_flag=True, help="Also keep the canonical crops (PNG, columns/image/) so teachers can be added later without the source.")
 @click.option("--teacher-resolution", type=RESOLUTION, help="Feed teachers this input size instead of their native one (recorded in the manifest).")
 @click.option("--teacher-view", type=click.Choice(["crop", "original"]), default="crop", show_default=True,

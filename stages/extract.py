@@ -100,7 +100,7 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
                       "options": asdict(opts.source_options)},
            "preprocess": {"resolution": tokenizer.resolution, "crop": "center", "resample": "bicubic",
                           "teacher_view": opts.teacher_view, "max_pixels": opts.max_pixels,
-                          "max_side": opts.max_side},
+                          "max_side": opts.max_side, "jpeg_draft": opts.jpeg_draft},
            "tokenizer": {**tokenizer.describe(), "code_len": code_len, "weights_path": str(tokenizer.weights_path.resolve())},
            "teachers": {name: t.describe() for name, t in teachers.items()},
            "layout": {"shard_size": opts.shard_size, "batch_size": opts.batch_size, "keep_images": opts.keep_images},
@@ -151,7 +151,8 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
     teacher_sizes = sorted({t.input_size for t in teachers.values()})
     loader = crop_loader(records, [c for _, _, c in plan], tokenizer.resolution, teacher_sizes, opts.teacher_view,
                          opts.max_pixels, workers, pin_memory=device.type == "cuda", keep_images=opts.keep_images,
-                         max_side=opts.max_side, max_file_bytes=opts.source_options.max_file_bytes)
+                         max_side=opts.max_side, max_file_bytes=opts.source_options.max_file_bytes,
+                         jpeg_draft=opts.jpeg_draft)
 
     todo = sum(len(c) for _, _, c in plan)
     if ranks.is_main:

@@ -99,6 +99,7 @@ class ExtractOptions:
     max_reject_rate: float = 0.1
     progress: bool = True
     keep_images: bool = False
+    jpeg_draft: bool = False  # decode JPEGs reduced to the size the crops need (pipeline.images.decode_rgb)
     teacher_aggregations: dict[str, str] = field(default_factory=dict)
     tokenizer_resolution: int | None = None
 

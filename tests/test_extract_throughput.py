@@ -1,18 +1,23 @@
 """How extraction spends a rank's CPUs and batches its model forwards: decode workers and model
 threads split the CPUs (recorded as throughput, outside the job), and the model batch, separate from
-the Arrow record batch, is chosen per device, recorded in `compute` and kept on resume."""
+the Arrow record batch, is chosen per device, recorded in `compute` and kept on resume; JPEG reduce-on-decode is an option
+recorded in `preprocess`."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import TEACHER_RES, write_image
 from pipeline.crops import cpu_split
 from pipeline.featureset import FeatureSet
+from pipeline.images import decode_rgb
 from pipeline.jobs import JobError
 from stages import extract as extract_stage
 from stages.extract import extract
@@ -87,3 +92,25 @@ def test_record_batches_are_the_same_whatever_the_model_batch(codebook, folder, 
         assert a.column("key").equals(b.column("key")) and a.column("codes").equals(b.column("codes"))
         fa, fb = (x.column("feat.efficientnet-lite0").flatten().to_numpy().astype("float32") for x in (a, b))
         assert abs(fa - fb).max() <= 2 ** -10 * max(1.0, abs(fa).max())  # a float16 step or so apart
+
+
+def test_jpeg_draft_decodes_to_the_size_needed_and_is_part_of_the_job(codebook, tmp_path):
+    """A JPEG is reduced on decode to the smallest scale whose short side still covers the size
+    asked; other formats, and no draft, decode at full size; the set records the option."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 640, 3), dtype=np.uint8))
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    img.save(jpeg, format="JPEG"), img.save(png, format="PNG")
+    assert decode_rgb(jpeg.getvalue(), draft=90).size == (160, 100)  # 1/4: 1/8 would be 50 px short
+    assert decode_rgb(jpeg.getvalue(), draft=100).size == (160, 100)
+    assert decode_rgb(jpeg.getvalue(), draft=101).size == (320, 200)
+    assert decode_rgb(jpeg.getvalue()).size == decode_rgb(png.getvalue(), draft=90).size == (640, 400)
+    folder = tmp_path / "src" / "c0"
+    folder.mkdir(parents=True)
+    img.save(folder / "a.jpg")
+    done = {}
+    for draft in (False, True):
+        extract(options(codebook, folder.parent, tmp_path / str(draft), jpeg_draft=draft), log=lambda m: None)
+        done[draft] = FeatureSet.open(tmp_path / str(draft)).manifest["preprocess"]["jpeg_draft"]
+    assert done == {False: False, True: True}
+    with pytest.raises(JobError, match="jpeg_draft"):
+        extract(options(codebook, folder.parent, tmp_path / "False", jpeg_draft=True), log=lambda m: None)
