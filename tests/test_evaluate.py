@@ -104,12 +104,13 @@ def test_eval_runs_teachers_inception_and_knn_on_its_device(sets, tmp_path, monk
 
 def test_eval_embeds_the_reference_sets_own_images_to_exactly_its_cached_features(sets):
     """One embedding path (Teacher.embed: the crop view, the teacher's precision, float16 as stored):
-    the set's own images, embedded as eval embeds generated ones in the batches extraction used (32,
-    shards of 64), give the cached features bit for bit, so FD against the cache measures the images."""
+    the set's own images, embedded as eval embeds generated ones in the model batches extraction
+    recorded, give the cached features bit for bit, so FD against the cache measures the images."""
     test, train, _ = sets
     fs = FeatureSet.open(test)
     cached = column_array(fs.table(), "feat.efficientnet-lite0")
-    recomputed = teacher_features(fs, "efficientnet-lite0", reference_images(fs, None)[0], None, "cpu", 32)
+    model_batch = fs.manifest["compute"]["model_batch"]
+    recomputed = teacher_features(fs, "efficientnet-lite0", reference_images(fs, None)[0], None, "cpu", model_batch)
     assert recomputed.dtype == np.float32 and np.array_equal(recomputed, cached)
     generated = reference_images(FeatureSet.open(train), None)[0]
     gen = teacher_features(fs, "efficientnet-lite0", generated, None, "cpu", 64)
