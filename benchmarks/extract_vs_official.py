@@ -39,7 +39,7 @@ from stages.tokenizer_fit import fit_tokenizer  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--images", type=int, default=1000)
-p.add_argument("--teacher-resolution", type=int, default=64)
+p.add_argument("--teacher-resolution", type=int, default=None, help="default: the teacher's native size")
 p.add_argument("--workers", type=int, default=None, help="default: extract's own split of the CPUs")
 p.add_argument("--batch-size", type=int, default=64)
 p.add_argument("--model-batch", type=int, default=None, help="default: extract's per-device MODEL_BATCH")

@@ -11,7 +11,6 @@ the share of VQ codes that change, and the teacher features' cosine between the 
 """
 
 import argparse
-import io
 import os
 import sys
 import tempfile
