@@ -125,11 +125,10 @@ def decode_workers(workers: int | None) -> int:
 def cpu_split(workers: int | None) -> tuple[int, int]:
     """(decode workers, model threads) of an extraction: the rank's CPUs are split, not oversubscribed.
     A teacher forward at native size costs tens of ms per image on a CPU core, a JPEG decode and crop a
-    few, so by default a quarter of the CPUs decode (one when the rank has 2 or 3, none with 1) and the
+    few, so by default a quarter of the CPUs decode (none below 4: the models' process decodes) and the
     models' intra-op threads get the rest, at least one."""
     cpus = rank_cpus()
-    if workers is None:
-        workers = cpus // 4 if cpus >= 4 else min(1, cpus - 1)
+    workers = cpus // 4 if workers is None else workers
     return workers, max(1, cpus - workers)
 
 

@@ -45,7 +45,7 @@ def test_cpus_are_split_between_decoding_and_the_models(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert cpu_split(None) == (0, 1)  # half a CPU per rank is one
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert cpu_split(None) == (1, 1) and cpu_split(0) == (0, 2)
+    assert cpu_split(None) == (0, 2) and cpu_split(1) == (1, 1)
 
 
 def test_model_threads_are_set_recorded_and_restored(codebook, folder, tmp_path, monkeypatch):
