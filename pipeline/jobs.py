@@ -9,6 +9,7 @@ import contextlib
 import copy
 import errno
 import queue
+import shutil
 import sys
 import threading
 from dataclasses import dataclass
@@ -45,6 +46,13 @@ def job_lock(out: str | Path):
             raise JobError(f"--out {out} is not writable ({exc.strerror}: {exc.filename}); nothing was written "
                            "or marked done") from None
         yield
+
+
+def remove_finished_progress(progress: Path) -> None:
+    """A finished job writes its manifest, then removes its `progress/` records; a job stopped between
+    the two leaves them behind, and the next run (finding the manifest) removes them."""
+    if progress.is_dir():
+        shutil.rmtree(progress)
 
 
 def shard_name(s: int) -> str:

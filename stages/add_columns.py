@@ -38,7 +38,8 @@ from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, IMAGE, MANIFEST, PROGRE
                                  make_column_batch, schema_fields, shards_digest, write_shard)
 from pipeline.files import atomic_write_json, read_json
 from pipeline.images import DEFAULT_MAX_SIDE
-from pipeline.jobs import JobError, JobResult, ShardWriter, diff, job_lock, packages, unrecorded
+from pipeline.jobs import (JobError, JobResult, ShardWriter, diff, job_lock, packages, remove_finished_progress,
+                           unrecorded)
 from pipeline.models import HostCopy
 from pipeline.registry import load_spec
 from pipeline.sources import SourceOptions, read_source
@@ -69,6 +70,8 @@ def _add(fs: FeatureSet, opts: ExtractOptions, names: list[str], log) -> JobResu
                    "compute": {"device": device.type, "teacher": t.precision}}
             for name, t in teachers.items()}
     for name in set(teachers) & set(added):
+        if ranks.is_main:
+            remove_finished_progress(fs.path / COLUMNS / name / PROGRESS)
         comparable, _ = unrecorded(added[name], jobs[name])
         diffs = diff({k: added[name].get(k) for k in comparable}, comparable)
         if diffs:

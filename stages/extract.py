@@ -37,8 +37,8 @@ from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, FORMAT, IMAGE, MANIFEST
 from pipeline.crops import KEPT, cpu_split, crop_loader
 from pipeline.feature_stats import EMPTY_SUMS, add_sums, feature_sums, summarize
 from pipeline.files import atomic_write_bytes, atomic_write_json, read_json
-from pipeline.jobs import (JobError, JobResult, ShardWriter, check_same_job, job_lock, packages, shard_name,
-                           unrecorded)
+from pipeline.jobs import (JobError, JobResult, ShardWriter, check_same_job, job_lock, packages,
+                           remove_finished_progress, shard_name, unrecorded)
 from pipeline.models import HostCopy
 from pipeline.registry import build
 from pipeline.sources import read_source
@@ -114,6 +114,8 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
         if missing:
             log(f"{out} was made by arra-pipe {previous.get('arra_pipe', '?')}, which did not record "
                 f"{', '.join(missing)}; compared on the rest")
+        if ranks.is_main:
+            remove_finished_progress(out / PROGRESS)
         distributed.shutdown()
         return JobResult("up-to-date", out, previous["rows"], previous["rejects"]["total"])
 

@@ -12,6 +12,7 @@ from stages.demo import EMBEDDED_FASHION_MNIST
 from stages.experiment import paired, run_experiment, summarize
 
 
+@pytest.mark.timeout(1800)  # 2 extractions, 4 trainings, samplings and evals: over 600 s on 2 busy cores (not a hang)
 def test_smoke_experiment_two_seeds_two_arms(tmp_path):
     out = tmp_path / "exp"
     report = run_experiment("fmnist-arra-base", "smoke", seeds=2, out=str(out), data=str(EMBEDDED_FASHION_MNIST),

@@ -141,3 +141,19 @@ def test_a_read_only_out_is_refused_in_one_line_marking_nothing_done(run_extract
     _, reference = run_extract("data/fashion-mnist-mini", out=tmp_path / "reference", **options)
     assert result.rows == 500 and FeatureSet.open(folder / "set").verify() == []
     assert FeatureSet.open(folder / "set").manifest["shards"] == FeatureSet.open(reference).manifest["shards"]
+
+
+def test_a_stop_between_the_manifest_and_removing_progress_is_cleaned_by_the_next_run(run_extract):
+    """Found by the kill suite: a job killed after writing manifest.json, while removing progress/,
+    left progress records (and a half-written one) in a finished set; the next run finds the set up
+    to date and removes them."""
+    from pipeline.featureset import FeatureSet
+    options = dict(source_options={"split": "test"}, shard_size=128, batch_size=64)
+    result, out = run_extract("data/fashion-mnist-mini", **options)
+    progress = out / "progress"
+    progress.mkdir()
+    (progress / "shard-000001.json").write_text("{}")
+    (progress / ".shard-000002.json.tmp-123").write_text("{")
+    again, _ = run_extract("data/fashion-mnist-mini", out=out, **options)
+    assert again.status == "up-to-date" and not progress.exists()
+    assert FeatureSet.open(out).verify() == []
