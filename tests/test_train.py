@@ -275,15 +275,15 @@ def test_lambda_zero_is_the_plain_baseline_with_the_same_lm_init(fmnist, tmp_pat
 def test_training_reads_a_teacher_added_as_a_column(run_extract_module, tmp_path):
     import model_checkpoints as mc
     from conftest import TEACHER_RES, write_image
-    from stages.extract import extract
+    from stages.add_columns import add_teachers
     from stages.options import ExtractOptions
     for i in range(24):
         write_image(tmp_path / "src" / f"c{i % 3}" / f"{i:02d}.png", seed=i)
     out = run_extract_module(tmp_path / "src", name="added", shard_size=8, batch_size=4)
-    extract(ExtractOptions(source=None, out=str(out), teachers=("dinov2-s",),
-                           teacher_paths={"dinov2-s": str(mc.write_dinov2(tmp_path / "dino", 384))},
-                           teacher_resolution=TEACHER_RES, workers=0, progress=False, batch_size=4, shard_size=8),
-            log=lambda m: None)
+    add_teachers(ExtractOptions(source=None, out=str(out), teachers=("dinov2-s",),
+                                teacher_paths={"dinov2-s": str(mc.write_dinov2(tmp_path / "dino", 384))},
+                                teacher_resolution=TEACHER_RES, workers=0, progress=False, batch_size=4, shard_size=8),
+                 log=lambda m: None)
     assert "dinov2-s" in FeatureSet.open(out).columns
     run = tmp_path / "run"
     arra_pipe("train", out, "--out", run, "--teacher", "dinov2-s", "--steps", "2", "--micro-batch", "4", "--no-progress")
