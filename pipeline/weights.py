@@ -192,8 +192,8 @@ def load_torch_tensors(path: Path) -> dict:
 
 @contextmanager
 def deepspeed_loads_weights_only():
-    """DeepSpeed reads its own checkpoints with `torch.load(weights_only=False)` (engine.load_checkpoint,
-    zero_to_fp32), which runs whatever a pickle names. Inside this block every torch.load is
+    """DeepSpeed's own checkpoint readers (engine.load_checkpoint, zero_to_fp32) call torch.load with
+    full unpickling, which runs whatever a pickle names. Inside this block every torch.load is
     `load_torch` with only DEEPSPEED_GLOBALS allowed, so a checkpoint from elsewhere is refused,
     naming its file, instead of executing."""
     allowed = [getattr(importlib.import_module(mod), name)

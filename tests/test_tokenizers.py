@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import model_checkpoints as mc
 from pipeline.registry import RegistryError, build
-from pipeline.weights import Inert, load_torch_tensors
+from pipeline.weights import Inert, load_torch, load_torch_tensors
 
 RES = 64  # fully convolutional: 64 px -> 4x4 codes keeps CPU tests fast
 
@@ -81,7 +81,7 @@ def test_chameleon_decoder_matches_transformers_janus_decoder(tmp_path):
 
 def test_wrong_tokenizer_checkpoints_are_refused(tmp_path):
     path = mc.write_llamagen(tmp_path / "vq_ds16_c2i.pt")
-    checkpoint = torch.load(path, weights_only=False)
+    checkpoint = load_torch(path)  # allows the args LlamaGen saves beside the weights
     checkpoint["model"].pop("decoder.conv_out.bias")
     checkpoint["model"]["encoder.conv_blocks.0.res.0.norm1.weight"] = torch.ones(7)
     torch.save(checkpoint, path)
