@@ -14,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TEACHER_RES, write_image
+from conftest import write_image
 from pipeline.crops import cpu_split
 from pipeline.featureset import FeatureSet
 from pipeline.images import decode_rgb
 from pipeline.jobs import JobError
 from stages import extract as extract_stage
 from stages.extract import extract
-from stages.options import ExtractOptions
+from test_extract_compute import options as compute_options
 
 
 @pytest.fixture
@@ -32,8 +32,7 @@ def folder(tmp_path):
 
 
 def options(codebook, folder, out, **kw):
-    return ExtractOptions(**{**dict(source=str(folder), out=str(out), tokenizer_path=codebook, teacher_resolution=TEACHER_RES,
-                                    batch_size=4, workers=0, shard_size=8, progress=False), **kw})
+    return compute_options(codebook, folder, out, **{"batch_size": 4, "shard_size": 8, **kw})
 
 
 def test_cpus_are_split_between_decoding_and_the_models(monkeypatch):
