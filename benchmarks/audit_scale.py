@@ -35,7 +35,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import neighbours  # noqa: E402
+from pipeline.metrics import neighbours  # noqa: E402
 
 SPECTRUM = Path(__file__).with_name("teacher_spectrum.json")
 REFERENCE_EXACT_100K = 51.0  # s: exact self-join of 100k x 512 on the 16-core machine named in issue 5
@@ -101,7 +101,7 @@ def recall_curve(x: np.ndarray, steps=(1, 2, 4, 8, 16, 32)) -> list[float]:
 
 def fit(path: str, teacher: str, per_cluster: int) -> None:
     """Spectra of a real set's features around a k-means fit with `per_cluster` rows a cluster."""
-    from pipeline.featureset import FeatureSet
+    from pipeline.data.featureset import FeatureSet
     from stages.audit import load_rows
     x = load_rows(FeatureSet.open(path), teacher).x
     n, d = x.shape

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from pipeline.generate import Sampling
-from pipeline.registry import load_recipe
+from pipeline.lm.generate import Sampling
+from pipeline.models.registry import load_recipe
 from stages.evaluate import evaluate
 from stages.export import export
 from stages.sample import sample

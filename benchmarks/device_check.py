@@ -273,7 +273,7 @@ class Check:
         """Tokenizer encode and teacher forward alone, as benchmarks/models_throughput.py times them."""
         import torch
         import models_throughput as mt
-        from pipeline.registry import build
+        from pipeline.models.registry import build
         s, device = self.sizes, torch.device(self.sizes.device)
         figures = {"batch": s.batch}
         for key, kind, name, weights, size, fwd in (

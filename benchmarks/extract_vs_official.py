@@ -29,12 +29,12 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.featureset import read_shard  # noqa: E402
-from pipeline.images import center_crop, resize_square, to_array  # noqa: E402
-from pipeline.registry import build  # noqa: E402
-from pipeline.sources import FASHION_MNIST_CLASSES, read_idx  # noqa: E402
+from pipeline.data.featureset import read_shard  # noqa: E402
+from pipeline.data.images import center_crop, resize_square, to_array  # noqa: E402
+from pipeline.models.registry import build  # noqa: E402
+from pipeline.data.sources import FASHION_MNIST_CLASSES, read_idx  # noqa: E402
 from stages.extract import ExtractOptions, extract  # noqa: E402
-from pipeline.crops import cpu_split  # noqa: E402
+from pipeline.data.crops import cpu_split  # noqa: E402
 from stages.tokenizer_fit import fit_tokenizer  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

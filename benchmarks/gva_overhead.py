@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.arra import ARRAModel  # noqa: E402
-from pipeline.objective import Objective  # noqa: E402
-from pipeline.lm import build_from_preset  # noqa: E402
-from pipeline.train_data import make_sequences  # noqa: E402
-from pipeline.vocab import VocabLayout  # noqa: E402
+from pipeline.lm.arra import ARRAModel  # noqa: E402
+from pipeline.lm.objective import Objective  # noqa: E402
+from pipeline.lm.causal_lm import build_from_preset  # noqa: E402
+from pipeline.data.train_data import make_sequences  # noqa: E402
+from pipeline.lm.vocab import VocabLayout  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--preset", default="llamagen-b")

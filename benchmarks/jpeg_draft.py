@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.crops import CropDataset  # noqa: E402
-from pipeline.registry import build  # noqa: E402
-from pipeline.sources import read_idx, read_source  # noqa: E402
+from pipeline.data.crops import CropDataset  # noqa: E402
+from pipeline.models.registry import build  # noqa: E402
+from pipeline.data.sources import read_idx, read_source  # noqa: E402
 from stages.tokenizer_fit import fit_tokenizer  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import model_checkpoints as mc  # noqa: E402
-from pipeline.registry import build  # noqa: E402
+from pipeline.models.registry import build  # noqa: E402
 
 WRITERS = {  # name: (kind, writer(folder) -> path or None for packaged weights, build options)
     "efficientnet-lite0": ("teachers", None, {}),

@@ -1,10 +1,10 @@
 """Mutation score of the modules that hold the numbers, with cosmic-ray. Slow: not part of the test
 suite, run it by hand after changing one of these modules or its tests.
 
-    nice -n 10 .venv/bin/python benchmarks/mutation_score.py pipeline/vocab.py pipeline/generate.py
+    nice -n 10 .venv/bin/python benchmarks/mutation_score.py pipeline/lm/vocab.py pipeline/lm/generate.py
     .venv/bin/python benchmarks/mutation_score.py --list          # the modules and their test selections
     .venv/bin/python benchmarks/mutation_score.py --report-only   # rebuild the report from stored results
-    .venv/bin/python benchmarks/mutation_score.py --survivors pipeline/vocab.py   # after adding tests: survivors only
+    .venv/bin/python benchmarks/mutation_score.py --survivors pipeline/lm/vocab.py   # after adding tests: survivors only
 
 cosmic-ray rather than mutmut: mutmut 3 leaves decorated functions unmutated (its trampolines cannot
 wrap them), and here those are every VocabLayout property and `generate` itself.
@@ -61,17 +61,17 @@ class Target:
 
 
 TARGETS = {
-    "pipeline/arra.py": Target(("tests/test_arra_options.py", "tests/test_objective.py",
+    "pipeline/lm/arra.py": Target(("tests/test_arra_options.py", "tests/test_objective.py",
                                 "tests/test_sequences.py::test_gva_sees_only_the_masked_hidden_states")),
-    "pipeline/vocab.py": Target(("tests/test_vocab_layout.py", "tests/test_sampling_numbers.py",
+    "pipeline/lm/vocab.py": Target(("tests/test_vocab_layout.py", "tests/test_sampling_numbers.py",
                                  "tests/test_sequences.py", "tests/test_objective.py")),
-    "pipeline/generate.py": Target(("tests/test_generate_inputs.py", "tests/test_sampling_numbers.py", "tests/test_sample.py")),
-    "pipeline/train_data.py": Target(("tests/test_train_data_layout.py", "tests/test_exclude_per_rank.py", "tests/test_train_stream.py",
+    "pipeline/lm/generate.py": Target(("tests/test_generate_inputs.py", "tests/test_sampling_numbers.py", "tests/test_sample.py")),
+    "pipeline/data/train_data.py": Target(("tests/test_train_data_layout.py", "tests/test_exclude_per_rank.py", "tests/test_train_stream.py",
                                       "tests/test_sequences.py", "tests/test_objective.py", "tests/test_rank_split.py"),
                                      ("make_sequences", "Conditioner.__call__", "TrainStream.rank_shards",
                                       "TrainStream.rows_of_rank", "TrainStream.steps_per_epoch", "TrainStream._rows",
                                       "TrainStream._excluded_rows", "TrainStream.epoch")),
-    "pipeline/featureset.py": Target(("tests/test_featureset_keys.py", "tests/test_check_tar.py", "tests/test_verify_rejects.py",
+    "pipeline/data/featureset.py": Target(("tests/test_featureset_keys.py", "tests/test_check_tar.py", "tests/test_verify_rejects.py",
                                       "tests/test_featureset.py::test_verify_reports_tars_that_no_manifest_lists",
                                       "tests/test_featureset.py::test_verify_counts_the_rows_of_every_tar",
                                       "tests/test_featureset.py::test_verify_catches_flipped_byte_and_truncation",
@@ -79,7 +79,7 @@ TARGETS = {
                                       "tests/test_corrupt_sets.py::test_verify_reports_a_deleted_rejects_file"),
                                      ("FeatureSet.verify", "FeatureSet._rejects_problems", "_alignment", "_unlisted",
                                       "check_tar", "_non_finite", "keys_mismatch")),
-    "pipeline/sources.py": Target(("tests/test_source_text.py", "tests/test_source_tables.py", "tests/test_source_idx.py",
+    "pipeline/data/sources.py": Target(("tests/test_source_text.py", "tests/test_source_tables.py", "tests/test_source_idx.py",
                                    "tests/test_sources.py::test_a_rejected_row_does_not_claim_its_key",
                                    "tests/test_sources.py::test_negative_labels_other_than_none_are_bad_rows",
                                    "tests/test_sources.py::test_table_without_recognisable_columns",

@@ -1,6 +1,6 @@
 """Sampling throughput with the KV cache against recomputing the whole prefix at every step.
 
-Both arms run `pipeline.generate.generate` on the same randomly initialised class-conditional
+Both arms run `pipeline.lm.generate.generate` on the same randomly initialised class-conditional
 model, conditions, seeds and guidance (so both produce the same images); they alternate, and the
 median of the repetitions is reported. Run it on a GPU with --device cuda.
 """
@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from pipeline.generate import Sampling, generate
-from pipeline.lm import build_from_preset
-from pipeline.vocab import VocabLayout
+from pipeline.lm.generate import Sampling, generate
+from pipeline.lm.causal_lm import build_from_preset
+from pipeline.lm.vocab import VocabLayout
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--preset", default="mini")

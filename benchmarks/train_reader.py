@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.featureset import FORMAT, MANIFEST, SHARDS, VERSION, FeatureSet, make_batch, make_schema, write_shard  # noqa: E402
-from pipeline.train_data import IGNORE, TrainStream  # noqa: E402
-from pipeline.vocab import VocabLayout  # noqa: E402
+from pipeline.data.featureset import FORMAT, MANIFEST, SHARDS, VERSION, FeatureSet, make_batch, make_schema, write_shard  # noqa: E402
+from pipeline.data.train_data import IGNORE, TrainStream  # noqa: E402
+from pipeline.lm.vocab import VocabLayout  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--rows", type=int, default=20000, help="rows in the feature set (and timed through TrainStream)")

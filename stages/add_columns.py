@@ -32,18 +32,18 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline import __version__, distributed
-from pipeline.crops import CropDataset, batch_loader, decode_workers, kept_crop_loader
-from pipeline.feature_stats import EMPTY_SUMS, add_sums, feature_sums, summarize
-from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, IMAGE, MANIFEST, PROGRESS, VERSION, FeatureSet, column_field,
+from pipeline.data.crops import CropDataset, batch_loader, decode_workers, kept_crop_loader
+from pipeline.data.feature_stats import EMPTY_SUMS, add_sums, feature_sums, summarize
+from pipeline.data.featureset import (COLUMN_FORMAT, COLUMNS, IMAGE, MANIFEST, PROGRESS, VERSION, FeatureSet, column_field,
                                  make_column_batch, schema_fields, shards_digest, write_shard)
-from pipeline.files import atomic_write_json, read_json
-from pipeline.images import DEFAULT_MAX_SIDE
-from pipeline.jobs import (JobError, JobResult, ShardWriter, diff, job_lock, packages, remove_finished_progress,
+from pipeline.data.files import atomic_write_json, read_json
+from pipeline.data.images import DEFAULT_MAX_SIDE
+from pipeline.data.jobs import (JobError, JobResult, ShardWriter, diff, job_lock, packages, remove_finished_progress,
                            unrecorded)
-from pipeline.models import HostCopy
-from pipeline.registry import load_spec
-from pipeline.sources import SourceOptions, read_source
-from pipeline.weights import checkpoint_files, fingerprint, resolve
+from pipeline.models.frozen import HostCopy
+from pipeline.models.registry import load_spec
+from pipeline.data.sources import SourceOptions, read_source
+from pipeline.models.weights import checkpoint_files, fingerprint, resolve
 from stages.options import ExtractOptions
 
 

@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
-from pipeline import neighbours
+from pipeline.metrics import neighbours
 from pipeline.errors import ArraError
-from pipeline.featureset import MANIFEST, FeatureSet, feature_column
-from pipeline.files import atomic_write_json
+from pipeline.data.featureset import MANIFEST, FeatureSet, feature_column
+from pipeline.data.files import atomic_write_json
 from stages.options import AuditOptions
 
 class AuditError(ArraError):
@@ -73,7 +73,7 @@ def check_same_space(a: FeatureSet, b: FeatureSet, teacher: str) -> None:
     """Cosines across two sets mean something only for one teacher, weights and view."""
     if teacher not in b.teachers:
         raise AuditError(f"{b.path} has no teacher {teacher!r}; it has {sorted(b.teachers)}")
-    from pipeline.teachers import identity_diffs
+    from pipeline.models.teachers import identity_diffs
     diffs = [f"teacher {d}" for d in identity_diffs(a.teachers[teacher], b.teachers[teacher], (f"in {a.path}", f"in {b.path}"))]
     pre_a, pre_b = a.manifest["preprocess"], b.manifest["preprocess"]
     diffs += [f"preprocess {k}: {pre_a.get(k)!r} vs {pre_b.get(k)!r}"
@@ -236,9 +236,9 @@ def embed_images(files: list[Path], root: Path, fs: FeatureSet, teacher: str, te
                  device: str = "cpu", batch_size: int = 32) -> tuple[Rows, list[dict]]:
     """Teacher features of image files: their canonical crop as the set was made (the extractor's
     crop loader), then `Teacher.embed`, as eval embeds generated images."""
-    from pipeline.crops import crop_loader
-    from pipeline.sources import Record
-    from pipeline.teachers import load_recorded_teacher
+    from pipeline.data.crops import crop_loader
+    from pipeline.data.sources import Record
+    from pipeline.models.teachers import load_recorded_teacher
     pre = fs.manifest["preprocess"]
     model = load_recorded_teacher(fs.teachers[teacher], teacher_path, str(fs.path)).to(device)
     records = [Record(f.relative_to(root).as_posix(), "", -1, ("file", str(f)), f.name) for f in files]
@@ -259,7 +259,7 @@ def decode_rows(fs: FeatureSet, keys: list[str], tokenizer_path: str | None) -> 
     """Images of the rows `keys`, decoded from their codes with the set's tokenizer; ({}, why)
     when the tokenizer weights are not at hand."""
     import torch
-    from pipeline.tokenizers import load_recorded_tokenizer
+    from pipeline.models.image_tokenizers import load_recorded_tokenizer
     try:
         model = load_recorded_tokenizer(fs.manifest["tokenizer"], tokenizer_path)
     except ValueError as exc:
@@ -344,7 +344,7 @@ def memorization(generated: str, path: str, out: str, opts: AuditOptions = Audit
         check_same_space(fs, gen_fs, teacher)
         gen = load_rows(gen_fs, teacher)
     else:
-        from pipeline.samples import SAMPLES, read_samples
+        from pipeline.data.samples import SAMPLES, read_samples
         files, _ = read_samples(generated)
         if not files:
             raise AuditError(f"{generated}: no {SAMPLES} and no PNG images")
@@ -367,7 +367,7 @@ def memorization(generated: str, path: str, out: str, opts: AuditOptions = Audit
         gen_images, gen_note = decode_rows(gen_fs, [gen.keys[i] for i in closest], None)
         note = note or gen_note
     else:
-        from pipeline.images import to_rgb
+        from pipeline.data.images import to_rgb
         gen_images = {gen.keys[i]: np.asarray(to_rgb(Image.open(generated / gen.keys[i]))) for i in closest}
     blank = np.full((8, 8, 3), 255, np.uint8)
     pair_grid([(gen_images.get(gen.keys[i], blank), train_images.get(train.keys[near[i]]), f"{cos[i]:.3f}")

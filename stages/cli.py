@@ -11,8 +11,8 @@ import click
 from click.core import ParameterSource
 
 from pipeline.errors import ArraError
-from pipeline.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
-from pipeline.sources import DEFAULT_MAX_FILE_BYTES, FORMATS, SourceOptions
+from pipeline.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from pipeline.data.sources import DEFAULT_MAX_FILE_BYTES, FORMATS, SourceOptions
 
 
 # Ranges every numeric option is checked against, so a bad value is refused naming its flag
@@ -180,7 +180,7 @@ def extract(source, out, tokenizer, tokenizer_path, teachers, teacher_paths, agg
     torchrun each rank extracts its own shards. With --out a finished set, teachers it lacks are
     added to it as columns (the tokenizer is not run; SOURCE defaults to the one it was made from).
     """
-    from pipeline.featureset import MANIFEST, FeatureSet
+    from pipeline.data.featureset import MANIFEST, FeatureSet
     from stages.options import ExtractOptions
     opts = ExtractOptions(source=source, out=out, source_options=source_options(kw), tokenizer=tokenizer,
                           tokenizer_path=tokenizer_path, teachers=tuple(teachers),
@@ -216,7 +216,7 @@ def inspect(featureset):
 @click.argument("featureset", type=click.Path(exists=True, file_okay=False))
 def verify(featureset):
     """Re-check every shard (size, sha256, schema, rows); exit 1 naming each bad shard."""
-    from pipeline.featureset import FeatureSet
+    from pipeline.data.featureset import FeatureSet
     fs = FeatureSet.open(featureset)
     problems = fs.verify()
     for p in problems:
@@ -255,7 +255,7 @@ def tokenizer_fit(source, out, **kw):
 def recipe_defaults(ctx: click.Context, _param, value):
     """--recipe: a TOML file of option values; flags given on the command line still win."""
     if value:
-        from pipeline.registry import load_recipe
+        from pipeline.models.registry import load_recipe
         try:
             ctx.default_map = {**(ctx.default_map or {}), **load_recipe(value)}
         except ValueError as exc:
@@ -324,7 +324,7 @@ def export(run, out, tag, dtype):
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), help="File with one prompt per line.")
 @click.option("--class", "classes", type=NON_NEGATIVE, multiple=True, help="Class id (repeatable) for class-conditioned models; default all classes.")
 @click.option("--n", type=POSITIVE, default=1, show_default=True, help="Images per prompt or class.")
-@options_of("pipeline.sampling:Sampling")
+@options_of("pipeline.lm.sampling:Sampling")
 @click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Image i uses seed + i.")
 @click.option("--batch-size", type=POSITIVE, help="Images per batch (default: 64 on cuda, 16 on cpu); an image does not depend on it.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -332,7 +332,7 @@ def export(run, out, tag, dtype):
 @click.option("--progress/--no-progress", default=True)
 def sample(model, out, prompts, prompts_file, classes, cfg, temperature, top_k, top_p, **kw):
     """Generate images from MODEL: a directory written by `export`, or a run directory."""
-    from pipeline.sampling import Sampling
+    from pipeline.lm.sampling import Sampling
     from stages.sample import sample as run
     model = exported_model(model)
     prompts = list(prompts) + (Path(prompts_file).read_text().splitlines() if prompts_file else [])
@@ -344,7 +344,7 @@ def sample(model, out, prompts, prompts_file, classes, cfg, temperature, top_k, 
 def exported_model(path: str) -> str:
     """`sample`'s MODEL: an export directory as is; a run directory is exported first (once per
     checkpoint) into <run>/export-<tag>."""
-    from pipeline.lm import LAYOUT_FILE
+    from pipeline.lm.causal_lm import LAYOUT_FILE
     p = Path(path)
     latest = p / "checkpoints" / "latest"
     if (p / LAYOUT_FILE).exists() or not latest.exists():
@@ -403,7 +403,7 @@ def run_experiment(experiment, scale, seeds, ablations, out, data, workers):
 @main.command()
 def models():
     """List the teachers and tokenizers described in manifests/."""
-    from pipeline.registry import available, load_spec
+    from pipeline.models.registry import available, load_spec
     for kind in ("teachers", "tokenizers"):
         click.echo(f"{kind}:")
         for name in available(kind):

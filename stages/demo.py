@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.files import atomic_write_json
-from pipeline.generate import Sampling
-from pipeline.registry import load_recipe
-from pipeline.sources import SourceOptions
+from pipeline.data.files import atomic_write_json
+from pipeline.lm.generate import Sampling
+from pipeline.models.registry import load_recipe
+from pipeline.data.sources import SourceOptions
 from stages.evaluate import evaluate
 from stages.experiment import EMBEDDED_FASHION_MNIST, Timer, _flags
 from stages.export import export

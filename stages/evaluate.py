@@ -27,18 +27,18 @@ import torch
 from PIL import Image
 
 from pipeline.errors import ArraError
-from pipeline.featureset import IMAGE, STATS, FeatureSet, feature_column, shards_digest
-from pipeline.files import atomic_write_bytes, sha256_file
-from pipeline.images import center_crop, to_array
-from pipeline.metrics import fd, fit_linear_probe, precision_recall
-from pipeline.set_images import column_array, reference_images
+from pipeline.data.featureset import IMAGE, STATS, FeatureSet, feature_column, shards_digest
+from pipeline.data.files import atomic_write_bytes, sha256_file
+from pipeline.data.images import center_crop, to_array
+from pipeline.metrics.distribution import fd, fit_linear_probe, precision_recall
+from pipeline.data.set_images import column_array, reference_images
 
 FID_MIN_IMAGES = 10_000
 
 
 def load_generated(folder: Path, resolution: int) -> tuple[np.ndarray, list[dict]]:
     """The generated images (see `read_samples`) as uint8 at the reference resolution, with their rows."""
-    from pipeline.samples import read_samples
+    from pipeline.data.samples import read_samples
     files, rows = read_samples(folder)
     if not files:
         raise ArraError(f"{folder}: no generated images (samples.jsonl or *.png)")
@@ -75,13 +75,13 @@ def reference_inception(fs: FeatureSet, inception, tokenizer_path: str | None, l
 
 def teacher_features(fs: FeatureSet, name: str, images: np.ndarray, weights: str | None, device: str, batch_size: int) -> np.ndarray:
     """Generated images through the set's teacher, with the same weights and view."""
-    from pipeline.teachers import load_recorded_teacher
+    from pipeline.models.teachers import load_recorded_teacher
     return load_recorded_teacher(fs.teachers[name], weights, str(fs.path)).to(device).embed(images, batch_size)
 
 
 def default_clip_model(fs: FeatureSet) -> str | None:
     """The reference set's first CLIP-family teacher (one with a text tower), if any."""
-    from pipeline.registry import loaders
+    from pipeline.models.registry import loaders
     return next((name for name, desc in fs.teachers.items()
                  if getattr(loaders("teachers").get(desc["loader"]), "has_text_tower", False)), None)
 
@@ -90,7 +90,7 @@ def clip_scores(name: str, weights: str | None, images: np.ndarray, prompts: lis
                 batch_size: int) -> np.ndarray:
     """Per-image cosine between the image embedding (the teacher's `cls` feature at its own input
     size) and the prompt's text embedding."""
-    from pipeline.registry import build
+    from pipeline.models.registry import build
     teacher = build("teachers", name, weights, aggregation="cls").to(device).eval()
     text = teacher.text_tower()
     image_emb = torch.from_numpy(teacher.embed(images, batch_size))
@@ -124,7 +124,7 @@ def evaluate(generated: str, reference: str, teachers: list[str] | None = None, 
         add(f"precision {name}", p, name, k=k)
         add(f"recall {name}", r, name, k=k)
     if fid:
-        from pipeline.inception import Inception
+        from pipeline.models.inception import Inception
         net = Inception(inception_path, device)
         ref_feats, origin = reference_inception(fs, net, tokenizer_path, fid_reference, table)
         gen_feats = net.features(images)

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import ArraError
-from pipeline.files import atomic_write_json
+from pipeline.data.files import atomic_write_json
 from pipeline.options import flag_of
-from pipeline.registry import option_names, read_manifest
-from pipeline.sampling import Sampling
-from pipeline.sources import SourceOptions
+from pipeline.models.registry import option_names, read_manifest
+from pipeline.lm.sampling import Sampling
+from pipeline.data.sources import SourceOptions
 from stages.evaluate import evaluate
 from stages.export import export
 from stages.extract import extract

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import ArraError
-from pipeline.lm import LAYOUT_FILE, PROJECTOR_FILE
-from pipeline.weights import deepspeed_loads_weights_only
+from pipeline.lm.causal_lm import LAYOUT_FILE, PROJECTOR_FILE
+from pipeline.models.weights import deepspeed_loads_weights_only
 
 
 def consolidated_state_dict(checkpoints: Path, tag: str | None) -> dict[str, torch.Tensor]:

@@ -31,17 +31,17 @@ import torch
 from tqdm import tqdm
 
 from pipeline import __version__, distributed
-from pipeline.featureset import (COLUMN_FORMAT, COLUMNS, FORMAT, IMAGE, MANIFEST, PROGRESS, REJECTS, SHARDS, VERSION,
+from pipeline.data.featureset import (COLUMN_FORMAT, COLUMNS, FORMAT, IMAGE, MANIFEST, PROGRESS, REJECTS, SHARDS, VERSION,
                                  FeatureSet, column_field, feature_column, make_batch, make_column_batch, make_schema,
                                  schema_fields, set_entries_to_remove, shards_digest, write_shard)
-from pipeline.crops import KEPT, cpu_split, crop_loader
-from pipeline.feature_stats import EMPTY_SUMS, add_sums, feature_sums, summarize
-from pipeline.files import atomic_write_bytes, atomic_write_json, read_json
-from pipeline.jobs import (JobError, JobResult, ShardWriter, check_same_job, job_lock, packages,
+from pipeline.data.crops import KEPT, cpu_split, crop_loader
+from pipeline.data.feature_stats import EMPTY_SUMS, add_sums, feature_sums, summarize
+from pipeline.data.files import atomic_write_bytes, atomic_write_json, read_json
+from pipeline.data.jobs import (JobError, JobResult, ShardWriter, check_same_job, job_lock, packages,
                            remove_finished_progress, shard_name, unrecorded)
-from pipeline.models import HostCopy
-from pipeline.registry import build
-from pipeline.sources import read_source
+from pipeline.models.frozen import HostCopy
+from pipeline.models.registry import build
+from pipeline.data.sources import read_source
 from stages.options import ExtractOptions
 
 TEACHER_VIEWS = ("crop", "original")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.featureset import COLUMNS, IMAGE, FeatureSet
+from pipeline.data.featureset import COLUMNS, IMAGE, FeatureSet
 
 
 def _mb(n: int) -> str:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
-from pipeline.objective import Objective
+from pipeline.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from pipeline.lm.objective import Objective
 from pipeline.options import check, option
-from pipeline.sources import SourceOptions
+from pipeline.data.sources import SourceOptions
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,17 +99,17 @@ class ExtractOptions:
     max_reject_rate: float = 0.1
     progress: bool = True
     keep_images: bool = False
-    jpeg_draft: bool = False  # decode JPEGs reduced to the size the crops need (pipeline.images.decode_rgb)
+    jpeg_draft: bool = False  # decode JPEGs reduced to the size the crops need (pipeline.data.images.decode_rgb)
     teacher_aggregations: dict[str, str] = field(default_factory=dict)
     tokenizer_resolution: int | None = None
 
     def teacher(self, name: str):
         """The teacher `name` as these options build it (weights, input size, aggregation)."""
-        from pipeline.registry import build
+        from pipeline.models.registry import build
         return build("teachers", name, self.teacher_paths.get(name), input_size=self.teacher_resolution,
                      aggregation=self.teacher_aggregations.get(name))
 
     def new_teachers(self, manifest: dict) -> list[str]:
         """The --teacher names a finished set (its manifest) does not hold yet."""
-        from pipeline.registry import load_spec
+        from pipeline.models.registry import load_spec
         return [n for n in self.teachers if load_spec("teachers", n)["name"] not in manifest["teachers"]]

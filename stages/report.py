@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.errors import ArraError  # noqa: E402
-from pipeline.sources import FASHION_MNIST_CLASSES  # noqa: E402
+from pipeline.data.sources import FASHION_MNIST_CLASSES  # noqa: E402
 
 ZOOM = 4  # 28-32 px samples become visible at 4x; nearest neighbour keeps their pixels sharp
 
@@ -127,9 +127,9 @@ def plot_reconstructions(feature_set: Path, path: Path, n: int = 8) -> Path:
     """The first `n` images of a set above their tokenizer reconstructions: what the codes keep."""
     import torch
 
-    from pipeline.featureset import FeatureSet
-    from pipeline.tokenizers import load_recorded_tokenizer
-    from pipeline.set_images import column_array, reference_images
+    from pipeline.data.featureset import FeatureSet
+    from pipeline.models.image_tokenizers import load_recorded_tokenizer
+    from pipeline.data.set_images import column_array, reference_images
     fs = FeatureSet.open(feature_set)
     table = fs.table()
     originals, _ = reference_images(fs, None, limit=n, workers=0, table=table)

@@ -18,13 +18,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.errors import ArraError
-from pipeline.generate import generate
-from pipeline.lm import LAYOUT_FILE
-from pipeline.samples import SAMPLES
-from pipeline.sampling import Sampling
-from pipeline.tokenizers import load_recorded_tokenizer
-from pipeline.train_data import Conditioner
-from pipeline.vocab import VocabLayout
+from pipeline.lm.generate import generate
+from pipeline.lm.causal_lm import LAYOUT_FILE
+from pipeline.data.samples import SAMPLES
+from pipeline.lm.sampling import Sampling
+from pipeline.models.image_tokenizers import load_recorded_tokenizer
+from pipeline.data.train_data import Conditioner
+from pipeline.lm.vocab import VocabLayout
 
 
 BATCH_SIZE = {"cuda": 64, "cpu": 16}  # per device type: a GPU needs wide batches to be busy at each step

@@ -6,11 +6,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.crops import crop_loader, decode_workers
+from pipeline.data.crops import crop_loader, decode_workers
 from pipeline.errors import ArraError
-from pipeline.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
-from pipeline.sources import SourceOptions, read_source
-from pipeline.tokenizers import fit_kmeans_codebook, save_kmeans_codebook, to_patches
+from pipeline.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from pipeline.data.sources import SourceOptions, read_source
+from pipeline.models.image_tokenizers import fit_kmeans_codebook, save_kmeans_codebook, to_patches
 
 
 def fit_tokenizer(source: str, out: str, resolution: int = 32, patch: int = 4, codebook_size: int = 1024,

@@ -33,15 +33,15 @@ import torch
 
 from pipeline import distributed
 from pipeline.errors import ArraError
-from pipeline.featureset import FeatureSet
-from pipeline.files import atomic_write_bytes, atomic_write_json, read_json
-from pipeline.lm import LAYOUT_FILE, build_from_preset, extend_vocab, load_text_lm, preset_config, read_layout
-from pipeline.lock import main_rank_lock
-from pipeline.objective import Objective
+from pipeline.data.featureset import FeatureSet
+from pipeline.data.files import atomic_write_bytes, atomic_write_json, read_json
+from pipeline.lm.causal_lm import LAYOUT_FILE, build_from_preset, extend_vocab, load_text_lm, preset_config, read_layout
+from pipeline.data.lock import main_rank_lock
+from pipeline.lm.objective import Objective
 from pipeline.options import flag_of
-from pipeline.train_data import Conditioner, Prefetch, TrainStream
-from pipeline.vocab import VocabLayout
-from pipeline.weights import deepspeed_loads_weights_only, load_torch
+from pipeline.data.train_data import Conditioner, Prefetch, TrainStream
+from pipeline.lm.vocab import VocabLayout
+from pipeline.models.weights import deepspeed_loads_weights_only, load_torch
 from stages.options import TrainOptions
 
 
@@ -156,7 +156,7 @@ def text_tokenizer(opts: TrainOptions, sets: list[FeatureSet], out: Path, is_mai
     if opts.text_tokenizer and opts.text_tokenizer != "train":
         return AutoTokenizer.from_pretrained(opts.text_tokenizer, trust_remote_code=False)
     if is_main and not (out / "tokenizer.json").exists():
-        from pipeline.text_tokenizer import train_bpe
+        from pipeline.lm.text_tokenizer import train_bpe
         captions = (c for fs in sets for b in fs.batches() for c in b.column("caption").to_pylist())
         train_bpe(captions, opts.text_vocab).save_pretrained(out)
     distributed.barrier()
@@ -475,7 +475,7 @@ def build_engine(opts: TrainOptions, build, teacher_dim: int | None, objective: 
     """The LM (same seed on every rank; LM before projector so lambda 0 and 1 share the LM init),
     the ARRA model around it, the optimizer and schedule, in a DeepSpeed engine in training mode."""
     torch.manual_seed(opts.seed)
-    from pipeline.arra import ARRAModel
+    from pipeline.lm.arra import ARRAModel
     with built_partitioned(ds_config):
         lm = build()
     if opts.activation_checkpointing:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.sources import SourceOptions
-from pipeline.tokenizers import save_kmeans_codebook
+from pipeline.data.sources import SourceOptions
+from pipeline.models.image_tokenizers import save_kmeans_codebook
 from stages.extract import extract
 from stages.options import ExtractOptions
 
@@ -67,7 +67,7 @@ def run_extract(codebook, tmp_path):
 @pytest.fixture
 def teacher_devices(monkeypatch):
     """The devices that recorded teachers (eval, audit) are moved to, in order."""
-    from pipeline import teachers
+    from pipeline.models import teachers
     moved, load = [], teachers.load_recorded_teacher
 
     def spy(*args, **kw):

@@ -11,9 +11,9 @@ import pytest
 
 import model_checkpoints as mc
 from conftest import TEACHER_RES, write_image
-from pipeline.featureset import FeatureSet, FeatureSetError
-from pipeline.sources import SourceOptions
-from pipeline.jobs import JobError
+from pipeline.data.featureset import FeatureSet, FeatureSetError
+from pipeline.data.sources import SourceOptions
+from pipeline.data.jobs import JobError
 from stages.add_columns import add_teachers
 from stages.extract import extract
 from stages.options import ExtractOptions
@@ -97,7 +97,7 @@ def test_a_teacher_giving_non_finite_features_is_not_added(codebook, table, dino
     """A shard's rows are fixed once extracted, so a row the new teacher gives NaN for cannot become
     a reject: the column is refused naming the row, and nothing of it is marked done."""
     import torch
-    from pipeline.teachers import Teacher
+    from pipeline.models.teachers import Teacher
     out = tmp_path / "set"
     extract(options(codebook, table, out), log=lambda m: None)
     forward = Teacher.forward

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 
 import model_checkpoints as mc
 from conftest import TEACHER_RES, write_image
-from pipeline.featureset import FeatureSet, FeatureSetError, batch_to_ipc, read_members, write_shard
-from pipeline.tokenizers import KMeansTokenizer
+from pipeline.data.featureset import FeatureSet, FeatureSetError, batch_to_ipc, read_members, write_shard
+from pipeline.models.image_tokenizers import KMeansTokenizer
 from stages.cli import main
-from pipeline.jobs import JobError
+from pipeline.data.jobs import JobError
 from stages.add_columns import add_teachers
 from stages.extract import extract
 from stages.options import ExtractOptions

@@ -16,8 +16,8 @@ def imports() -> dict[str, set[str]]:
     """Module -> the project modules it imports (at top level or inside functions)."""
     graph = {}
     for package in ("pipeline", "stages"):
-        for path in (ROOT / package).glob("*.py"):
-            name = f"{package}.{path.stem}"
+        for path in (ROOT / package).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
             found = set()
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.arra import ARRAModel
-from pipeline.objective import Objective
-from pipeline.train_data import IGNORE, make_sequences
-from pipeline.vocab import VocabLayout
+from pipeline.lm.arra import ARRAModel
+from pipeline.lm.objective import Objective
+from pipeline.data.train_data import IGNORE, make_sequences
+from pipeline.lm.vocab import VocabLayout
 
 LAYOUT = VocabLayout("class", condition_vocab=3, codebook_size=8, grid=(2, 2), tokenizer={})
 LAYERS = 3

@@ -16,11 +16,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline import neighbours
-from pipeline.featureset import FeatureSet
-from pipeline.images import center_crop
-from pipeline.train_data import TrainStream
-from pipeline.vocab import VocabLayout
+from pipeline.metrics import neighbours
+from pipeline.data.featureset import FeatureSet
+from pipeline.data.images import center_crop
+from pipeline.data.train_data import TrainStream
+from pipeline.lm.vocab import VocabLayout
 from stages.audit import decode_rows
 from stages.cli import main
 

@@ -16,10 +16,10 @@ import torch
 from conftest import write_image
 from PIL import Image
 
-from pipeline.featureset import FeatureSet
-from pipeline.images import DEFAULT_MAX_PIXELS, Rejected, decode_rgb
-from pipeline.sources import SourceError
-from pipeline.jobs import JobError
+from pipeline.data.featureset import FeatureSet
+from pipeline.data.images import DEFAULT_MAX_PIXELS, Rejected, decode_rgb
+from pipeline.data.sources import SourceError
+from pipeline.data.jobs import JobError
 
 MAX_PIXELS = 1000  # the good test images are 20x24 = 480 pixels
 
@@ -386,7 +386,7 @@ def test_non_utf8_file_names_in_an_image_folder_are_rejected(tmp_path, run_extra
     write_image(Path(os.fsdecode(raw_dir + b"/caf\xe9.png")), seed=2)  # latin-1 name
     Path(os.fsdecode(raw_dir + b"/bad\xff.png")).write_bytes(b"")
 
-    _, out = extract_or_fail(run_extract, src, "pipeline/sources.py _read_imagefolder (key from a non-UTF-8 file name)")
+    _, out = extract_or_fail(run_extract, src, "pipeline/data/sources.py _read_imagefolder (key from a non-UTF-8 file name)")
 
     fs = FeatureSet.open(out)
     assert fs.table().column("key").to_pylist() == ["cls/ok.png"]
@@ -403,7 +403,7 @@ def test_non_utf8_image_path_in_conversations_is_rejected(tmp_path, run_extract)
     (src / "data.json").write_bytes(json.dumps(items).encode().replace(b"CAFE", b"caf\xe9.png"))
 
     _, out = extract_or_fail(run_extract, src / "data.json",
-                             "pipeline/sources.py _read_conversations (key from a non-UTF-8 image path)")
+                             "pipeline/data/sources.py _read_conversations (key from a non-UTF-8 image path)")
 
     fs = FeatureSet.open(out)
     assert fs.table().column("key").to_pylist() == ["ok.png"]
@@ -422,7 +422,7 @@ def test_malformed_conversation_items_and_jsonl_lines_are_bad_rows(tmp_path, run
     (src / "data.json").write_text(json.dumps(items))
 
     _, out = extract_or_fail(run_extract, src / "data.json",
-                             "pipeline/sources.py _read_conversations (image entry not a string / conversations null)")
+                             "pipeline/data/sources.py _read_conversations (image entry not a string / conversations null)")
 
     fs = FeatureSet.open(out)
     rejects = {r["origin"]: category(r["reason"]) for r in fs.rejects()}
@@ -434,7 +434,7 @@ def test_malformed_conversation_items_and_jsonl_lines_are_bad_rows(tmp_path, run
 
     (src / "t.jsonl").write_text('{"image": "a.png", "caption": "good"}\n[1, 2]\n"just a string"\n'
                                  '{"image": "b.png", "caption": "also good"}\n')
-    _, out = extract_or_fail(run_extract, src / "t.jsonl", "pipeline/sources.py _read_table (JSONL line not an object)",
+    _, out = extract_or_fail(run_extract, src / "t.jsonl", "pipeline/data/sources.py _read_table (JSONL line not an object)",
                              out=tmp_path / "set2")
     fs = FeatureSet.open(out)
     assert fs.table().column("key").to_pylist() == ["a.png", "b.png"]
@@ -448,12 +448,12 @@ def test_csv_row_with_extra_fields_is_a_bad_row_not_a_truncated_caption(tmp_path
     write_image(src / "b.png", seed=2)
     (src / "t.csv").write_text("image,caption\na.png,a photo\nb.png,a photo, with an unquoted comma\n")
 
-    _, out = extract_or_fail(run_extract, src / "t.csv", "pipeline/sources.py _table_rows (CSV row longer than the header)")
+    _, out = extract_or_fail(run_extract, src / "t.csv", "pipeline/data/sources.py _table_rows (CSV row longer than the header)")
 
     fs = FeatureSet.open(out)
     t = fs.table()
     assert "a photo" not in t.column("caption").to_pylist()[1:], (
-        "BUG pipeline/sources.py _table_rows: the CSV row 'b.png,a photo, with an unquoted comma' has 3 fields for a "
+        "BUG pipeline/data/sources.py _table_rows: the CSV row 'b.png,a photo, with an unquoted comma' has 3 fields for a "
         "2-column header; csv.DictReader puts the extra field under key None and the caption is silently cut to "
         f"'a photo'. Got rows {t.select(['key', 'caption']).to_pylist()}, rejects {fs.rejects()}")
     assert t.column("key").to_pylist() == ["a.png"]
@@ -464,7 +464,7 @@ def test_csv_row_with_extra_fields_is_a_bad_row_not_a_truncated_caption(tmp_path
         with pytest.raises(SourceError, match="'nope'"):
             run_extract(src / "t.csv", out=tmp_path / "set2", source_options=dict(label_column="nope"))
     except TypeError as exc:
-        pytest.fail(f"BUG pipeline/sources.py _read_table: sorted(columns) fails on the None column of a long CSV "
+        pytest.fail(f"BUG pipeline/data/sources.py _read_table: sorted(columns) fails on the None column of a long CSV "
                     f"row: {exc}")
 
 
@@ -475,7 +475,7 @@ def test_label_outside_int32_is_a_bad_row(tmp_path, run_extract):
     write_image(src / "c.png", seed=3)
     (src / "t.csv").write_text("image,caption,label\na.png,x,3\nb.png,y,99999999999\nc.png,z,seven\n")
 
-    _, out = extract_or_fail(run_extract, src / "t.csv", "pipeline/sources.py _read_table (label beyond int32)",
+    _, out = extract_or_fail(run_extract, src / "t.csv", "pipeline/data/sources.py _read_table (label beyond int32)",
                              source_options=dict(label_column="label"))
 
     fs = FeatureSet.open(out)
@@ -496,7 +496,7 @@ def idx_file(path: Path, array: np.ndarray) -> Path:
 
 
 def test_rows_the_readers_cannot_take_are_rejects_not_failures(tmp_path):
-    from pipeline.sources import CSV_FIELD_LIMIT, SourceOptions, read_source
+    from pipeline.data.sources import CSV_FIELD_LIMIT, SourceOptions, read_source
     long = "x" * 200_000  # over the csv module's default field limit of 128 KiB
     huge = "y" * (CSV_FIELD_LIMIT + 1)
     (tmp_path / "t.csv").write_text(f"image,caption\na.png,{long}\nb.png,{huge}\nc.png,fine\n")
@@ -525,7 +525,7 @@ def test_rows_the_readers_cannot_take_are_rejects_not_failures(tmp_path):
 
 
 def test_sources_that_cannot_be_read_right_are_refused(tmp_path):
-    from pipeline.sources import SourceOptions, read_source
+    from pipeline.data.sources import SourceOptions, read_source
     (tmp_path / "c.json").write_text("[]")
     with pytest.raises(SourceError, match="c.json: the list of conversation items is empty"):
         read_source(str(tmp_path / "c.json"), None, SourceOptions())
@@ -547,7 +547,7 @@ def solid(path: Path, value: int) -> Path:
 def test_rows_with_non_finite_teacher_features_are_rejects_not_rows(tmp_path, run_extract, monkeypatch):
     """A teacher that gives NaN, inf, or a value float16 cannot hold for an image: that image is a
     `non-finite-feature` reject, its batch's other rows are kept, and the set reads back clean."""
-    from pipeline.teachers import Teacher
+    from pipeline.models.teachers import Teacher
     forward = Teacher.forward
 
     def poisoned(self, images):  # black images give NaN, white inf, grey 128 a value beyond float16

@@ -10,7 +10,7 @@ import tarfile
 import numpy as np
 import pyarrow as pa
 
-from pipeline.featureset import check_tar, fixed_list, schema_fields
+from pipeline.data.featureset import check_tar, fixed_list, schema_fields
 
 
 def arrow(keys: list[str], feats: np.ndarray) -> pa.RecordBatch:

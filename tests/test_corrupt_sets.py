@@ -19,15 +19,15 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TEACHER_RES, write_image
-from pipeline.featureset import FeatureSet, FeatureSetError, fixed_list, read_members, write_shard
-from pipeline.train_data import TrainStream
-from pipeline.vocab import VocabLayout
+from pipeline.data.featureset import FeatureSet, FeatureSetError, fixed_list, read_members, write_shard
+from pipeline.data.train_data import TrainStream
+from pipeline.lm.vocab import VocabLayout
 from stages import extract as extract_stage
 from stages.audit import dedup
 from stages.cli import main
-from pipeline.set_images import reference_images
+from pipeline.data.set_images import reference_images
 from stages.evaluate import evaluate
-from pipeline.jobs import JobError
+from pipeline.data.jobs import JobError
 from stages.extract import extract
 from stages.options import ExtractOptions
 
@@ -114,7 +114,7 @@ def test_train_refuses_a_flipped_byte_before_its_first_step(fmnist, tmp_path):
 
 MID_RUN = """
 import sys
-from pipeline.featureset import FeatureSet
+from pipeline.data.featureset import FeatureSet
 from stages.train import TrainOptions, train
 read, real = [], FeatureSet.shard_batches
 

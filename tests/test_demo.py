@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.sources import read_idx
+from pipeline.data.sources import read_idx
 
 MINI = Path(__file__).resolve().parents[1] / "data" / "fashion-mnist-mini"
 STEPS = ["tokenizer fit", "extract train", "extract test", "train", "export", "sample", "eval"]

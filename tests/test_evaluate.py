@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.featureset import FeatureSet
-from pipeline.metrics import fd, frechet_distance, precision_recall
-from pipeline.set_images import column_array, reference_images
+from pipeline.data.featureset import FeatureSet
+from pipeline.metrics.distribution import fd, frechet_distance, precision_recall
+from pipeline.data.set_images import column_array, reference_images
 from stages.evaluate import evaluate, teacher_features
 
 MINI = "data/fashion-mnist-mini"
@@ -18,7 +18,7 @@ MINI = "data/fashion-mnist-mini"
 
 def image_folder(root, split: str, per_class: int, classes=range(10)):
     """A class-folder dataset of real Fashion-MNIST images from the committed subset."""
-    from pipeline.sources import read_idx
+    from pipeline.data.sources import read_idx
     prefix = "t10k" if split == "test" else "train"
     images = read_idx(f"{MINI}/{prefix}-images-idx3-ubyte.gz")
     labels = read_idx(f"{MINI}/{prefix}-labels-idx1-ubyte.gz")
@@ -79,13 +79,13 @@ def test_fid_of_a_set_against_itself_is_zero_and_against_another_set_larger(sets
 def test_eval_runs_teachers_inception_and_knn_on_its_device(sets, tmp_path, monkeypatch, teacher_devices):
     from click.testing import CliRunner
 
-    import pipeline.inception
+    import pipeline.models.inception
     import stages.evaluate
     from stages.cli import main
     test, _, _ = sets
     seen = {"inception": [], "knn": []}
 
-    class Inception(pipeline.inception.Inception):
+    class Inception(pipeline.models.inception.Inception):
         def __init__(self, path=None, device="cpu"):
             seen["inception"].append(device)
             super().__init__(path, device)
@@ -93,7 +93,7 @@ def test_eval_runs_teachers_inception_and_knn_on_its_device(sets, tmp_path, monk
     def knn(real, generated, k, device="not passed"):
         seen["knn"].append(device)
         return precision_recall(real, generated, k, device)
-    monkeypatch.setattr(pipeline.inception, "Inception", Inception)
+    monkeypatch.setattr(pipeline.models.inception, "Inception", Inception)
     monkeypatch.setattr(stages.evaluate, "precision_recall", knn)
     generated = write_pngs(tmp_path / "gen", reference_images(FeatureSet.open(test), None)[0][:12])
     result = CliRunner().invoke(main, ["eval", "--generated", str(generated), "--reference", str(test),
@@ -120,7 +120,7 @@ def test_eval_embeds_the_reference_sets_own_images_to_exactly_its_cached_feature
 def test_cached_reference_inception_features_equal_fresh_ones_and_follow_the_set(sets, tmp_path):
     import shutil
 
-    from pipeline.inception import Inception
+    from pipeline.models.inception import Inception
     from stages.evaluate import reference_inception, reference_key
     test, train, _ = sets
     copy = shutil.copytree(test, tmp_path / "copy", ignore=shutil.ignore_patterns("stats"))
@@ -152,7 +152,7 @@ def test_clip_score_is_the_mean_image_prompt_cosine_and_needs_prompts(sets, tmp_
     from transformers import AutoTokenizer, CLIPModel
 
     import model_checkpoints as mc
-    from pipeline.images import resize_square, to_array
+    from pipeline.data.images import resize_square, to_array
     test, _, _ = sets
     clip = mc.write_clip(tmp_path / "clip")
     real = reference_images(FeatureSet.open(test), None)[0][:6]
@@ -196,7 +196,7 @@ def test_reference_images_fall_back_to_tokenizer_reconstructions_when_the_source
 
     import torch
 
-    from pipeline.tokenizers import load_recorded_tokenizer
+    from pipeline.models.image_tokenizers import load_recorded_tokenizer
     test, _, _ = sets
     moved = shutil.copytree(test, tmp_path / "moved")
     manifest = json.loads((moved / "manifest.json").read_text())

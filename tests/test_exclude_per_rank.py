@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from test_rank_split import LAYOUT, TEACHER, row_set, rows_in
 
-from pipeline.train_data import TrainStream
+from pipeline.data.train_data import TrainStream
 
 EXCLUDED = frozenset({"row0", "row9", "row33", "row34"})
 

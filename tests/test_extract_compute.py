@@ -14,11 +14,11 @@ import torch
 import model_checkpoints as mc
 from conftest import TEACHER_RES, write_image
 from pipeline import __version__
-from pipeline.crops import decode_workers
-from pipeline.models import FrozenModel
-from pipeline.registry import build
+from pipeline.data.crops import decode_workers
+from pipeline.models.frozen import FrozenModel
+from pipeline.models.registry import build
 from stages import add_columns, extract as extract_stage
-from pipeline.jobs import JobError, LATER_FIELDS
+from pipeline.data.jobs import JobError, LATER_FIELDS
 from stages.add_columns import add_teachers
 from stages.extract import extract
 from stages.options import ExtractOptions

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from conftest import write_image
-from pipeline.crops import cpu_split
-from pipeline.featureset import FeatureSet
-from pipeline.images import decode_rgb
-from pipeline.jobs import JobError
+from pipeline.data.crops import cpu_split
+from pipeline.data.featureset import FeatureSet
+from pipeline.data.images import decode_rgb
+from pipeline.data.jobs import JobError
 from stages import extract as extract_stage
 from stages.extract import extract
 from test_extract_compute import options as compute_options

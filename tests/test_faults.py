@@ -58,8 +58,8 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_stops_extraction_cleanly_and_a_resume_completes_it(run_extract, small_disk, tmp_path):
-    from pipeline.jobs import JobError
-    from pipeline.featureset import FeatureSet
+    from pipeline.data.jobs import JobError
+    from pipeline.data.featureset import FeatureSet
     disk, resize = small_disk
     options = dict(source_options={"split": "test"}, shard_size=64, batch_size=32)
     with pytest.raises(JobError, match=r"writing shard-\d{6} failed: OSError: \[Errno 28\] No space left on device"):
@@ -100,7 +100,7 @@ def listing(folder: Path) -> dict[str, int]:
 def test_a_read_only_out_is_refused_in_one_line_marking_nothing_done(run_extract, read_only, codebook, tmp_path,
                                                                       monkeypatch):
     from click.testing import CliRunner
-    from pipeline.featureset import FeatureSet
+    from pipeline.data.featureset import FeatureSet
     from stages import extract as extract_stage
     from stages.cli import main
     folder, freeze, thaw = read_only
@@ -147,7 +147,7 @@ def test_a_stop_between_the_manifest_and_removing_progress_is_cleaned_by_the_nex
     """Found by the kill suite: a job killed after writing manifest.json, while removing progress/,
     left progress records (and a half-written one) in a finished set; the next run finds the set up
     to date and removes them."""
-    from pipeline.featureset import FeatureSet
+    from pipeline.data.featureset import FeatureSet
     options = dict(source_options={"split": "test"}, shard_size=128, batch_size=64)
     result, out = run_extract("data/fashion-mnist-mini", **options)
     progress = out / "progress"

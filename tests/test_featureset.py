@@ -11,9 +11,9 @@ import pytest
 import webdataset as wds
 from click.testing import CliRunner
 
-from pipeline.featureset import FeatureSet
+from pipeline.data.featureset import FeatureSet
 from stages.cli import main
-from pipeline.jobs import JobError
+from pipeline.data.jobs import JobError
 
 MINI = "data/fashion-mnist-mini"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from pipeline.featureset import _alignment, keys_mismatch
+from pipeline.data.featureset import _alignment, keys_mismatch
 
 
 def keys(*names: str) -> pa.Array:

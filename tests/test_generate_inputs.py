@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import torch
 
-from pipeline.generate import Sampling, generate
-from pipeline.vocab import VocabLayout
+from pipeline.lm.generate import Sampling, generate
+from pipeline.lm.vocab import VocabLayout
 
 # text ids 0..9 (pad 0), codes 10..13, <boi> 14, <eoi> 15
 LAYOUT = VocabLayout("text", condition_vocab=10, codebook_size=4, grid=(1, 3), tokenizer={}, pad_id=0)

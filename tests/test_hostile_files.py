@@ -19,11 +19,11 @@ from PIL import Image
 from test_bad_input import category, encoded, random_rgb, rejects_by_key
 from test_sources import FASHION_MINI, write_img2dataset_shard
 
-from pipeline.featureset import FeatureSet
-from pipeline.images import DEFAULT_MAX_SIDE, Rejected, center_crop, decode_rgb
-from pipeline.sources import SourceError, SourceOptions, load_image, read_source
+from pipeline.data.featureset import FeatureSet
+from pipeline.data.images import DEFAULT_MAX_SIDE, Rejected, center_crop, decode_rgb
+from pipeline.data.sources import SourceError, SourceOptions, load_image, read_source
 from stages.cli import main
-from pipeline.jobs import JobResult
+from pipeline.data.jobs import JobResult
 
 SECRET = "TOP SECRET: the launch codes"
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,8 +204,8 @@ def test_one_pixel_wide_pngs_are_rejected_before_decoding(tmp_path, run_extract)
 
 PEAK_MEMORY = """
 import json, resource, sys
-from pipeline.crops import CropDataset
-from pipeline.sources import Record
+from pipeline.data.crops import CropDataset
+from pipeline.data.sources import Record
 for path in sys.argv[1:]:
     dataset = CropDataset([Record("k", "", -1, ("file", path), "k")], 16, [32], "crop", 100_000_000)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.featureset import FeatureSet
+from pipeline.data.featureset import FeatureSet
 
 MINI = "data/fashion-mnist-mini"
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}

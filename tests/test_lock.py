@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import write_image
 
-from pipeline.lock import LOCK, FolderLock, LockedError
+from pipeline.data.lock import LOCK, FolderLock, LockedError
 
 
 def test_a_second_writer_is_refused_naming_the_first(tmp_path):
@@ -26,7 +26,7 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path):
 
 
 def test_a_killed_writer_leaves_no_stale_lock(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.lock import FolderLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.data.lock import FolderLock\n"
                                f"with FolderLock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -51,7 +51,7 @@ def test_a_second_extraction_into_the_same_folder_is_refused(run_extract, tmp_pa
 
 def test_a_forked_child_does_not_keep_the_lock_after_its_parent_is_killed(tmp_path):
     """Decoding workers are forked from the writer: the lock must go with the writer."""
-    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; from pipeline.lock import FolderLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; from pipeline.data.lock import FolderLock\n"
                                f"with FolderLock({str(tmp_path)!r}):\n"
                                "    if os.fork() == 0:\n        time.sleep(60); os._exit(0)\n"
                                "    print('held', flush=True); time.sleep(60)"],

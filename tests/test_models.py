@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.images import center_crop
-from pipeline.registry import RegistryError, build, load_spec
-from pipeline.tokenizers import save_kmeans_codebook
+from pipeline.data.images import center_crop
+from pipeline.models.registry import RegistryError, build, load_spec
+from pipeline.models.image_tokenizers import save_kmeans_codebook
 
 
 def test_kmeans_encode_decode_round_trip(tmp_path):

@@ -3,7 +3,7 @@
 The batch is text-conditioned with captions of three lengths, so rows are right-padded by
 different amounts. The expected CE, GVA and their gradients are computed here row by row and
 position by position, each row run through the LM alone (no padding), the projector written out
-as matrix products and the losses as sums: nothing of pipeline.arra or pipeline.train_data is
+as matrix products and the losses as sums: nothing of pipeline.lm.arra or pipeline.data.train_data is
 used for the expected numbers.
 """
 
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.arra import ARRAModel
-from pipeline.objective import Objective
-from pipeline.train_data import IGNORE, make_sequences
-from pipeline.vocab import VocabLayout
+from pipeline.lm.arra import ARRAModel
+from pipeline.lm.objective import Objective
+from pipeline.data.train_data import IGNORE, make_sequences
+from pipeline.lm.vocab import VocabLayout
 
 LAYOUT = VocabLayout("text", condition_vocab=20, codebook_size=8, grid=(2, 2), tokenizer={}, pad_id=0)
 CONDITIONS = [[1, 5, 6], [1], [1, 7]]                     # captions of 3, 1 and 2 tokens

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import write_image
-from pipeline.featureset import FeatureSet, make_batch, make_schema, write_shard
-from pipeline.train_data import TrainStream
-from pipeline.vocab import VocabLayout
+from pipeline.data.featureset import FeatureSet, make_batch, make_schema, write_shard
+from pipeline.data.train_data import TrainStream
+from pipeline.lm.vocab import VocabLayout
 
 LAYOUT = VocabLayout("class", condition_vocab=4, codebook_size=8, grid=(2, 2), tokenizer={})
 SHARD_ROWS = [8, 8, 8, 8, 3]                      # uneven: the last shard is short
@@ -101,7 +101,7 @@ def test_extraction_rank_writes_only_the_shards_it_owns(codebook, tmp_path, monk
     import torch.distributed
 
     from conftest import TEACHER_RES
-    from pipeline.jobs import JobError
+    from pipeline.data.jobs import JobError
     from stages.extract import extract
     from stages.options import ExtractOptions
     for i in range(18):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.featureset import FeatureSet
+from pipeline.data.featureset import FeatureSet
 
 MINI = "data/fashion-mnist-mini"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # every run one thread per process, as torchrun's ranks: the same float rounding

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.generate import Sampling, cache_keyword, generate, guide, sample_rows
-from pipeline.lm import LAYOUT_FILE, build_from_preset
-from pipeline.registry import build
-from pipeline.vocab import VocabLayout
+from pipeline.lm.generate import Sampling, cache_keyword, generate, guide, sample_rows
+from pipeline.lm.causal_lm import LAYOUT_FILE, build_from_preset
+from pipeline.models.registry import build
+from pipeline.lm.vocab import VocabLayout
 from stages.cli import main
 
 
@@ -140,7 +140,7 @@ def test_sample_refuses_a_different_tokenizer_and_says_where_the_moved_one_was(c
     import shutil
 
     import numpy as np
-    from pipeline.tokenizers import save_kmeans_codebook
+    from pipeline.models.image_tokenizers import save_kmeans_codebook
     codebook = shutil.copy(codebook, tmp_path / "codebook.safetensors")
     tiny_export(tmp_path / "model", str(codebook))
     other = tmp_path / "other.safetensors"

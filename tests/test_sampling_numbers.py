@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.generate import Sampling, filter_logits, generate, guide, sample_rows
-from pipeline.vocab import VocabLayout
+from pipeline.lm.generate import Sampling, filter_logits, generate, guide, sample_rows
+from pipeline.lm.vocab import VocabLayout
 
 
 def probs(logits: list[float], **sampling) -> list[float]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import write_image
-from pipeline.featureset import FeatureSet, FeatureSetError
+from pipeline.data.featureset import FeatureSet, FeatureSetError
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 MINI = "data/fashion-mnist-mini"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.arra import ARRAModel
-from pipeline.objective import Objective
-from pipeline.train_data import IGNORE, make_sequences
-from pipeline.vocab import VocabLayout
+from pipeline.lm.arra import ARRAModel
+from pipeline.lm.objective import Objective
+from pipeline.data.train_data import IGNORE, make_sequences
+from pipeline.lm.vocab import VocabLayout
 
 LAYOUT = VocabLayout("text", condition_vocab=50, codebook_size=16, grid=(2, 3), tokenizer={}, pad_id=0)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.sources import SourceError, read_source
+from pipeline.data.sources import SourceError, read_source
 
 
 def idx(path, array: np.ndarray) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.sources import SourceOptions, read_source
+from pipeline.data.sources import SourceOptions, read_source
 
 ROWS = "image,caption,label,id\na.png,first,1,k1\n,no image,2,k2\nb.png,bad label,x,k3\nc.png,,-1,k4\na.png,dup,3,k1\n"
 

@@ -3,7 +3,7 @@ UTF-8 or not text at all is a reject reason, never a failure or a stored Python 
 
 from __future__ import annotations
 
-from pipeline.sources import _text
+from pipeline.data.sources import _text
 
 
 def test_captions_are_text_or_a_reject_reason():

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 from conftest import write_image
 
-from pipeline.featureset import FeatureSet
-from pipeline.sources import FASHION_MNIST_CLASSES, SourceError, SourceOptions, detect_format, read_source
+from pipeline.data.featureset import FeatureSet
+from pipeline.data.sources import FASHION_MNIST_CLASSES, SourceError, SourceOptions, detect_format, read_source
 
 FASHION_MINI = Path(__file__).resolve().parent.parent / "data" / "fashion-mnist-mini"
 
@@ -144,7 +144,7 @@ def test_csv_with_utf8_byte_order_mark(table_images, run_extract):
     try:
         result, out = run_extract(table_images / "bom.csv")
     except SourceError as exc:
-        pytest.fail(f"BUG pipeline/sources.py _table_rows: a CSV starting with a UTF-8 BOM is opened with "
+        pytest.fail(f"BUG pipeline/data/sources.py _table_rows: a CSV starting with a UTF-8 BOM is opened with "
                     f"encoding='utf-8', so the first column is named '\\ufeffimage' and is not found: {exc}")
     assert_clean(result, out, 1)
     assert rows_of(out) == [("img/a.png", "café au lait", -1)]

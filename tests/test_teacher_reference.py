@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import model_checkpoints as mc
-from pipeline.registry import build
+from pipeline.models.registry import build
 
 IMAGENET = (torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 HALF = (torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.5))  # EfficientNet-Lite: [0, 255] -> [-1, 1]

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pipeline.crops import CropDataset
-from pipeline.sources import Record
+from pipeline.data.crops import CropDataset
+from pipeline.data.sources import Record
 
 
 def views(path, view: str):

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model_checkpoints as mc
-from pipeline.files import sha256_file
-from pipeline.registry import RegistryError, build
-from pipeline.weights import WeightsError
+from pipeline.data.files import sha256_file
+from pipeline.models.registry import RegistryError, build
+from pipeline.models.weights import WeightsError
 
 TEACHERS = {  # name: (writer(tmp_path) -> weights path, build options)
     "clip-l": (lambda p: mc.write_clip(p / "clip"), {}),
@@ -73,7 +73,7 @@ def test_clip_matches_get_image_features_and_aggregations(tmp_path):
 def test_the_recorded_teacher_is_rebuilt_with_its_view_and_refused_if_it_differs(tmp_path):
     """eval and audit embed generated images with the teacher a set recorded: its aggregation and
     input size, not the registry's defaults, and never other weights."""
-    from pipeline.teachers import load_recorded_teacher
+    from pipeline.models.teachers import load_recorded_teacher
     path = mc.write_clip(tmp_path / "clip")
     record = build("teachers", "clip-l", str(path), aggregation="avgpool").describe()
     rebuilt = load_recorded_teacher(record, str(path), "sets/x")
@@ -267,7 +267,7 @@ def test_larger_efficientnets_with_their_real_weights_recognise_a_cat(name):
     skimage = pytest.importorskip("skimage.data")
     from PIL import Image
 
-    from pipeline.images import center_crop
+    from pipeline.data.images import center_crop
     teacher = build("teachers", name)
     img = center_crop(Image.fromarray(skimage.chelsea()), teacher.input_size)
     top = teacher.classify(torch.from_numpy(np.array(img))[None]).softmax(-1)[0].topk(3)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import model_checkpoints as mc
-from pipeline.registry import RegistryError, build
-from pipeline.weights import Inert, load_torch, load_torch_tensors
+from pipeline.models.registry import RegistryError, build
+from pipeline.models.weights import Inert, load_torch, load_torch_tensors
 
 RES = 64  # fully convolutional: 64 px -> 4x4 codes keeps CPU tests fast
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.featureset import FeatureSet
+from pipeline.data.featureset import FeatureSet
 
 MINI = "data/fashion-mnist-mini"
 TRAIN = ["--micro-batch", "8", "--steps", "20", "--lr", "3e-3", "--save-every", "10", "--no-progress",
@@ -133,7 +133,7 @@ def test_export_loads_in_transformers_with_the_trained_logits(zero3_run, tmp_pat
 def tiny_text_lm(path: Path, max_positions: int) -> Path:
     """A text-only causal LM directory (tiny Llama + BPE tokenizer), as `--model hf:PATH` expects."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    from pipeline.text_tokenizer import train_bpe
+    from pipeline.lm.text_tokenizer import train_bpe
     tokenizer = train_bpe(["a photo of a sneaker", "a photo of a bag", "an ankle boot"] * 20, 300)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=max_positions)
@@ -199,7 +199,7 @@ def test_export_writes_the_weights_of_the_checkpoint(zero0_export):
 
     from safetensors.torch import load_file
 
-    from pipeline.weights import DEEPSPEED_GLOBALS
+    from pipeline.models.weights import DEEPSPEED_GLOBALS
     run, exported = zero0_export
     allowed = [getattr(importlib.import_module(m), n) for m, _, n in (g.rpartition(".") for g in DEEPSPEED_GLOBALS)]
     tag = (run / "checkpoints" / "latest").read_text().strip()
@@ -230,7 +230,7 @@ def test_init_from_another_grid_or_codebook_is_refused(zero0_export, run_extract
     """A set of another grid meets the grid check; one of the same grid and size but another
     codebook meets the codebook check."""
     from conftest import write_image
-    from pipeline.tokenizers import save_kmeans_codebook
+    from pipeline.models.image_tokenizers import save_kmeans_codebook
     from stages.train import TrainError, TrainOptions, train
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # train() sets them for its one process
@@ -254,7 +254,7 @@ def test_training_never_imports_a_teacher(fmnist, tmp_path):
     code = (f"from stages.train import train, TrainOptions\n"
             f"train(TrainOptions(sets=[{str(fmnist)!r}], run={str(tmp_path / 'run')!r}, steps=2, micro_batch=4, progress=False))\n"
             "import sys\n"
-            "bad = [m for m in sys.modules if m.startswith(('pipeline.teachers', 'pipeline.registry', 'efficientnet'))]\n"
+            "bad = [m for m in sys.modules if m.startswith(('pipeline.models.teachers', 'pipeline.models.registry', 'efficientnet'))]\n"
             "assert not bad, bad\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

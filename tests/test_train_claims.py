@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from pipeline.featureset import FeatureSet
+from pipeline.data.featureset import FeatureSet
 
 BASE = ["--lambda", "0.5", "--cond-dropout", "0", "--seed", "1", "--lr", "1e-2", "--no-progress"]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.arra import IGNORE
-from pipeline.train_data import Conditioner, make_sequences
-from pipeline.vocab import VocabLayout
+from pipeline.lm.arra import IGNORE
+from pipeline.data.train_data import Conditioner, make_sequences
+from pipeline.lm.vocab import VocabLayout
 
 # 5 text ids, 4 codes at 5..8, <boi> 9, <eoi> 10, pad 0
 LAYOUT = VocabLayout("text", condition_vocab=5, codebook_size=4, grid=(1, 2), tokenizer={}, pad_id=0)

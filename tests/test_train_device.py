@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.train_data import Prefetch
-from pipeline.weights import deepspeed_loads_weights_only, load_torch
+from pipeline.data.train_data import Prefetch
+from pipeline.models.weights import deepspeed_loads_weights_only, load_torch
 from stages.train import (TrainError, TrainOptions, deepspeed_config, rank_state, restore_rank_state, resume_tag,
                           step_figures)
 from test_train import MINI, arra_pipe, metrics, tiny_text_lm
@@ -197,7 +197,7 @@ def test_zero3_partitioned_build_and_checkpointing_give_the_plain_loss(fmnist, t
 
 
 def test_activation_checkpointing_recomputes_each_layer_in_the_backward_pass():
-    from pipeline.lm import build_from_preset
+    from pipeline.lm.causal_lm import build_from_preset
     from stages.train import checkpoint_activations
     calls = []
     for checkpointed in (False, True):
@@ -223,7 +223,7 @@ os.environ.update(DS_ACCELERATOR="cpu", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
 import deepspeed
 importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-from pipeline.lm import build_from_preset, extend_vocab, load_text_lm
+from pipeline.lm.causal_lm import build_from_preset, extend_vocab, load_text_lm
 from stages.train import built_partitioned, param_groups
 config = {{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": 3, "stage3_param_persistence_threshold": 0}}}}
 with built_partitioned(config):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import stages.train as train_stage
-from pipeline.lock import FolderLock, LockedError
+from pipeline.data.lock import FolderLock, LockedError
 from stages.train import COMPLETE, TrainError, TrainOptions, rank_state, resume_tag, train
 
 

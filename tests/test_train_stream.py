@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.train_data import TrainStream
+from pipeline.data.train_data import TrainStream
 from test_rank_split import LAYOUT, SHARD_ROWS, TEACHER, row_set, rows_in
 
 

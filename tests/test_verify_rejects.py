@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.featureset import FeatureSet, read_manifest
+from pipeline.data.featureset import FeatureSet, read_manifest
 
 
 def feature_set(tmp_path, manifest: dict, rejects: str | None) -> FeatureSet:

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from pipeline.vocab import VocabLayout
+from pipeline.lm.vocab import VocabLayout
 
 TOKENIZER = {"name": "kmeans", "weights_sha256": "ab" * 32, "resolution": 16}
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pipeline.registry import RegistryError, register
-from pipeline.teachers import check_state_dict
-from pipeline.vq import VQTokenizer, without_init
-from pipeline.weights import load_torch
+from pipeline.models.registry import RegistryError, register
+from pipeline.models.teachers import check_state_dict
+from pipeline.models.vq import VQTokenizer, without_init
+from pipeline.models.weights import load_torch
 
 RENAMES = [(r"^encoder\.conv_blocks\.(\d+)\.res\.", r"encoder.down.\1.block."),
            (r"^encoder\.conv_blocks\.", "encoder.down."),

@@ -13,15 +13,15 @@ import numpy as np
 import torch
 
 from pipeline.errors import ArraError
-from pipeline.models import FrozenModel
-from pipeline.registry import RegistryError, register
+from pipeline.models.frozen import FrozenModel
+from pipeline.models.registry import RegistryError, register
 
 
 def load_recorded_tokenizer(ref: dict, override: str | None = None, device: str | torch.device = "cpu") -> "Tokenizer":
     """The image tokenizer a feature set or an exported model recorded (name, weights path, sha256):
     from `override`, else the recorded path, else wherever the registry finds that name (so a
     model or set moved to another machine still decodes); refused unless its sha256 is the recorded one."""
-    from pipeline.registry import build
+    from pipeline.models.registry import build
     recorded = ref.get("weights_path")
     path = override or (recorded if recorded and Path(recorded).exists() else None)
     want = ref["weights_sha256"]

@@ -1,5 +1,5 @@
 """The ARRA objective's settings: CE + lambda * GVA (+ z-loss), which hidden state is aligned, at
-which positions and how. Kept apart from the model (pipeline/arra.py) so that the CLI and the
+which positions and how. Kept apart from the model (pipeline/lm/arra.py) so that the CLI and the
 reader can use them without loading torch."""
 
 from __future__ import annotations

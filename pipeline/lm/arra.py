@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.objective import Objective
+from pipeline.lm.objective import Objective
 from pipeline.options import OptionError
-from pipeline.train_data import IGNORE
+from pipeline.data.train_data import IGNORE
 
 
 class Projector(nn.Sequential):

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import ArraError
-from pipeline.images import Rejected, decode_rgb
+from pipeline.data.images import Rejected, decode_rgb
 
 FORMATS = ("conversations", "imagefolder", "table", "img2dataset", "fashion-mnist")
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
@@ -41,7 +41,7 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot")
 FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k"}
 DEFAULT_MAX_FILE_BYTES = 256 << 20
-DUPLICATE = "duplicate-key"  # a reject category that extraction revisits (pipeline.crops)
+DUPLICATE = "duplicate-key"  # a reject category that extraction revisits (pipeline.data.crops)
 CSV_FIELD_LIMIT = 16 << 20  # the csv module's own default (128 KiB) would fail a long report's whole table
 
 

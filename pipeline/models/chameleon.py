@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.registry import RegistryError, register
-from pipeline.teachers import check_state_dict
-from pipeline.vq import VQTokenizer, without_init
-from pipeline.weights import load_torch_tensors
+from pipeline.models.registry import RegistryError, register
+from pipeline.models.teachers import check_state_dict
+from pipeline.models.vq import VQTokenizer, without_init
+from pipeline.models.weights import load_torch_tensors
 
 
 class TamingDecoder(nn.Module):

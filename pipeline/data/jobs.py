@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ArraError
-from pipeline.lock import main_rank_lock
+from pipeline.data.lock import main_rank_lock
 
 
 class JobError(ArraError):
@@ -35,7 +35,7 @@ class JobResult:
 
 @contextlib.contextmanager
 def job_lock(out: str | Path):
-    """Hold the job's output folder for this job (pipeline.lock); a folder that cannot be written is
+    """Hold the job's output folder for this job (pipeline.data.lock); a folder that cannot be written is
     refused in one line before anything is written or marked done."""
     with contextlib.ExitStack() as held:
         try:

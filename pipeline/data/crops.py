@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.images import DEFAULT_MAX_SIDE, Rejected, center_crop, resize_square, to_array
-from pipeline.sources import DEFAULT_MAX_FILE_BYTES, DUPLICATE, Record, load_image
+from pipeline.data.images import DEFAULT_MAX_SIDE, Rejected, center_crop, resize_square, to_array
+from pipeline.data.sources import DEFAULT_MAX_FILE_BYTES, DUPLICATE, Record, load_image
 
 KEPT = "png"  # views key of the kept canonical crops
 

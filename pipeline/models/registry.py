@@ -16,8 +16,8 @@ from pipeline.errors import ArraError
 
 KINDS = ("teachers", "tokenizers")
 LOADERS: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
-LOADER_MODULES = ("pipeline.teachers", "pipeline.hf_teachers", "pipeline.biomedclip",
-                  "pipeline.tokenizers", "pipeline.llamagen", "pipeline.chameleon")
+LOADER_MODULES = ("pipeline.models.teachers", "pipeline.models.hf_teachers", "pipeline.models.biomedclip",
+                  "pipeline.models.image_tokenizers", "pipeline.models.llamagen", "pipeline.models.chameleon")
 
 
 class RegistryError(ArraError):
@@ -75,7 +75,7 @@ def loaders(kind: str) -> dict[str, type]:
 
 def build(kind: str, name: str, weights: str | None = None, **options):
     """Instantiate the teacher or tokenizer `name` with its weights loaded."""
-    from pipeline.weights import resolve
+    from pipeline.models.weights import resolve
     spec = load_spec(kind, name)
     return LOADERS[kind][spec["loader"]](spec, resolve(kind, spec, weights), **options)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import ArraError
-from pipeline.files import sha256_file
+from pipeline.data.files import sha256_file
 
 FLAGS = {"teachers": "--teacher-path", "tokenizers": "--tokenizer-path"}
 

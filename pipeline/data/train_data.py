@@ -21,8 +21,8 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline.errors import ArraError
-from pipeline.featureset import FeatureSet, feature_column
-from pipeline.vocab import VocabLayout
+from pipeline.data.featureset import FeatureSet, feature_column
+from pipeline.lm.vocab import VocabLayout
 
 IGNORE = -100
 

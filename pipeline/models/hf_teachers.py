@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.registry import RegistryError, register
-from pipeline.teachers import Teacher, TextTower, ViTTeacher, load_tokenizer, refuse_mismatch
+from pipeline.models.registry import RegistryError, register
+from pipeline.models.teachers import Teacher, TextTower, ViTTeacher, load_tokenizer, refuse_mismatch
 
 BUFFERS_OLD_TRANSFORMERS_SAVED = r"(^|\.)position_ids$"
 

@@ -13,8 +13,8 @@ import inspect
 
 import torch
 
-from pipeline.sampling import Sampling
-from pipeline.vocab import VocabLayout
+from pipeline.lm.sampling import Sampling
+from pipeline.lm.vocab import VocabLayout
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.registry import RegistryError, register
-from pipeline.teachers import TextTower, ViTTeacher, check_state_dict, load_tokenizer
-from pipeline.weights import load_torch
+from pipeline.models.registry import RegistryError, register
+from pipeline.models.teachers import TextTower, ViTTeacher, check_state_dict, load_tokenizer
+from pipeline.models.weights import load_torch
 
 # timm ViT sizes: width, depth, heads (MLP 4x width, LayerNorm eps 1e-6, qkv bias, exact GELU)
 TIMM_VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}

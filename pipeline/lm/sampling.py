@@ -1,5 +1,5 @@
 """How image codes are drawn: classifier-free guidance scale, temperature, top-k and top-p.
-Kept apart from the generation loop (pipeline/generate.py) so the CLI reads them without torch."""
+Kept apart from the generation loop (pipeline/lm/generate.py) so the CLI reads them without torch."""
 
 from __future__ import annotations
 

@@ -36,8 +36,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import ArraError
-from pipeline.files import atomic_write_bytes, read_json
-from pipeline.lock import LOCK
+from pipeline.data.files import atomic_write_bytes, read_json
+from pipeline.data.lock import LOCK
 
 FORMAT = "arra-pipe-featureset"
 VERSION = 1

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.crops import crop_loader
-from pipeline.featureset import FeatureSet
-from pipeline.images import DEFAULT_MAX_SIDE
-from pipeline.sources import SourceOptions, read_source
+from pipeline.data.crops import crop_loader
+from pipeline.data.featureset import FeatureSet
+from pipeline.data.images import DEFAULT_MAX_SIDE
+from pipeline.data.sources import SourceOptions, read_source
 
 
 def column_array(table, name: str) -> np.ndarray:
@@ -45,7 +45,7 @@ def reference_images(fs: FeatureSet, tokenizer_path: str | None, limit: int | No
             crops.append(batch.numpy())
         return np.concatenate(crops), "source images"
     except (ValueError, KeyError, OSError) as exc:
-        from pipeline.tokenizers import load_recorded_tokenizer
+        from pipeline.models.image_tokenizers import load_recorded_tokenizer
         tok = load_recorded_tokenizer(m["tokenizer"], tokenizer_path, device)
         codes = column_array(table, "codes")[:limit].astype(np.int64).reshape(-1, *m["tokenizer"]["grid"])
         images = np.concatenate([tok.decode(torch.from_numpy(codes[i:i + 256])).cpu().numpy()

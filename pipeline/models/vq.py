@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models import to_float
-from pipeline.registry import RegistryError
-from pipeline.tokenizers import Tokenizer, nearest
+from pipeline.models.frozen import to_float
+from pipeline.models.registry import RegistryError
+from pipeline.models.image_tokenizers import Tokenizer, nearest
 
 
 class VQTokenizer(Tokenizer):

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.images import resize_square, to_array
-from pipeline.models import FrozenModel, to_float
-from pipeline.registry import RegistryError, register
-from pipeline.weights import load_torch
+from pipeline.data.images import resize_square, to_array
+from pipeline.models.frozen import FrozenModel, to_float
+from pipeline.models.registry import RegistryError, register
+from pipeline.models.weights import load_torch
 
 
 class Teacher(FrozenModel):
@@ -87,7 +87,7 @@ def identity_diffs(a: dict, b: dict, where: tuple[str, str]) -> list[str]:
 def load_recorded_teacher(record: dict, weights: str | None, made: str) -> Teacher:
     """The teacher that made a feature set (`made` names it), with the recorded input size and
     aggregation; refused unless network, weights and view are the recorded ones."""
-    from pipeline.registry import build
+    from pipeline.models.registry import build
     teacher = build("teachers", record["name"], weights, input_size=record["input_size"], aggregation=record["aggregation"])
     diffs = identity_diffs(teacher.describe(), record, ("here", f"in {made}"))
     if diffs:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.weights import checkpoint_files, fingerprint
+from pipeline.models.weights import checkpoint_files, fingerprint
 
 
 class FrozenModel(nn.Module):
