@@ -22,6 +22,7 @@ import torch
 from pipeline.errors import ArraError
 from pipeline.data.files import atomic_write_json
 from pipeline.options import flag_of
+from pipeline.metrics.significance import paired_test
 from pipeline.models.registry import option_names, read_manifest
 from pipeline.lm.sampling import Sampling
 from pipeline.data.sources import SourceOptions
@@ -159,36 +160,36 @@ def summarize(runs: list[dict], arms: list[str], teacher: str) -> dict:
     return out
 
 
-# two-sided 95 % critical values of Student's t for 1..30 degrees of freedom (beyond: the normal's)
-T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
 def paired(runs: list[dict], arms: list[str]) -> dict:
     """Each arm against the first, seed by seed: arms that share a seed share data order, LM init and
-    sampling seeds, so the per-seed differences cancel what the seed does to both. Mean and sd of
-    the differences, the 95 % t interval of their mean, whether it excludes zero, and how many seeds
-    would make a difference of the observed mean and sd resolvable (None: more than 1000)."""
+    sampling seeds, so the per-seed differences cancel what the seed does to both. Per metric: mean
+    and sd of the differences, the paired t-test (t, two-sided p) and the 95 % t interval of their
+    mean, whether it excludes zero, how many seeds would detect a true difference of the observed
+    mean and sd with 80 % power at the 5 % level (None: more than 1000), and the standard errors
+    of the mean difference with and without the pairing (the unpaired one from each arm's sd)."""
     base, out = arms[0], {}
     by_seed = {(r["arm"], r["seed"]): r["metrics"] for r in runs}
     for arm in arms[1:]:
         out[arm] = {}
         seeds = sorted(s for a, s in by_seed if a == arm and (base, s) in by_seed)
         for metric in by_seed[(arm, seeds[0])] if seeds else ():
-            diffs = [by_seed[(arm, s)][metric]["value"] - by_seed[(base, s)][metric]["value"] for s in seeds]
-            mean, n = statistics.fmean(diffs), len(diffs)
-            sd = statistics.stdev(diffs) if n > 1 else None
-            half = t95(n - 1) * sd / math.sqrt(n) if sd is not None else None
-            needed = next((k for k in range(2, 1001) if t95(k - 1) * sd / math.sqrt(k) < abs(mean)), None) if sd else None
-            out[arm][metric] = {"n_pairs": n, "mean_diff": mean, "sd_diff": sd,
-                                "ci95": [mean - half, mean + half] if half is not None else None,
-                                "resolved": half is not None and abs(mean) > half,
-                                "seeds_to_resolve": needed}
+            mine = [by_seed[(arm, s)][metric]["value"] for s in seeds]
+            theirs = [by_seed[(base, s)][metric]["value"] for s in seeds]
+            test = paired_test([a - b for a, b in zip(mine, theirs)])
+            n = len(seeds)
+            test["se_paired"] = test["sd_diff"] / math.sqrt(n) if n > 1 else None
+            test["se_unpaired"] = (math.sqrt((statistics.variance(mine) + statistics.variance(theirs)) / n)
+                                   if n > 1 else None)
+            out[arm][metric] = test
     return out
 
 
-def t95(df: int) -> float:
-    return T95[df - 1] if df <= len(T95) else statistics.NormalDist().inv_cdf(0.975)
+def _seeds_cell(d: dict) -> str:
+    if d["sd_diff"] is None:
+        return "–"
+    if d["seeds_to_resolve"] is not None:
+        return str(d["seeds_to_resolve"])
+    return "never (no difference)" if d["mean_diff"] == 0 else "> 1000"
 
 
 def markdown(report: dict, teacher: str) -> str:
@@ -218,9 +219,13 @@ def markdown(report: dict, teacher: str) -> str:
                   "only at equal sample counts, as here."]
     if any(report.get("paired", {}).values()):
         lines += ["", f"## Paired differences (arm − {base}, seed by seed)", "",
-                  "A difference is resolved when its 95 % t interval over the seeds excludes zero; the last column is "
-                  "about how many seeds would resolve a difference of the observed size.", "",
-                  "| metric | arm | mean ± sd | 95 % interval | resolved | seeds to resolve |", "|---|---|---|---|---|---|"]
+                  "Arms sharing a seed share data order, init and sampling seeds. p: the two-sided paired t-test; a "
+                  "difference is resolved when its 95 % t interval excludes zero. SE: the standard error of the mean "
+                  "difference from the per-seed differences (paired) and from each arm's own sd (unpaired). The last "
+                  "column is how many seeds would detect a true difference of the observed mean and sd with 80 % power "
+                  "at the 5 % level (the observed values are estimates, so this is a rough guide).", "",
+                  "| metric | arm | mean ± sd | 95 % interval | p | SE paired / unpaired | resolved | seeds for 80 % power |",
+                  "|---|---|---|---|---|---|---|---|"]
         for arm, per_metric in report["paired"].items():
             for metric in metrics:
                 d = per_metric.get(metric)
@@ -228,8 +233,11 @@ def markdown(report: dict, teacher: str) -> str:
                     continue
                 sd = f" ± {d['sd_diff']:.2g}" if d["sd_diff"] is not None else ""
                 ci = f"[{d['ci95'][0]:.3g}, {d['ci95'][1]:.3g}]" if d["ci95"] else "– (one seed)"
-                lines.append(f"| {metric} | {arm} | {d['mean_diff']:+.3g}{sd} | {ci} | {'yes' if d['resolved'] else 'no'} "
-                             f"| {d['seeds_to_resolve'] or '–'} |")
+                p = f"{d['p_value']:.2g}" if d.get("p_value") is not None else "–"
+                se = (f"{d['se_paired']:.2g} / {d['se_unpaired']:.2g}" if d.get("se_paired") is not None
+                      and d.get("se_unpaired") is not None else "–")
+                lines.append(f"| {metric} | {arm} | {d['mean_diff']:+.3g}{sd} | {ci} | {p} | {se} | "
+                             f"{'yes' if d['resolved'] else 'no'} | {_seeds_cell(d)} |")
     lines += ["", "## Runs", "",
               "| arm | seed | " + " | ".join(metrics) + " | train s | total s |", "|---|---|" + "---|" * (len(metrics) + 2)]
     for r in report["runs"]:

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from stages.demo import EMBEDDED_FASHION_MNIST
-from stages.experiment import paired, run_experiment, summarize
+from stages.experiment import markdown, paired, run_experiment, summarize
 
 
 @pytest.mark.timeout(1800)  # 2 extractions, 4 trainings, samplings and evals: over 600 s on 2 busy cores (not a hang)
@@ -56,19 +56,30 @@ def test_summary_is_the_mean_and_sample_sd_over_seeds_and_the_change_against_the
     assert one_seed["arra"]["FID"]["sd"] is None and one_seed["arra"]["FID"]["change_vs_plain"] == -0.9
 
 
-def test_paired_differences_give_the_t_interval_and_the_seeds_that_would_resolve_them():
+def test_paired_differences_give_the_t_test_interval_and_the_seeds_for_80_percent_power():
     def run(arm, seed, fid):
-        return {"arm": arm, "seed": seed, "metrics": {"FID": {"value": fid, "n_generated": 30, "n_reference": 60}}}
+        return {"arm": arm, "seed": seed, "metrics": {"FID": {"value": fid, "n_generated": 30, "n_reference": 60}},
+                "seconds": {}}
     runs = [run("plain", 0, 10.0), run("arra", 0, 9.0), run("plain", 1, 12.0), run("arra", 1, 11.5),
             run("plain", 2, 11.0), run("arra", 2, 10.0)]
     d = paired(runs, ["plain", "arra"])["arra"]["FID"]
-    # differences -1, -0.5, -1: mean -5/6, sd sqrt(1/12); t(2 df) = 4.303, half-width 4.303 * sd / sqrt(3)
-    half = 4.303 * math.sqrt(1 / 12) / math.sqrt(3)
+    # differences -1, -0.5, -1: mean -5/6, sd sqrt(1/12), t = mean / (sd / sqrt 3) = -5 exactly;
+    # t(2 df): P(|T| > 5) = 1 - 5 / sqrt(25 + 2) = 0.037750; critical 4.302653, half-width 4.302653 * sd / sqrt 3
+    half = 4.302653 * math.sqrt(1 / 12) / math.sqrt(3)
     assert d["n_pairs"] == 3 and d["mean_diff"] == pytest.approx(-5 / 6) and d["sd_diff"] == pytest.approx(math.sqrt(1 / 12))
-    assert d["ci95"] == pytest.approx([-5 / 6 - half, -5 / 6 + half]) and d["resolved"]
-    assert d["seeds_to_resolve"] == 3  # 2 seeds: 12.706 * 0.289 / 1.414 = 2.6 > 0.83; 3: 0.717 < 0.83
+    assert d["t"] == pytest.approx(-5.0) and d["p_value"] == pytest.approx(1 - 5 / math.sqrt(27))
+    assert d["ci95"] == pytest.approx([-5 / 6 - half, -5 / 6 + half], rel=1e-6) and d["resolved"]
+    # the pairing: the differences' SE is sd / sqrt 3 = 1/6; unpaired, each arm's variance (1 and 19/12) over 3
+    assert d["se_paired"] == pytest.approx(1 / 6) and d["se_unpaired"] == pytest.approx(math.sqrt((1 + 19 / 12) / 3))
+    # effect 5/6 / sqrt(1/12) = 2.887 sd: 80 % power needs 4 seeds (noncentral t: 3 give 0.72, 4 give 0.96)
+    assert d["seeds_to_resolve"] == 4
     # the same spread around a smaller effect is not resolved, and says how many seeds would be
     runs[1]["metrics"]["FID"]["value"], runs[3]["metrics"]["FID"]["value"] = 10.2, 11.7  # -> +0.2, -0.3, -1
     d = paired(runs, ["plain", "arra"])["arra"]["FID"]
-    # mean -0.367, sd 0.603: t/sqrt(n) must fall below 0.608; 12 seeds give 2.201/3.464 = 0.635, 13 give 0.604
-    assert not d["resolved"] and d["seeds_to_resolve"] == 13
+    # mean -0.367, sd 0.603 (effect 0.608 sd): 23 seeds give 0.796 power, 24 give 0.814
+    assert not d["resolved"] and d["seeds_to_resolve"] == 24
+    assert d["p_value"] == pytest.approx(0.402562, abs=1e-6)
+    table = markdown({"experiment": "x.toml", "scale": "smoke", "description": "", "scale_note": "", "data": "d",
+                      "device": "cpu", "machine": "m", "seeds": [0, 1, 2], "runs": runs, "seconds": {}, "commands": [],
+                      "summary": summarize(runs, ["plain", "arra"], "t"), "paired": paired(runs, ["plain", "arra"])}, "t")
+    assert "| FID | arra | -0.367 ± 0.6 | [-1.86, 1.13] | 0.4 | 0.35 / 0.79 | no | 24 |" in table
