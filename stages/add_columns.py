@@ -38,8 +38,8 @@ from pipeline.data.featureset import (COLUMN_FORMAT, COLUMNS, IMAGE, MANIFEST, P
                                  make_column_batch, schema_fields, shards_digest, write_shard)
 from pipeline.data.files import atomic_write_json, read_json
 from pipeline.data.images import DEFAULT_MAX_SIDE
-from pipeline.data.jobs import (JobError, JobResult, ShardWriter, diff, job_lock, packages, remove_finished_progress,
-                           unrecorded)
+from pipeline.data.jobs import (JobError, JobResult, ShardWriter, check_same_job, job_lock, packages,
+                                remove_finished_progress, start_progress, unrecorded)
 from pipeline.models.frozen import HostCopy
 from pipeline.models.registry import load_spec
 from pipeline.data.sources import SourceOptions, read_source
@@ -61,22 +61,8 @@ def _add(fs: FeatureSet, opts: ExtractOptions, names: list[str], log) -> JobResu
     device = distributed.rank_device(opts.device, ranks)
     workers = decode_workers(opts.workers)
     teachers = {t.name: t.to(device).eval() for t in (opts.teacher(name) for name in names)}
-    clash = sorted(set(teachers) & {IMAGE, *fs.manifest["teachers"]})
-    if clash:
-        raise JobError(f"{fs.path} already has {clash} as part of its shards")
-    pre, added = fs.manifest["preprocess"], fs.columns
-    digest = shards_digest(fs.manifest["shards"])
-    jobs = {name: {"teacher": t.describe(), "teacher_view": pre["teacher_view"], "shards_sha256": digest,
-                   "compute": {"device": device.type, "teacher": t.precision}}
-            for name, t in teachers.items()}
-    for name in set(teachers) & set(added):
-        if ranks.is_main:
-            remove_finished_progress(fs.path / COLUMNS / name / PROGRESS)
-        comparable, _ = unrecorded(added[name], jobs[name])
-        diffs = diff({k: added[name].get(k) for k in comparable}, comparable)
-        if diffs:
-            raise JobError(f"{fs.path / COLUMNS / name} holds other features; differences:\n  " + "\n  ".join(diffs[:12])
-                               + f"\nRemove {fs.path / COLUMNS / name} to compute it again.")
+    added = fs.columns
+    jobs = _column_jobs(fs, added, teachers, device.type, ranks.is_main)
     todo = {name: t for name, t in teachers.items() if name not in added}
     if not todo:
         distributed.shutdown()
@@ -85,20 +71,14 @@ def _add(fs: FeatureSet, opts: ExtractOptions, names: list[str], log) -> JobResu
     progress = {name: fs.path / COLUMNS / name / PROGRESS for name in todo}
     if ranks.is_main:
         for name, folder in progress.items():
-            folder.mkdir(parents=True, exist_ok=True)
-            if (folder / "job.json").exists():
-                diffs = diff(read_json(folder / "job.json"), jobs[name])
-                if diffs:
-                    raise JobError(f"{folder.parent} is being added with other settings:\n  " + "\n  ".join(diffs[:12])
-                                       + f"\nRemove {folder.parent} to start it again.")
-            else:
-                atomic_write_json(folder / "job.json", jobs[name])
+            start_progress(folder, jobs[name], f"{folder.parent} is being added with other settings",
+                           f"Remove {folder.parent} to start it again.")
     distributed.barrier()
 
     shards = fs.manifest["shards"]
     mine = [i for i in range(ranks.rank, len(shards), ranks.world)
             if not all((progress[n] / f"{Path(shards[i]['name']).stem}.json").exists() for n in todo)]
-    kept = IMAGE in added and pre["teacher_view"] == "crop"
+    kept = IMAGE in added and fs.manifest["preprocess"]["teacher_view"] == "crop"
     plan = [(i, member, batch.column("key")) for i in mine for member, batch in _checked_members(fs, i, kept)]
     log(f"adding {', '.join(todo)} to {fs.path} on {device.type} at {', '.join({t.precision for t in todo.values()})}: "
         f"{len(mine)} of {len(shards)} shards on this rank, images from {'the kept crops' if kept else 'the source'}, "
@@ -111,31 +91,16 @@ def _add(fs: FeatureSet, opts: ExtractOptions, names: list[str], log) -> JobResu
     if plan:
         views = (_kept_views(fs, added[IMAGE], plan, todo, workers) if kept
                  else _source_views(fs, opts, plan, todo, device, workers))
-    fields = {name: pa.field(f"feat.{name}", pa.list_(pa.float16(), t.dim), nullable=False) for name, t in todo.items()}
+    assemble = _ColumnAssembler(fs, todo, progress, mine, Counter(i for i, _, _ in plan))
     start, rows = time.perf_counter(), 0
     bar = tqdm(total=sum(s["rows"] for i, s in enumerate(shards) if i in mine), unit="row",
                desc=f"add {','.join(todo)} rank {ranks.rank}/{ranks.world}", disable=not (opts.progress and ranks.is_main))
-    members, counts = {i: [] for i in mine}, Counter(i for i, _, _ in plan)
-
-    def add(i: int, keys, outputs: HostCopy) -> None:  # on the writer thread
-        with np.errstate(over="ignore"):  # what float16 cannot hold becomes inf, refused below
-            feats = {n: a.astype(np.float16) for n, a in outputs.numpy().items()}
-        for name, f in feats.items():
-            if len(bad := np.flatnonzero(~np.isfinite(f).all(axis=1))):
-                raise JobError(f"teacher {name} gave non-finite features (NaN, inf or beyond float16) for {len(bad)} "
-                                   f"rows of {shards[i]['name']}, e.g. {keys.take(bad[:3]).to_pylist()}; a column needs "
-                                   "a finite value for every row of the set, so it is not added")
-        members[i].append((keys, feats))
-        if len(members[i]) == counts[i]:
-            _write(fs, shards[i], members.pop(i), fields, progress)
-
-    with ShardWriter(str(fs.path), add) as writer:
+    with ShardWriter(str(fs.path), assemble) as writer:
         for (i, member, keys), batch_views in zip(plan, views):
             writer.put(f"the columns of {shards[i]['name']}", i, keys, HostCopy({n: t(batch_views[t.input_size]) for n, t in todo.items()}))
             rows += len(keys)
             bar.update(len(keys))
-    for i in members:  # shards without members (every record rejected)
-        _write(fs, shards[i], [], fields, progress)
+    assemble.write_empty()
     bar.close()
     seconds = time.perf_counter() - start
 
@@ -146,6 +111,52 @@ def _add(fs: FeatureSet, opts: ExtractOptions, names: list[str], log) -> JobResu
     distributed.barrier()
     distributed.shutdown()
     return JobResult("added", fs.path, fs.rows, fs.manifest["rejects"]["total"], seconds, rows)
+
+
+def _column_jobs(fs: FeatureSet, added: dict, teachers: dict, device: str, is_main: bool) -> dict:
+    """Each column's identity; a column the set already has (`added`) must be the same job, else refused."""
+    clash = sorted(set(teachers) & {IMAGE, *fs.manifest["teachers"]})
+    if clash:
+        raise JobError(f"{fs.path} already has {clash} as part of its shards")
+    digest = shards_digest(fs.manifest["shards"])
+    jobs = {name: {"teacher": t.describe(), "teacher_view": fs.manifest["preprocess"]["teacher_view"],
+                   "shards_sha256": digest, "compute": {"device": device, "teacher": t.precision}}
+            for name, t in teachers.items()}
+    for name in set(teachers) & set(added):
+        if is_main:
+            remove_finished_progress(fs.path / COLUMNS / name / PROGRESS)
+        comparable, _ = unrecorded(added[name], jobs[name])
+        check_same_job({k: added[name].get(k) for k in comparable}, comparable, f"{fs.path / COLUMNS / name} holds other "
+                       f"features", f"Remove {fs.path / COLUMNS / name} to compute it again.")
+    return jobs
+
+
+class _ColumnAssembler:
+    """Collects each shard's member outputs and, after its last member, writes the shard's column tars
+    and progress records (on the writer thread)."""
+
+    def __init__(self, fs: FeatureSet, teachers: dict, progress: dict, mine: list[int], counts: Counter):
+        self.fs, self.shards, self.progress, self.counts = fs, fs.manifest["shards"], progress, counts
+        self.fields = {name: pa.field(f"feat.{name}", pa.list_(pa.float16(), t.dim), nullable=False)
+                       for name, t in teachers.items()}
+        self.members = {i: [] for i in mine}
+
+    def __call__(self, i: int, keys, outputs: HostCopy) -> None:
+        with np.errstate(over="ignore"):  # what float16 cannot hold becomes inf, refused below
+            feats = {n: a.astype(np.float16) for n, a in outputs.numpy().items()}
+        for name, f in feats.items():
+            if len(bad := np.flatnonzero(~np.isfinite(f).all(axis=1))):
+                raise JobError(f"teacher {name} gave non-finite features (NaN, inf or beyond float16) for {len(bad)} "
+                               f"rows of {self.shards[i]['name']}, e.g. {keys.take(bad[:3]).to_pylist()}; a column "
+                               "needs a finite value for every row of the set, so it is not added")
+        self.members[i].append((keys, feats))
+        if len(self.members[i]) == self.counts[i]:
+            _write(self.fs, self.shards[i], self.members.pop(i), self.fields, self.progress)
+
+    def write_empty(self) -> None:
+        """Shards without members (every record rejected) get empty column tars."""
+        for i in list(self.members):
+            _write(self.fs, self.shards[i], self.members.pop(i), self.fields, self.progress)
 
 
 def _check_tokenizer_flags(fs: FeatureSet, opts: ExtractOptions) -> None:

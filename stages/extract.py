@@ -38,7 +38,7 @@ from pipeline.data.crops import KEPT, cpu_split, crop_loader
 from pipeline.data.feature_stats import EMPTY_SUMS, add_sums, feature_sums, summarize
 from pipeline.data.files import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.data.jobs import (JobError, JobResult, ShardWriter, check_same_job, job_lock, packages,
-                           remove_finished_progress, shard_name, unrecorded)
+                                remove_finished_progress, shard_name, start_progress, unrecorded)
 from pipeline.models.frozen import HostCopy
 from pipeline.models.registry import build
 from pipeline.data.sources import read_source
@@ -70,92 +70,41 @@ def _different_job(out: Path) -> tuple[str, str]:
 
 
 def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
-    if opts.teacher_view not in TEACHER_VIEWS:
-        raise JobError(f"--teacher-view must be one of {TEACHER_VIEWS}, got {opts.teacher_view!r}")
-    if not opts.teachers:
-        raise JobError("give at least one --teacher")
     out = Path(opts.out)
+    _check_request(opts, out, overwrite)
     stale = set_entries_to_remove(out, opts.source) if overwrite else []
-    if (out / MANIFEST).exists() and not overwrite:
-        fs = FeatureSet.open(out)
-        new = opts.new_teachers(fs.manifest)
-        if new or opts.source is None:
-            raise JobError(f"{out} is a finished set{' without ' + ', '.join(new) if new else ''}: teachers are added "
-                               f"to it by `arra-pipe extract --out {out} --teacher NAME` (stages.add_columns.add_teachers)")
-    if opts.source is None:
-        raise JobError(f"give SOURCE: {out} is not a finished feature set to add teachers to")
     ranks = distributed.init()
     device = distributed.rank_device(opts.device, ranks)
     workers, threads = cpu_split(opts.workers)
     torch.set_num_threads(threads)
     model_batch = min(opts.model_batch or MODEL_BATCH.get(device.type, opts.batch_size), opts.batch_size)
-
     source = read_source(opts.source, opts.source_format, opts.source_options)
     records = source.records
     tokenizer = build("tokenizers", opts.tokenizer, opts.tokenizer_path, resolution=opts.tokenizer_resolution).to(device).eval()
     teachers = {t.name: t.to(device).eval() for t in (opts.teacher(name) for name in opts.teachers)}
-    code_len = tokenizer.grid[0] * tokenizer.grid[1]
-    job = {"source": {"format": source.format, "path": source.path, "fingerprint": source.fingerprint,
-                      "files_fingerprint": source.files_fingerprint, "records": len(records),
-                      "options": asdict(opts.source_options)},
-           "preprocess": {"resolution": tokenizer.resolution, "crop": "center", "resample": "bicubic",
-                          "teacher_view": opts.teacher_view, "max_pixels": opts.max_pixels,
-                          "max_side": opts.max_side, "jpeg_draft": opts.jpeg_draft},
-           "tokenizer": {**tokenizer.describe(), "code_len": code_len, "weights_path": str(tokenizer.weights_path.resolve())},
-           "teachers": {name: t.describe() for name, t in teachers.items()},
-           "layout": {"shard_size": opts.shard_size, "batch_size": opts.batch_size, "keep_images": opts.keep_images},
-           "compute": {"device": device.type, "model_batch": model_batch, "tokenizer": tokenizer.precision,
-                       "teachers": {name: t.precision for name, t in teachers.items()}}}
-
+    job = _job(opts, source, tokenizer, teachers, device.type, model_batch)
     if (out / MANIFEST).exists() and not overwrite:
-        previous = read_json(out / MANIFEST)
-        comparable, missing = unrecorded(previous, job)
-        check_same_job({k: previous.get(k) for k in comparable}, comparable, *_different_job(out))
-        if missing:
-            log(f"{out} was made by arra-pipe {previous.get('arra_pipe', '?')}, which did not record "
-                f"{', '.join(missing)}; compared on the rest")
-        if ranks.is_main:
-            remove_finished_progress(out / PROGRESS)
-        distributed.shutdown()
-        return JobResult("up-to-date", out, previous["rows"], previous["rejects"]["total"])
+        return _up_to_date(out, job, ranks.is_main, log)
 
     progress = out / PROGRESS
     if ranks.is_main:
-        for entry in stale:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        _remove(stale)
         (out / SHARDS).mkdir(parents=True, exist_ok=True)
         if opts.keep_images:
             (out / COLUMNS / IMAGE).mkdir(parents=True, exist_ok=True)
-        progress.mkdir(exist_ok=True)
-        if (progress / "job.json").exists():
-            check_same_job(read_json(progress / "job.json"), job, *_different_job(out))
-        else:
-            atomic_write_json(progress / "job.json", job)
+        start_progress(progress, job, *_different_job(out))
     distributed.barrier()
     if ranks.rank and (progress / "job.json").exists():
         check_same_job(read_json(progress / "job.json"), job, *_different_job(out))
 
+    code_len = job["tokenizer"]["code_len"]
     schema = make_schema(code_len, tokenizer.codebook_size, tokenizer.grid, {n: t.dim for n, t in teachers.items()})
     n_shards = max(1, math.ceil(len(records) / opts.shard_size))
-    mine = [s for s in range(ranks.rank, n_shards, ranks.world) if not (progress / f"{shard_name(s)}.json").exists()]
-    for s in mine:  # leftovers of a killed run
-        for tmp in (out / SHARDS).glob(f".{shard_name(s)}.tar.tmp-*"):
-            tmp.unlink()
-
-    plan = []  # (shard, last batch of the shard?, record indices)
-    for s in mine:
-        idx = list(range(s * opts.shard_size, min((s + 1) * opts.shard_size, len(records))))
-        chunks = [idx[i:i + opts.batch_size] for i in range(0, len(idx), opts.batch_size)] or [[]]
-        plan += [(s, j == len(chunks) - 1, c) for j, c in enumerate(chunks)]
-    teacher_sizes = sorted({t.input_size for t in teachers.values()})
-    loader = crop_loader(records, [c for _, _, c in plan], tokenizer.resolution, teacher_sizes, opts.teacher_view,
-                         opts.max_pixels, workers, pin_memory=device.type == "cuda", keep_images=opts.keep_images,
-                         max_side=opts.max_side, max_file_bytes=opts.source_options.max_file_bytes,
-                         jpeg_draft=opts.jpeg_draft)
-
+    plan = _plan(out, len(records), n_shards, opts, ranks)
+    loader = crop_loader(records, [c for _, _, c in plan], tokenizer.resolution, sorted({t.input_size for t in teachers.values()}),
+                         opts.teacher_view, opts.max_pixels, workers, pin_memory=device.type == "cuda",
+                         keep_images=opts.keep_images, max_side=opts.max_side,
+                         max_file_bytes=opts.source_options.max_file_bytes, jpeg_draft=opts.jpeg_draft)
     todo = sum(len(c) for _, _, c in plan)
     if ranks.is_main:
         log(f"extracting on {device.type} (tokenizer {tokenizer.precision}, "
@@ -163,21 +112,12 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
             f"{workers} decode workers and {threads} model threads per rank")
         if todo < len(records):
             log(f"resuming: {len(records) - todo} of {len(records)} records are in finished shards")
-    start = time.perf_counter()
-    bar = tqdm(total=todo, unit="row", desc=f"extract rank {ranks.rank}/{ranks.world}",
-               disable=not (opts.progress and ranks.is_main), dynamic_ncols=True)
     fixed_row_bytes = code_len * schema.field("codes").type.value_type.bit_width // 8 + 2 * sum(t.dim for t in teachers.values())
     assemble = _ShardAssembler(out, records, schema, list(teachers), fixed_row_bytes, opts.keep_images)
-    n_rejects = 0
-    batches = iter(loader) if plan else iter(())  # fork the decoding workers before the writer thread starts
-    with ShardWriter(str(out), assemble) as writer:
-        for (s, last, _), (ok, crops, views, bad) in zip(plan, batches):
-            outputs = HostCopy(_forward(tokenizer, teachers, crops, views, model_batch)) if ok else None
-            writer.put(shard_name(s), s, last, ok, bad, outputs, views.get(KEPT))
-            n_rejects += len(bad)
-            bar.update(len(ok) + len(bad))
-            bar.set_postfix(rejects=n_rejects, refresh=False)
-    bar.close()
+    bar = tqdm(total=todo, unit="row", desc=f"extract rank {ranks.rank}/{ranks.world}",
+               disable=not (opts.progress and ranks.is_main), dynamic_ncols=True)
+    start = time.perf_counter()
+    _run(plan, loader, tokenizer, teachers, model_batch, assemble, str(out), bar)
     seconds = time.perf_counter() - start
 
     distributed.barrier()
@@ -189,6 +129,88 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
     distributed.barrier()
     distributed.shutdown()
     return result or JobResult("extracted", out, 0, 0, seconds, todo)
+
+
+def _check_request(opts: ExtractOptions, out: Path, overwrite: bool) -> None:
+    """Refuse what `extract` cannot do before any model is loaded."""
+    if opts.teacher_view not in TEACHER_VIEWS:
+        raise JobError(f"--teacher-view must be one of {TEACHER_VIEWS}, got {opts.teacher_view!r}")
+    if not opts.teachers:
+        raise JobError("give at least one --teacher")
+    if (out / MANIFEST).exists() and not overwrite:
+        new = opts.new_teachers(FeatureSet.open(out).manifest)
+        if new or opts.source is None:
+            raise JobError(f"{out} is a finished set{' without ' + ', '.join(new) if new else ''}: teachers are added "
+                           f"to it by `arra-pipe extract --out {out} --teacher NAME` (stages.add_columns.add_teachers)")
+    if opts.source is None:
+        raise JobError(f"give SOURCE: {out} is not a finished feature set to add teachers to")
+
+
+def _job(opts: ExtractOptions, source, tokenizer, teachers: dict, device: str, model_batch: int) -> dict:
+    """The job's identity: everything that decides the rows, compared on resume and re-run."""
+    return {"source": {"format": source.format, "path": source.path, "fingerprint": source.fingerprint,
+                       "files_fingerprint": source.files_fingerprint, "records": len(source.records),
+                       "options": asdict(opts.source_options)},
+            "preprocess": {"resolution": tokenizer.resolution, "crop": "center", "resample": "bicubic",
+                           "teacher_view": opts.teacher_view, "max_pixels": opts.max_pixels,
+                           "max_side": opts.max_side, "jpeg_draft": opts.jpeg_draft},
+            "tokenizer": {**tokenizer.describe(), "code_len": tokenizer.grid[0] * tokenizer.grid[1],
+                          "weights_path": str(tokenizer.weights_path.resolve())},
+            "teachers": {name: t.describe() for name, t in teachers.items()},
+            "layout": {"shard_size": opts.shard_size, "batch_size": opts.batch_size, "keep_images": opts.keep_images},
+            "compute": {"device": device, "model_batch": model_batch, "tokenizer": tokenizer.precision,
+                        "teachers": {name: t.precision for name, t in teachers.items()}}}
+
+
+def _up_to_date(out: Path, job: dict, is_main: bool, log) -> JobResult:
+    """A finished set re-run with the command that made it; any other command is refused."""
+    previous = read_json(out / MANIFEST)
+    comparable, missing = unrecorded(previous, job)
+    check_same_job({k: previous.get(k) for k in comparable}, comparable, *_different_job(out))
+    if missing:
+        log(f"{out} was made by arra-pipe {previous.get('arra_pipe', '?')}, which did not record "
+            f"{', '.join(missing)}; compared on the rest")
+    if is_main:
+        remove_finished_progress(out / PROGRESS)
+    distributed.shutdown()
+    return JobResult("up-to-date", out, previous["rows"], previous["rejects"]["total"])
+
+
+def _remove(stale: list[Path]) -> None:
+    """--overwrite: remove the set's own entries (set_entries_to_remove lists only what a set holds)."""
+    for entry in stale:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _plan(out: Path, n_records: int, n_shards: int, opts: ExtractOptions, ranks) -> list[tuple[int, bool, list[int]]]:
+    """This rank's work: (shard, last batch of the shard?, record indices) for each record batch of
+    its shards not marked done; a killed run's half-written tars of those shards are removed."""
+    mine = [s for s in range(ranks.rank, n_shards, ranks.world) if not (out / PROGRESS / f"{shard_name(s)}.json").exists()]
+    plan = []
+    for s in mine:
+        for tmp in (out / SHARDS).glob(f".{shard_name(s)}.tar.tmp-*"):
+            tmp.unlink()
+        idx = list(range(s * opts.shard_size, min((s + 1) * opts.shard_size, n_records)))
+        chunks = [idx[i:i + opts.batch_size] for i in range(0, len(idx), opts.batch_size)] or [[]]
+        plan += [(s, j == len(chunks) - 1, c) for j, c in enumerate(chunks)]
+    return plan
+
+
+def _run(plan: list, loader, tokenizer, teachers: dict, model_batch: int, assemble, where: str, bar) -> None:
+    """The models on each planned batch, their outputs handed to the writer thread (`assemble`)."""
+    n_rejects = 0
+    batches = iter(loader) if plan else iter(())  # fork the decoding workers before the writer thread starts
+    with ShardWriter(where, assemble) as writer:
+        for (s, last, _), (ok, crops, views, bad) in zip(plan, batches):
+            outputs = HostCopy(_forward(tokenizer, teachers, crops, views, model_batch)) if ok else None
+            writer.put(shard_name(s), s, last, ok, bad, outputs, views.get(KEPT))
+            n_rejects += len(bad)
+            bar.update(len(ok) + len(bad))
+            bar.set_postfix(rejects=n_rejects, refresh=False)
+    bar.close()
 
 
 def _forward(tokenizer, teachers: dict, crops, views: dict, model_batch: int) -> dict:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ArraError
+from pipeline.data.files import atomic_write_json, read_json
 from pipeline.data.lock import main_rank_lock
 
 
@@ -71,6 +72,16 @@ def check_same_job(previous: dict, job: dict, what: str, advice: str) -> None:
     diffs = diff(previous, job)
     if diffs:
         raise JobError(f"{what}; differences:\n  " + "\n  ".join(diffs[:12]) + f"\n{advice}")
+
+
+def start_progress(progress: Path, job: dict, what: str, advice: str) -> None:
+    """Make the job's `progress/` and record the job there, or, when a killed run left one, check that
+    this is the same job (main rank, before any shard is computed)."""
+    progress.mkdir(parents=True, exist_ok=True)
+    if (progress / "job.json").exists():
+        check_same_job(read_json(progress / "job.json"), job, what, advice)
+    else:
+        atomic_write_json(progress / "job.json", job)
 
 
 # Job fields that older arra-pipe versions did not record. A finished set or column without one is
