@@ -24,8 +24,9 @@ class Flag:
     min_open: bool = False
     max_open: bool = False
     metavar: str | None = None
-    exists: str | None = None         # a path that must exist: "file" or "dir" (checked by the CLI)
+    exists: str | None = None         # a path that must exist: "file", "dir" or "any" (checked by the CLI)
     negatable: bool = False           # a boolean as --x/--no-x rather than a bare --x switch
+    multiple: bool = False            # a tuple field: the flag is repeated, once per value
 
     def flag(self, field_name: str) -> str:
         return self.name or "--" + field_name.replace("_", "-")
@@ -51,7 +52,7 @@ def check(obj) -> None:
     """Raise OptionError, naming the flag, for a field of `obj` outside its choices or range."""
     for name, spec, _ in flags(type(obj)):
         value = getattr(obj, name)
-        if value is None or isinstance(value, bool):
+        if value is None or isinstance(value, (bool, tuple)):
             continue
         if spec.choices is not None and value not in spec.choices:
             raise OptionError(f"{spec.flag(name)} must be one of {', '.join(map(str, spec.choices))}, not {value!r}")

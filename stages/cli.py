@@ -11,8 +11,7 @@ import click
 from click.core import ParameterSource
 
 from pipeline.errors import ArraError
-from pipeline.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
-from pipeline.data.sources import DEFAULT_MAX_FILE_BYTES, FORMATS, SourceOptions
+from pipeline.data.sources import SourceOptions
 
 
 # Ranges every numeric option is checked against, so a bad value is refused naming its flag
@@ -21,32 +20,14 @@ NON_NEGATIVE_FLOAT, FRACTION = click.FloatRange(0), click.FloatRange(0, 1)
 RESOLUTION = click.IntRange(16)  # the smallest input the teachers' and tokenizers' strides take
 
 
-def source_flags(fn):
-    """Options that say how to read a source; shared by `extract` and `tokenizer fit`."""
-    flags = [
-        click.option("--source-format", type=click.Choice(FORMATS), help="Override auto-detection of the source format."),
-        click.option("--image-column", help="Tables: column with the image path (default: image, image_path, path, file, filename)."),
-        click.option("--caption-column", help="Tables: column with the caption (default: caption, text, prompt, impression)."),
-        click.option("--caption-template", help='Tables: build captions from columns, e.g. "{view} view chest X-ray image, {impression}".'),
-        click.option("--label-column", help="Tables: integer class label column (optional)."),
-        click.option("--key-column", help="Tables: column with a unique record key (default: the image path)."),
-        click.option("--image-root", type=click.Path(file_okay=False), help="Resolve relative image paths against this folder (default: the file's folder)."),
-        click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]), help="Fashion-MNIST folders: which split."),
-        click.option("--max-pixels", type=POSITIVE, default=DEFAULT_MAX_PIXELS, show_default=True, help="Reject images with more pixels than this (decompression bombs)."),
-        click.option("--max-side", type=POSITIVE, default=DEFAULT_MAX_SIDE, show_default=True, help="Reject images with a side longer than this, from the header, before decoding."),
-        click.option("--max-file-bytes", type=POSITIVE, default=DEFAULT_MAX_FILE_BYTES, show_default=True, help="Reject image and caption files larger than this, before reading them."),
-        click.option("--follow-symlinks", is_flag=True, help="Folder sources: also read files that are symlinks leading outside the folder (default: reject them)."),
-        click.option("--workers", type=NON_NEGATIVE, help="DataLoader worker processes that decode and crop images; extract gives the models' torch threads the rank's other CPUs [default: extract a quarter of this rank's share of the CPUs it may use, other commands all but one]."),
-        click.option("--progress/--no-progress", default=True, help="Show a progress bar."),
-    ]
-    for flag in reversed(flags):
-        fn = flag(fn)
-    return fn
+# The flags of ExtractOptions that say how a source is read (with SourceOptions'): `tokenizer fit` takes them too
+READING = ("source_format", "max_pixels", "max_side", "workers", "progress")
 
 
-def source_options(kw: dict) -> SourceOptions:
-    return SourceOptions(**{k: kw.pop(k) for k in ("image_column", "caption_column", "caption_template", "label_column",
-                                                     "key_column", "image_root", "split", "follow_symlinks", "max_file_bytes")})
+def take(cls, kw: dict):
+    """An options dataclass built from (and popped out of) a command's keyword arguments."""
+    from dataclasses import fields
+    return cls(**{f.name: kw.pop(f.name) for f in fields(cls) if f.name in kw})
 
 
 def per_teacher(items, teachers, flag: str) -> dict[str, str]:
@@ -67,9 +48,9 @@ def per_teacher(items, teachers, flag: str) -> dict[str, str]:
     return out
 
 
-def options_of(target: str):
-    """click options made from the option() fields of a dataclass ("module:Class"), with their
-    defaults, ranges and help as declared there (pipeline/options.py)."""
+def options_of(target: str, only: tuple[str, ...] | None = None):
+    """click options made from the option() fields of a dataclass ("module:Class"), or of its fields
+    named in `only`, with their defaults, ranges and help as declared there (pipeline/options.py)."""
     import importlib
     import typing
     from pipeline.options import flags
@@ -81,7 +62,7 @@ def options_of(target: str):
         if spec.choices is not None:
             return click.Choice(spec.choices)
         if spec.exists:
-            return click.Path(exists=True, dir_okay=spec.exists == "dir", file_okay=spec.exists == "file")
+            return click.Path(exists=True, dir_okay=spec.exists != "file", file_okay=spec.exists != "dir")
         if base in (int, float) and (spec.min is not None or spec.max is not None):
             ranged = click.IntRange if base is int else click.FloatRange
             return ranged(spec.min, spec.max, min_open=spec.min_open, max_open=spec.max_open)
@@ -89,6 +70,8 @@ def options_of(target: str):
 
     def decorate(fn):
         for field_name, spec, default in reversed(flags(cls)):
+            if only is not None and field_name not in only:
+                continue
             base = next((t for t in typing.get_args(hints[field_name]) if t is not type(None)), hints[field_name])
             decls = [spec.flag(field_name), field_name]
             if base is bool:
@@ -96,8 +79,10 @@ def options_of(target: str):
                     decls[0] = f"{decls[0]}/--no-{decls[0][2:]}"
                 fn = click.option(*decls, default=default, help=spec.help, **({} if spec.negatable else {"is_flag": True}))(fn)
                 continue
+            if spec.multiple:
+                base = typing.get_args(hints[field_name])[0]
             fn = click.option(*decls, type=click_type(base, spec), default=default, metavar=spec.metavar,
-                              show_default=default is not None, help=spec.help)(fn)
+                              multiple=spec.multiple, show_default=default is not None, help=spec.help)(fn)
         return fn
     return decorate
 
@@ -151,28 +136,14 @@ def main():
 @main.command()
 @click.argument("source", required=False, type=click.Path(exists=True))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Feature-set directory to write (or resume, or add teachers to).")
-@click.option("--tokenizer", default="kmeans", show_default=True, help="Tokenizer name (see `arra-pipe models`) or a .toml manifest.")
-@click.option("--tokenizer-path", type=click.Path(exists=True), help="Tokenizer weights file or folder (kmeans: the codebook from `tokenizer fit`).")
-@click.option("--tokenizer-resolution", type=RESOLUTION, help="Canonical crop size for a convolutional VQ tokenizer (LlamaGen: 256, 384 or 512).")
-@click.option("--teacher", "teachers", multiple=True, default=["efficientnet-lite0"], show_default=True,
-              help="Teacher name or .toml manifest; repeat for several teachers in one pass.")
+@options_of("stages.options:ExtractOptions")
 @click.option("--teacher-path", "teacher_paths", multiple=True, metavar="[NAME=]PATH",
               help="Weights file or folder for a teacher (NAME= is needed when there are several).")
 @click.option("--aggregation", "aggregations", multiple=True, metavar="[NAME=]AGG",
               help="Global feature of a teacher: cls, avgpool or cls+avgpool (default: its manifest's).")
-@click.option("--jpeg-draft", is_flag=True, help="Decode JPEGs reduced (1/2, 1/4, 1/8) to the size the crops need: faster on large photos, codes and features change a little (recorded).")
-@click.option("--keep-images", is_flag=True, help="Also keep the canonical crops (PNG, columns/image/) so teachers can be added later without the source.")
-@click.option("--teacher-resolution", type=RESOLUTION, help="Feed teachers this input size instead of their native one (recorded in the manifest).")
-@click.option("--teacher-view", type=click.Choice(["crop", "original"]), default="crop", show_default=True,
-              help="crop: teachers see the tokenizer's canonical crop; original: the whole original image through the teacher's own resize+crop, as the official code.")
-@click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Rows per Arrow record batch. Keep it fixed when resuming.")
-@click.option("--model-batch", type=POSITIVE, help="Images per model forward, at most --batch-size [default: 16 on cpu, --batch-size on cuda]; recorded and kept on resume (it may change features' last bits).")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]), help="Where the models run (bf16 autocast on cuda).")
-@click.option("--shard-size", type=POSITIVE, default=4096, show_default=True, help="Input records per shard.")
-@click.option("--max-reject-rate", type=FRACTION, default=0.1, show_default=True, help="Fail the run when more than this fraction of records is rejected.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing set at --out and start again.")
-@source_flags
-def extract(source, out, tokenizer, tokenizer_path, teachers, teacher_paths, aggregations, overwrite, **kw):
+@options_of("pipeline.data.sources:SourceOptions")
+def extract(source, out, teacher_paths, aggregations, overwrite, **kw):
     """Extract SOURCE into a feature set of VQ codes and teacher features.
 
     SOURCE is a conversation JSON, an image folder, a CSV/TSV/JSONL/Parquet table, an img2dataset
@@ -182,8 +153,8 @@ def extract(source, out, tokenizer, tokenizer_path, teachers, teacher_paths, agg
     """
     from pipeline.data.featureset import MANIFEST, FeatureSet
     from stages.options import ExtractOptions
-    opts = ExtractOptions(source=source, out=out, source_options=source_options(kw), tokenizer=tokenizer,
-                          tokenizer_path=tokenizer_path, teachers=tuple(teachers),
+    teachers = kw["teachers"]
+    opts = ExtractOptions(source=source, out=out, source_options=take(SourceOptions, kw),
                           teacher_paths=per_teacher(teacher_paths, teachers, "--teacher-path"),
                           teacher_aggregations=per_teacher(aggregations, teachers, "--aggregation"), **kw)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
@@ -241,11 +212,12 @@ def tokenizer():
 @click.option("--max-images", type=POSITIVE, default=20000, show_default=True, help="Images sampled for fitting.")
 @click.option("--iterations", type=POSITIVE, default=25, show_default=True, help="k-means iterations.")
 @click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
-@source_flags
+@options_of("stages.options:ExtractOptions", only=READING)
+@options_of("pipeline.data.sources:SourceOptions")
 def tokenizer_fit(source, out, **kw):
     """Fit the kmeans patch tokenizer on SOURCE with faiss k-means."""
     from stages.tokenizer_fit import fit_tokenizer
-    kw["source_options"] = source_options(kw)
+    kw["source_options"] = take(SourceOptions, kw)
     summary = fit_tokenizer(source, out, log=lambda m: click.echo(m, err=True), **kw)
     click.echo(f"wrote {out}: {summary['codebook_size']} codes of {summary['patch']}x{summary['patch']} px at "
                f"{summary['resolution']} px, fitted on {summary['images']} images; "
@@ -447,7 +419,7 @@ audit_flags = options_of("stages.options:AuditOptions")
 
 def audit_options(kw: dict):
     from stages.options import AuditOptions
-    return AuditOptions(**{k: kw.pop(k) for k in ("teacher", "threshold", "index", "recall_target", "seed", "k") if k in kw})
+    return take(AuditOptions, kw)
 
 
 def run_audit(fn, *args, **kw):

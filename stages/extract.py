@@ -44,7 +44,6 @@ from pipeline.models.registry import build
 from pipeline.data.sources import read_source
 from stages.options import ExtractOptions
 
-TEACHER_VIEWS = ("crop", "original")
 # Images per model forward when --model-batch is not given, per device (at most --batch-size). On a CPU
 # a batch past 16 buys nothing (benchmarks/extract_vs_official.py --model-batch); a GPU wants them all.
 MODEL_BATCH = {"cpu": 16}
@@ -133,8 +132,6 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
 
 def _check_request(opts: ExtractOptions, out: Path, overwrite: bool) -> None:
     """Refuse what `extract` cannot do before any model is loaded."""
-    if opts.teacher_view not in TEACHER_VIEWS:
-        raise JobError(f"--teacher-view must be one of {TEACHER_VIEWS}, got {opts.teacher_view!r}")
     if not opts.teachers:
         raise JobError("give at least one --teacher")
     if (out / MANIFEST).exists() and not overwrite:

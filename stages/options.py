@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pipeline.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from pipeline.lm.objective import Objective
 from pipeline.options import check, option
-from pipeline.data.sources import SourceOptions
+from pipeline.data.sources import FORMATS, SourceOptions
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,29 +79,48 @@ class AuditOptions:
 
 @dataclass
 class ExtractOptions:
+    """What a feature set is made of. Each flag's default is declared here once; `arra-pipe extract`
+    (and `tokenizer fit`, for the source flags) are built from them."""
+
     source: str | None  # None: adding teachers to the set at `out`, whose manifest names its source
     out: str
-    source_format: str | None = None
+    source_format: str | None = option(None, "Override auto-detection of the source format.", choices=FORMATS)
     source_options: SourceOptions = field(default_factory=SourceOptions)
-    tokenizer: str = "kmeans"
-    tokenizer_path: str | None = None
-    teachers: tuple[str, ...] = ("efficientnet-lite0",)
-    teacher_paths: dict[str, str] = field(default_factory=dict)
-    teacher_resolution: int | None = None
-    teacher_view: str = "crop"
-    batch_size: int = 64
-    model_batch: int | None = None  # None: `stages.extract.MODEL_BATCH` of the device
-    workers: int | None = None  # None: `cpu_split` (extract) or `decode_workers` picks from the CPUs of this rank
-    device: str = "cpu"
-    shard_size: int = 4096
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_side: int = DEFAULT_MAX_SIDE
-    max_reject_rate: float = 0.1
-    progress: bool = True
-    keep_images: bool = False
-    jpeg_draft: bool = False  # decode JPEGs reduced to the size the crops need (pipeline.data.images.decode_rgb)
-    teacher_aggregations: dict[str, str] = field(default_factory=dict)
-    tokenizer_resolution: int | None = None
+    tokenizer: str = option("kmeans", "Tokenizer name (see `arra-pipe models`) or a .toml manifest.")
+    tokenizer_path: str | None = option(None, "Tokenizer weights file or folder (kmeans: the codebook from `tokenizer fit`).",
+                                        exists="any")
+    tokenizer_resolution: int | None = option(None, "Canonical crop size for a convolutional VQ tokenizer (LlamaGen: 256, "
+                                                    "384 or 512).", min=16)
+    teachers: tuple[str, ...] = option(("efficientnet-lite0",), "Teacher name or .toml manifest; repeat for several "
+                                       "teachers in one pass.", name="--teacher", multiple=True)
+    teacher_paths: dict[str, str] = field(default_factory=dict)  # --teacher-path [NAME=]PATH
+    teacher_aggregations: dict[str, str] = field(default_factory=dict)  # --aggregation [NAME=]AGG
+    jpeg_draft: bool = option(False, "Decode JPEGs reduced (1/2, 1/4, 1/8) to the size the crops need: faster on large "
+                                     "photos, codes and features change a little (recorded).")
+    keep_images: bool = option(False, "Also keep the canonical crops (PNG, columns/image/) so teachers can be added later "
+                                      "without the source.")
+    teacher_resolution: int | None = option(None, "Feed teachers this input size instead of their native one (recorded "
+                                                  "in the manifest).", min=16)
+    teacher_view: str = option("crop", "crop: teachers see the tokenizer's canonical crop; original: the whole original "
+                                       "image through the teacher's own resize+crop, as the official code.",
+                               choices=("crop", "original"))
+    batch_size: int = option(64, "Rows per Arrow record batch. Keep it fixed when resuming.", min=1)
+    model_batch: int | None = option(None, "Images per model forward, at most --batch-size [default: 16 on cpu, "
+                                           "--batch-size on cuda]; recorded and kept on resume (it may change features' "
+                                           "last bits).", min=1)
+    device: str = option("cpu", "Where the models run (bf16 autocast on cuda).", choices=("cpu", "cuda"))
+    shard_size: int = option(4096, "Input records per shard.", min=1)
+    max_reject_rate: float = option(0.1, "Fail the run when more than this fraction of records is rejected.", min=0, max=1)
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "Reject images with more pixels than this (decompression bombs).", min=1)
+    max_side: int = option(DEFAULT_MAX_SIDE, "Reject images with a side longer than this, from the header, before "
+                                             "decoding.", min=1)
+    workers: int | None = option(None, "DataLoader worker processes that decode and crop images; extract gives the "
+                                       "models' torch threads the rank's other CPUs [default: extract a quarter of this "
+                                       "rank's share of the CPUs it may use, other commands all but one].", min=0)
+    progress: bool = option(True, "Show a progress bar.", negatable=True)
+
+    def __post_init__(self):
+        check(self)
 
     def teacher(self, name: str):
         """The teacher `name` as these options build it (weights, input size, aggregation)."""

@@ -4,16 +4,26 @@ is checked against the model's depth before any process group or model exists.""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from click.testing import CliRunner
 
+from pipeline.data.sources import SourceOptions
 from pipeline.options import OptionError, flags
-from stages.cli import main
-from stages.options import TrainOptions
+from stages.cli import READING, main
+from stages.options import AuditOptions, ExtractOptions, TrainOptions
 
-TRAIN_FLAGS = flags(TrainOptions)
+# (command, options class, the fields it takes as flags or None for all, its arguments, the class's required fields)
+COMMANDS = [
+    (["train"], TrainOptions, None, lambda tmp: [str(tmp), "--out", str(tmp / "run")], dict(sets=[], run="")),
+    (["extract"], ExtractOptions, None, lambda tmp: [str(tmp), "--out", str(tmp / "set")], dict(source=None, out="")),
+    (["extract"], SourceOptions, None, lambda tmp: [str(tmp), "--out", str(tmp / "set")], {}),
+    (["tokenizer", "fit"], ExtractOptions, READING, lambda tmp: [str(tmp), "--out", str(tmp / "c.safetensors")],
+     dict(source=None, out="")),
+    (["tokenizer", "fit"], SourceOptions, None, lambda tmp: [str(tmp), "--out", str(tmp / "c.safetensors")], {}),
+    (["audit", "dedup"], AuditOptions, None, lambda tmp: [str(tmp), "--out", str(tmp / "audit")], {}),
+]
+DECLARED = [(cmd, cls, name, spec, default, args, required) for cmd, cls, only, args, required in COMMANDS
+            for name, spec, default in flags(cls) if only is None or name in only]
 
 
 def out_of_range(spec):
@@ -27,25 +37,32 @@ def out_of_range(spec):
     return None
 
 
-def test_every_declared_option_is_a_train_flag_with_its_default():
-    params = {p.name: p for p in main.commands["train"].params}
-    assert len(TRAIN_FLAGS) >= 30
-    for name, spec, default in TRAIN_FLAGS:
-        assert name in params, f"{spec.flag(name)} is declared but not a flag of `arra-pipe train`"
-        assert spec.flag(name) in params[name].opts and params[name].default == default
-        assert params[name].help == spec.help
+def command(cmd):
+    group = main
+    for part in cmd:
+        group = group.commands[part]
+    return group
 
 
-@pytest.mark.parametrize("name, spec", [(n, s) for n, s, _ in TRAIN_FLAGS if out_of_range(s) is not None],
+def test_every_declared_option_is_a_flag_of_its_commands_with_its_default():
+    assert len(flags(TrainOptions)) >= 30 and len(flags(ExtractOptions)) >= 18 and len(flags(SourceOptions)) == 9
+    for cmd, cls, name, spec, default, _, _ in DECLARED:
+        params = {p.name: p for p in command(cmd).params}
+        assert name in params, f"{spec.flag(name)} of {cls.__name__} is not a flag of `arra-pipe {' '.join(cmd)}`"
+        assert spec.flag(name) in params[name].opts and params[name].help == spec.help
+        assert params[name].default == default and params[name].multiple == spec.multiple
+
+
+@pytest.mark.parametrize("cmd, cls, name, spec, args, required",
+                         [(c, k, n, s, a, r) for c, k, n, s, _, a, r in DECLARED if out_of_range(s) is not None],
                          ids=lambda x: x if isinstance(x, str) else "")
-def test_the_cli_and_the_python_api_refuse_the_same_values_naming_the_flag(tmp_path, name, spec):
+def test_the_cli_and_the_python_api_refuse_the_same_values_naming_the_flag(tmp_path, cmd, cls, name, spec, args, required):
     bad = out_of_range(spec)
-    result = CliRunner().invoke(main, ["train", str(tmp_path), "--out", str(tmp_path / "run"), spec.flag(name), str(bad)])
+    result = CliRunner().invoke(main, [*cmd, *args(tmp_path), spec.flag(name), str(bad)])
     assert result.exit_code == 2 and spec.flag(name) in result.output
     with pytest.raises(OptionError, match=spec.flag(name)):
-        TrainOptions(sets=[str(tmp_path)], run=str(tmp_path / "run"), **{name: bad})
-    ok = {f.name: f.default for f in dataclasses.fields(TrainOptions) if f.name == name}
-    TrainOptions(sets=[], run="", **ok)  # the default itself is allowed
+        cls(**required, **{name: bad})
+    cls(**required)  # the defaults themselves are allowed
 
 
 def test_align_layer_deeper_than_the_model_is_refused_before_a_model_exists(run_extract, tmp_path, monkeypatch):

@@ -34,6 +34,7 @@ from PIL import Image
 
 from pipeline.errors import ArraError
 from pipeline.data.images import Rejected, decode_rgb
+from pipeline.options import check, option
 
 FORMATS = ("conversations", "imagefolder", "table", "img2dataset", "fashion-mnist")
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
@@ -66,15 +67,20 @@ class Record:
 class SourceOptions:
     """Flags that only some formats use; each reader takes what it needs."""
 
-    image_column: str | None = None
-    caption_column: str | None = None
-    caption_template: str | None = None
-    label_column: str | None = None
-    key_column: str | None = None
-    image_root: str | None = None
-    split: str = "train"
-    follow_symlinks: bool = False
-    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    image_column: str | None = option(None, "Tables: column with the image path (default: image, image_path, path, file, filename).")
+    caption_column: str | None = option(None, "Tables: column with the caption (default: caption, text, prompt, impression).")
+    caption_template: str | None = option(None, 'Tables: build captions from columns, e.g. "{view} view chest X-ray image, {impression}".')
+    label_column: str | None = option(None, "Tables: integer class label column (optional).")
+    key_column: str | None = option(None, "Tables: column with a unique record key (default: the image path).")
+    image_root: str | None = option(None, "Resolve relative image paths against this folder (default: the file's folder).")
+    split: str = option("train", "Fashion-MNIST folders: which split.", choices=("train", "test"))
+    follow_symlinks: bool = option(False, "Folder sources: also read files that are symlinks leading outside the folder "
+                                          "(default: reject them).")
+    max_file_bytes: int = option(DEFAULT_MAX_FILE_BYTES, "Reject image and caption files larger than this, before "
+                                                         "reading them.", min=1)
+
+    def __post_init__(self):
+        check(self)
 
 
 @dataclass
