@@ -36,3 +36,20 @@ def test_models_lists_every_manifest_with_its_loader_and_sizes():
                 assert rest[1:] == [f"{spec['dim']}-d", spec["aggregation"], f"@{spec['input_size']}", "px"]
             else:
                 assert rest[1:] == ["codebook", str(spec["codebook_size"]), f"@{spec['resolution']}", "px"]
+
+
+def test_a_new_model_family_is_one_module_in_pipeline_models_and_one_manifest(tmp_path, monkeypatch):
+    import sys
+
+    import pipeline.models
+    from pipeline.models import registry
+    (tmp_path / "toy_family.py").write_text(
+        "from pipeline.models.registry import register\n\n"
+        "@register('teachers', 'toy-family')\nclass Toy:\n    pass\n")
+    (tmp_path / "toy.toml").write_text('loader = "toy-family"\ndim = 8\n')
+    monkeypatch.setattr(pipeline.models, "__path__", [*pipeline.models.__path__, str(tmp_path)])
+    monkeypatch.delitem(registry.LOADERS["teachers"], "toy-family", raising=False)
+    monkeypatch.delitem(sys.modules, "pipeline.models.toy_family", raising=False)
+    spec = registry.load_spec("teachers", str(tmp_path / "toy.toml"))
+    assert spec["name"] == "toy" and registry.LOADERS["teachers"]["toy-family"].__name__ == "Toy"
+    monkeypatch.delitem(registry.LOADERS["teachers"], "toy-family")

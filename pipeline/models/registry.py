@@ -2,13 +2,15 @@
 
 A manifest names a `loader` (a class registered with `@register`) plus everything that class
 needs: weights location, input size, normalisation, output dim. Adding a model of a known family
-is one new manifest file; a new family is one loader class. A path to a .toml file works wherever
+is one new manifest file; a new family is one loader module in this folder. A path to a .toml file works wherever
 a name does.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.resources
+import pkgutil
 import tomllib
 from pathlib import Path
 
@@ -16,8 +18,6 @@ from pipeline.errors import ArraError
 
 KINDS = ("teachers", "tokenizers")
 LOADERS: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
-LOADER_MODULES = ("pipeline.models.teachers", "pipeline.models.hf_teachers", "pipeline.models.biomedclip",
-                  "pipeline.models.image_tokenizers", "pipeline.models.llamagen", "pipeline.models.chameleon")
 
 
 class RegistryError(ArraError):
@@ -67,9 +67,11 @@ def load_spec(kind: str, name: str) -> dict:
 
 
 def loaders(kind: str) -> dict[str, type]:
-    """Loader name -> class, with every loader module imported (they register on import)."""
-    for module in LOADER_MODULES:
-        importlib.import_module(module)
+    """Loader name -> class, with every module of this folder imported: a loader registers on import,
+    so a new family is one module dropped in here, listed nowhere else."""
+    import pipeline.models
+    for module in pkgutil.iter_modules(pipeline.models.__path__, "pipeline.models."):
+        importlib.import_module(module.name)
     return LOADERS[kind]
 
 
