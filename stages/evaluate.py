@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from pipeline.errors import ArraError
-from pipeline.data.featureset import IMAGE, STATS, FeatureSet, feature_column, shards_digest
+from pipeline.data.featureset import IMAGE, FeatureSet, feature_column, shards_digest
 from pipeline.data.files import atomic_write_bytes, sha256_file
 from pipeline.data.images import center_crop, to_array
 from pipeline.metrics.distribution import fd, fit_linear_probe, precision_recall
@@ -60,7 +60,7 @@ def reference_inception(fs: FeatureSet, inception, tokenizer_path: str | None, l
     """Inception features of the (first `limit`) reference images, cached in `<set>/stats/` by
     `reference_key` and count, as float32: a cached FID equals the fresh one."""
     n = min(limit or fs.rows, fs.rows)
-    cache = fs.path / STATS / f"inception-{reference_key(fs, inception)}-{n}.npz"
+    cache = fs.stats_dir() / f"inception-{reference_key(fs, inception)}-{n}.npz"
     if cache.exists():
         with np.load(cache) as z:
             return z["features"], str(z["origin"])

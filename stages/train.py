@@ -34,6 +34,7 @@ import torch
 from pipeline import distributed
 from pipeline.errors import ArraError
 from pipeline.data.featureset import FeatureSet
+from pipeline.data.remote import redact
 from pipeline.data.files import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.lm.causal_lm import LAYOUT_FILE, build_from_preset, extend_vocab, load_text_lm, preset_config, read_layout
 from pipeline.data.lock import main_rank_lock
@@ -446,7 +447,7 @@ def _train(opts: TrainOptions, log) -> dict:
                          f"{opts.grad_accum} accumulation")
     total = opts.steps or math.ceil((opts.epochs or 1.0) * per_epoch)
     ds_config = deepspeed_config(opts, world, hidden)
-    config = {"options": asdict(opts), "layout": layout.to_dict(),
+    config = {"options": {**asdict(opts), "sets": [redact(s) for s in opts.sets]}, "layout": layout.to_dict(),
               "model": opts.init or opts.model, "teacher": teacher if opts.lam > 0 else None,
               "teacher_dim": teacher_dim if opts.lam > 0 else None, "condition": layout.condition,
               "sets": [str(fs.path.resolve()) for fs in sets], "steps": total, "steps_per_epoch": per_epoch,

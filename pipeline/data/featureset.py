@@ -29,7 +29,7 @@ import io
 import json
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ import pyarrow as pa
 from pipeline.errors import ArraError
 from pipeline.data.files import atomic_write_bytes, read_json
 from pipeline.data.lock import LOCK
+from pipeline.data.remote import RemoteDir, file_size, set_path
 
 FORMAT = "arra-pipe-featureset"
 VERSION = 1
@@ -80,7 +81,7 @@ def _wrap(value, file: Path, where: str):
 def read_manifest(path: Path) -> Manifest:
     """A set's or column's manifest.json; a truncated or non-JSON file is refused by name."""
     try:
-        data = read_json(path)
+        data = json.loads(path.read_bytes().decode("utf-8")) if isinstance(path, RemoteDir) else read_json(path)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise FeatureSetError(f"{path}: not a readable manifest ({exc}); restore it, or re-extract the set") from None
     if not isinstance(data, dict):
@@ -192,22 +193,28 @@ def read_members(path: Path) -> Iterator[tuple[str, pa.RecordBatch]]:
 def check_tar(root: Path, entry: dict, fields: dict[str, str]) -> tuple[list[tuple[str, pa.RecordBatch]], list[str]]:
     """Read the tar of manifest `entry` whole and check it: present, size, sha256, readable, each
     member's schema against `fields`, finite teacher features (naming row keys), row count.
-    Returns its (member, batch) list and the problems found, each starting with the tar's name."""
+    Returns its (member, batch) list and the problems found, each starting with the tar's name.
+    A set at a URL (`root` a RemoteDir) fetches it with retries and checks size and sha256 there."""
     name = entry["name"]
-    try:
-        data = (root / name).read_bytes()
-    except FileNotFoundError:
-        return [], [f"{name}: missing"]
-    except OSError as exc:
-        return [], [f"{name}: unreadable ({type(exc).__name__}: {exc})"]
-    problems = []
-    if len(data) != entry["bytes"]:
-        problems.append(f"{name}: {len(data)} bytes on disk, manifest says {entry['bytes']} (truncated or replaced)")
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["sha256"]:
-        problems.append(f"{name}: sha256 {digest[:16]}... differs from the manifest's {entry['sha256'][:16]}...")
-    if problems:  # bytes known to be wrong are not parsed
-        return [], problems
+    if isinstance(root, RemoteDir):
+        data, problems = root.fetch_checked(name, entry["bytes"], entry["sha256"])
+        if problems:
+            return [], problems
+    else:
+        try:
+            data = (root / name).read_bytes()
+        except FileNotFoundError:
+            return [], [f"{name}: missing"]
+        except OSError as exc:
+            return [], [f"{name}: unreadable ({type(exc).__name__}: {exc})"]
+        problems = []
+        if len(data) != entry["bytes"]:
+            problems.append(f"{name}: {len(data)} bytes on disk, manifest says {entry['bytes']} (truncated or replaced)")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry["sha256"]:
+            problems.append(f"{name}: sha256 {digest[:16]}... differs from the manifest's {entry['sha256'][:16]}...")
+        if problems:  # bytes known to be wrong are not parsed
+            return [], problems
     members, buffer = [], pa.py_buffer(data)
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
@@ -277,14 +284,16 @@ def _is_set_manifest(path: Path) -> bool:
 
 @dataclass
 class FeatureSet:
-    """A finished feature set on disk (its manifest exists)."""
+    """A finished feature set (its manifest exists) in a folder, or at a URL (`path` a RemoteDir,
+    see pipeline/data/remote.py; its str() hides credentials)."""
 
-    path: Path
+    path: Path | RemoteDir
     manifest: dict
+    _listed: dict | None = field(default=None, repr=False, compare=False)  # a remote set's columns, listed once
 
     @classmethod
     def open(cls, path: str | Path) -> "FeatureSet":
-        path = Path(path)
+        path = set_path(path)
         if not (path / MANIFEST).is_file():
             hint = " (extraction has not finished: re-run it to resume)" if (path / SHARDS).is_dir() else ""
             raise FeatureSetError(f"{path}: no {MANIFEST}; not a finished feature set{hint}")
@@ -309,7 +318,24 @@ class FeatureSet:
     @property
     def columns(self) -> dict[str, dict]:
         """Finished added columns by name (a column being added has no manifest yet and is not read)."""
-        return {p.parent.name: read_manifest(p) for p in sorted((self.path / COLUMNS).glob(f"*/{MANIFEST}"))}
+        if self._listed is not None:
+            return self._listed
+        found = {p.parent.name: read_manifest(p) for p in sorted((self.path / COLUMNS).glob(f"*/{MANIFEST}"))}
+        if isinstance(self.path, RemoteDir):  # a URL is read, never written: list it once
+            self._listed = found
+        return found
+
+    def stats_dir(self) -> Path:
+        """Where later stages cache what they compute from the set (eval's Inception features):
+        `<set>/stats`, or for a set at a URL (never written) a local folder keyed by its shards,
+        under the cache folder (ARRA_PIPE_CACHE) or else the temporary folder."""
+        if not isinstance(self.path, RemoteDir):
+            return self.path / STATS
+        import tempfile
+        from pipeline.data.remote import cache_dir
+        where = (cache_dir() or Path(tempfile.gettempdir()) / "arra-pipe-cache") / STATS / shards_digest(self.manifest["shards"])[:24]
+        where.mkdir(parents=True, exist_ok=True)
+        return where
 
     def shard_paths(self) -> list[Path]:
         return [self.path / s["name"] for s in self.manifest["shards"]]
@@ -317,6 +343,8 @@ class FeatureSet:
     def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         """Rows of every shard with the added `columns` joined (default: all of them)."""
         for index in range(len(self.manifest["shards"])):
+            if index + 1 < len(self.manifest["shards"]):
+                self.prefetch(index + 1, columns)
             yield from self.shard_batches(index, columns)
 
     def shard_batches(self, index: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
@@ -344,6 +372,15 @@ class FeatureSet:
             if next(part, None) is not None:
                 raise FeatureSetError(f"{added[n]['shards'][index]['name']}: more members than {shard}")
 
+    def prefetch(self, index: int, columns: list[str] | None = None) -> None:
+        """A set at a URL starts fetching shard `index` (and its tars of the added `columns`) in the
+        background, for a reader that reads it next; a local set does nothing."""
+        if isinstance(self.path, RemoteDir):
+            entries = [self.manifest["shards"][index]]
+            entries += [self.columns[n]["shards"][index] for n in self.column_names(columns)]
+            for e in entries:
+                self.path.prefetch(e["name"], e["bytes"], e["sha256"])
+
     def _read(self, entry: dict, column: str | None = None) -> list[tuple[str, pa.RecordBatch]]:
         """The checked members of a tar of the set (a shard, or a tar of added `column`)."""
         members, problems = check_tar(self.path, entry, self._fields(column))
@@ -359,11 +396,11 @@ class FeatureSet:
         if columns:
             entries += [(self.columns[n]["shards"][index], n) for n in self.column_names(columns)]
         for entry, column in entries:
-            p = self.path / entry["name"]
-            if not p.is_file():
+            size = file_size(self.path / entry["name"], entry)
+            if size is None:
                 raise self._damaged(f"{entry['name']}: missing", column)
-            if p.stat().st_size != entry["bytes"]:
-                raise self._damaged(f"{entry['name']}: {p.stat().st_size} bytes on disk, manifest says "
+            if size != entry["bytes"]:
+                raise self._damaged(f"{entry['name']}: {size} bytes on disk, manifest says "
                                     f"{entry['bytes']} (truncated or replaced)", column)
 
     def _damaged(self, problem: str, column: str | None) -> FeatureSetError:

@@ -137,8 +137,12 @@ class TrainStream:
         None marks the end of each pass."""
         while True:
             shards = self.rank_shards(self.rank)
-            for j in rng.permutation(len(shards)):
+            order = rng.permutation(len(shards))
+            for n, j in enumerate(order):
                 ref = self.shards[shards[j]]
+                if n + 1 < len(order):  # a set at a URL fetches the next shard while this one is read
+                    after = self.shards[shards[order[n + 1]]]
+                    after.featureset.prefetch(after.index, list(after.columns))
                 for seen, batch in _offsets(ref.batches()):
                     if not self.by_shard:  # keep every world-th row of the sets' rows, whatever order they are read in
                         first = self.starts[shards[j]] + seen
