@@ -167,7 +167,7 @@ def main():
 
 @main.command()
 @click.argument("source", required=False, type=click.Path(exists=True))
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Feature-set directory to write (or resume, or add teachers to).")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Feature-set directory to write (or resume, or add teachers to), or a URL (s3://, gs://, ...) to upload it to.")
 @options_of("stages.options:ExtractOptions")
 @click.option("--teacher-path", "teacher_paths", multiple=True, metavar="[NAME=]PATH",
               help="Weights file or folder for a teacher (NAME= is needed when there are several).")
@@ -175,6 +175,7 @@ def main():
               help="Global feature of a teacher: cls, avgpool or cls+avgpool (default: its manifest's).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing set at --out and start again.")
 @options_of("pipeline.data.sources:SourceOptions")
+@cache_flag
 def extract(source, out, teacher_paths, aggregations, overwrite, **kw):
     """Extract SOURCE into a feature set of VQ codes and teacher features.
 
@@ -183,13 +184,26 @@ def extract(source, out, teacher_paths, aggregations, overwrite, **kw):
     torchrun each rank extracts its own shards. With --out a finished set, teachers it lacks are
     added to it as columns (the tokenizer is not run; SOURCE defaults to the one it was made from).
     """
+    from dataclasses import replace
     from pipeline.data.featureset import MANIFEST, FeatureSet
+    from pipeline.data.remote import is_url, set_path
     from stages.options import ExtractOptions
     teachers = kw["teachers"]
     opts = ExtractOptions(source=source, out=out, source_options=take(SourceOptions, kw),
                           teacher_paths=per_teacher(teacher_paths, teachers, "--teacher-path"),
                           teacher_aggregations=per_teacher(aggregations, teachers, "--aggregation"), **kw)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
+    if is_url(out) and not out.startswith("file://"):  # staged locally, each shard uploaded when done, manifest last
+        from pipeline.data.publish import extract_to_url
+        from stages.extract import extract as run
+        result = extract_to_url(run, opts, out, overwrite, log)
+        click.echo(f"{result.path}: {result.rows} rows, {result.rejects} rejected"
+                   + (" (already complete: nothing to do)" if result.status == "up-to-date" else
+                      f"; extracted {result.rows_extracted} records in {result.seconds:.1f} s"))
+        return
+    if out.startswith("file://"):
+        out = str(set_path(out))
+        opts = replace(opts, out=out)
     if Path(out, MANIFEST).exists() and not overwrite and (source is None or opts.new_teachers(FeatureSet.open(out).manifest)):
         from stages.add_columns import add_teachers
         result = add_teachers(opts, log)  # a finished set: the teachers it lacks become columns
