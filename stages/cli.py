@@ -195,10 +195,12 @@ def extract(source, out, teacher_paths, aggregations, overwrite, **kw):
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     if is_url(out) and not out.startswith("file://"):  # staged locally, each shard uploaded when done, manifest last
         from pipeline.data.publish import extract_to_url
+        from stages.add_columns import add_teachers
         from stages.extract import extract as run
-        result = extract_to_url(run, opts, out, overwrite, log)
+        result = extract_to_url(run, add_teachers, opts, out, overwrite, log)
         click.echo(f"{result.path}: {result.rows} rows, {result.rejects} rejected"
                    + (" (already complete: nothing to do)" if result.status == "up-to-date" else
+                      f"; added teacher columns for {result.rows_extracted} rows" if result.status == "added" else
                       f"; extracted {result.rows_extracted} records in {result.seconds:.1f} s"))
         return
     if out.startswith("file://"):

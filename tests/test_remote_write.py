@@ -128,3 +128,23 @@ def test_credentials_in_the_out_url_are_never_shown(images, codebook, tmp_path, 
     result = CliRunner().invoke(main, ["extract", str(images), "--out", "s3://AKIAEXAMPLE:hunter2-secret@bucket/sets/x",
                                        *flags(codebook)])
     assert result.exit_code == 1 and "hunter2-secret" not in result.output and "s3://***@bucket/sets/x" in result.output
+
+
+def test_a_teacher_added_to_a_set_at_a_url_equals_one_added_to_a_folder(images, codebook, tmp_path, monkeypatch):
+    import model_checkpoints as mc
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    dino = str(mc.write_dinov2(tmp_path / "dino", 384))
+    url, local = "memory://arra-test/sets/add", tmp_path / "local"
+    add = ["--teacher", "dinov2-s", "--teacher-path", dino]
+    try:
+        for out in (url, str(local)):
+            done = CliRunner().invoke(main, ["extract", str(images), "--out", out, *flags(codebook)], catch_exceptions=False)
+            assert done.exit_code == 0, done.output
+            done = CliRunner().invoke(main, ["extract", "--out", out, *flags(codebook), *add], catch_exceptions=False)
+            assert done.exit_code == 0, done.output
+        remote = FeatureSet.open(url)
+        assert set(remote.columns) == {"dinov2-s"} and remote.verify() == []
+        assert remote.table().equals(FeatureSet.open(local).table())
+        assert not list((tmp_path / "cache" / "staging").iterdir())
+    finally:
+        fsspec.filesystem("memory").rm("/arra-test", recursive=True)

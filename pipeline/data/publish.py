@@ -24,7 +24,8 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.data.featureset import COLUMNS, MANIFEST, PROGRESS, REJECTS, SHARDS, read_manifest
+from pipeline.data.featureset import COLUMNS, MANIFEST, PROGRESS, REJECTS, FeatureSet, FeatureSetError, read_manifest
+from pipeline.data.files import atomic_write_bytes
 from pipeline.data.jobs import JobError, JobResult
 from pipeline.data.remote import RemoteDir, cache_dir, redact
 
@@ -135,16 +136,19 @@ class Publisher:
         return manifest
 
 
-def extract_to_url(extract, opts, url: str, overwrite: bool, log=print) -> JobResult:
+def extract_to_url(extract, add, opts, url: str, overwrite: bool, log=print) -> JobResult:
     """`extract --out URL`: `extract(opts, overwrite, log)` (the stage) run into a staging folder,
     its files uploaded as above. Under torchrun the ranks of one node share the staging folder and
-    rank 0 uploads."""
+    rank 0 uploads. A URL holding a finished set with teachers it lacks gets them as columns
+    (`add_to_url`); one that has them all is complete."""
     remote = RemoteDir(url)
     if overwrite:
         raise JobError(f"--overwrite is not supported for a URL ({remote}): remove the set there with the storage's "
                        "own tools, then extract again")
     if (remote / MANIFEST).is_file():
         m = read_manifest(remote / MANIFEST)
+        if opts.new_teachers(m):
+            return add_to_url(add, opts, url, log)
         return JobResult("up-to-date", remote, m["rows"], m["rejects"]["total"])
     staging = staging_dir(url)
     staging.parent.mkdir(parents=True, exist_ok=True)
@@ -156,3 +160,56 @@ def extract_to_url(extract, opts, url: str, overwrite: bool, log=print) -> JobRe
         manifest = publisher.finish()
     shutil.rmtree(staging)
     return replace(result, path=remote, rows=manifest["rows"])
+
+
+def _download(fs: FeatureSet, staging: Path, log) -> None:
+    """A local copy of the set at a URL, every tar checked against its manifest entry; the
+    manifest is written last, so a copy interrupted half-way is made again."""
+    remote = fs.path
+    entries = list(fs.manifest["shards"])
+    extra = [f"{COLUMNS}/{name}/{MANIFEST}" for name in fs.columns]
+    for column in fs.columns.values():
+        entries += column["shards"]
+    log(f"copying {remote} ({sum(e['bytes'] for e in entries) / 1e6:.1f} MB) into {staging} to add columns")
+    for entry in entries:
+        data, problems = remote.fetch_checked(entry["name"], entry["bytes"], entry["sha256"])
+        if problems:
+            raise FeatureSetError(f"{remote}/{problems[0]}")
+        (staging / entry["name"]).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(staging / entry["name"], data)
+    for name in [REJECTS, *extra, MANIFEST]:
+        target = remote / name
+        if name == REJECTS and not target.is_file():
+            continue
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(staging / name, target.read_bytes())
+
+
+def add_to_url(add, opts, url: str, log=print) -> JobResult:
+    """Teachers added as columns to the set at `url`: the set is copied into the staging folder
+    (checked), `add(opts, log)` (the stage) adds the columns there, and each new column's tars are
+    uploaded, then its manifest (a reader finds a column by its manifest). Re-running after a kill
+    resumes from the staging folder; the staging folder is removed at the end."""
+    remote = RemoteDir(url)
+    fs = FeatureSet.open(remote)
+    staging = staging_dir(url)
+    if not (staging / MANIFEST).is_file():
+        _download(fs, staging, log)
+    result = add(replace(opts, out=str(staging)), log)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return replace(result, path=remote)
+    publisher = Publisher(staging, remote, log)
+    have = fs.columns
+    for p in sorted((staging / COLUMNS).glob(f"*/{MANIFEST}")):
+        name, column = p.parent.name, read_manifest(p)
+        if name in have and have[name]["shards"] == column["shards"]:
+            continue
+        for entry in column["shards"]:
+            publisher.upload(entry)
+        _put(remote, p, f"{COLUMNS}/{name}/{MANIFEST}")  # last: the column is now complete at the URL
+    try:
+        remote.fs.rm((remote / PROGRESS).fspath, recursive=True)
+    except (FileNotFoundError, OSError):
+        pass
+    shutil.rmtree(staging)
+    return replace(result, path=remote)
