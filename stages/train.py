@@ -171,6 +171,7 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
     tok = sets[0].manifest["tokenizer"]
     grid, codebook = tuple(tok["grid"]), tok["codebook_size"]
     tok_ref = {k: tok.get(k) for k in ("name", "weights_sha256", "weights_path", "resolution", "grid", "codebook_size")}
+    rep = opts.align_positions == "rep-token"
     if opts.init:
         prev = read_layout(opts.init)
         layout = VocabLayout.from_dict(prev)
@@ -184,6 +185,9 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
         if layout.condition == "text" and layout.max_text_len not in (0, opts.max_text_len):
             raise TrainError(f"--init {opts.init}: the model was trained with --max-text-len {layout.max_text_len}; "
                              f"pass the same (not {opts.max_text_len}) so captions are cut as they were")
+        if rep and not layout.rep:
+            raise TrainError(f"--init {opts.init}: the model has no <rep> token for --align-positions rep-token; "
+                             f"align at boi or image, or train ARRA-Base/ARRA with rep-token from the start")
         layout = replace(layout, max_text_len=opts.max_text_len if layout.condition == "text" else 0)
         tokenizer = _maybe_tokenizer(opts.init) if layout.condition == "text" else None
         from transformers import AutoConfig
@@ -203,24 +207,25 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
         tokenizer = AutoTokenizer.from_pretrained(opts.model[3:], trust_remote_code=False)
         rows = max(config.vocab_size, len(tokenizer))
         layout = VocabLayout("text", rows, codebook, grid, tok_ref,
-                             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1, opts.max_text_len)
+                             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1, opts.max_text_len, rep)
         max_positions, hidden = config.max_position_embeddings, config.hidden_size
     else:
         if opts.condition == "class":
-            layout = VocabLayout("class", class_count(sets) + 1, codebook, grid, tok_ref)
+            layout = VocabLayout("class", class_count(sets) + 1, codebook, grid, tok_ref, rep=rep)
             tokenizer = None
         else:
             tokenizer = text_tokenizer(opts, sets, model_dir, is_main)
-            layout = VocabLayout("text", len(tokenizer), codebook, grid, tok_ref, tokenizer.pad_token_id, opts.max_text_len)
+            layout = VocabLayout("text", len(tokenizer), codebook, grid, tok_ref, tokenizer.pad_token_id, opts.max_text_len, rep)
         cond_len = 1 if opts.condition == "class" else opts.max_text_len
-        max_positions = cond_len + layout.image_tokens + 2
+        max_positions = cond_len + len(layout.image_prefix) + layout.image_tokens + 1
         hidden = preset_config(opts.model, layout.vocab_size, max_positions).hidden_size
 
         def build():
             return build_from_preset(opts.model, layout.vocab_size, max_positions, opts.dropout)
-    need = (1 if layout.condition == "class" else opts.max_text_len) + layout.image_tokens + 2
+    markers = len(layout.image_prefix) + 1  # (<rep>) <boi> ... <eoi>
+    need = (1 if layout.condition == "class" else opts.max_text_len) + layout.image_tokens + markers
     if max_positions is not None and need > max_positions:
-        raise TrainError(f"sequences need {need} positions ({grid[0]}x{grid[1]} image codes + condition + 2) "
+        raise TrainError(f"sequences need {need} positions ({grid[0]}x{grid[1]} image codes + condition + {markers}) "
                          f"but the model has max_position_embeddings {max_positions}; lower --max-text-len or the grid")
     return layout, build, tokenizer, hidden
 

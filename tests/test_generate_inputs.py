@@ -63,3 +63,12 @@ def test_rows_of_one_length_get_no_mask():
     generate(model, LAYOUT, [[1, 5], [2, 7]], [3, 4], [0, 1], Sampling(cfg=2.0, temperature=0))
     assert [c.mask for c in model.calls] == [None, None, None]
     assert model.calls[0].positions == [[0, 1, 2]] * 4
+
+
+def test_a_rep_layout_prompts_with_rep_before_boi_as_in_training():
+    from dataclasses import replace
+    model = Recorder()
+    layout = replace(LAYOUT, rep=True)  # <rep> is row 16
+    generate(model, layout, [[1, 5], [1]], [1], [0, 1], Sampling(cfg=1.0, temperature=0), kv_cache=False)
+    assert model.calls[0].ids == [[1, 5, 16, BOI], [0, 1, 16, BOI]]
+    assert model.calls[-1].positions == [[0, 1, 2, 3, 4, 5], [0, 0, 1, 2, 3, 4]]

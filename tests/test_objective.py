@@ -10,6 +10,7 @@ used for the expected numbers.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,35 +22,43 @@ from pipeline.data.train_data import IGNORE, make_sequences
 from pipeline.lm.vocab import VocabLayout
 
 LAYOUT = VocabLayout("text", condition_vocab=20, codebook_size=8, grid=(2, 2), tokenizer={}, pad_id=0)
+REP = LAYOUT.eoi + 1                                      # the <rep> row a layout with `rep` adds
 CONDITIONS = [[1, 5, 6], [1], [1, 7]]                     # captions of 3, 1 and 2 tokens
 CODES = np.array([[0, 3, 5, 7], [2, 2, 6, 1], [4, 0, 3, 6]], dtype=np.uint16)
 TEACHER_DIM, ALIGN_LAYER, LAM = 6, 1, 0.37
 N = 4                                                     # image codes per row (2x2 grid)
 
 
+def hand_row(i: int, positions: str) -> tuple[list[int], int, list[int]]:
+    """Row i as `caption <boi> c1..c4 <eoi>` (`caption <rep> <boi> ...` for rep-token), where <boi>
+    is, and the aligned positions: those whose next token is a code (<boi>..c3), <boi> alone, or <rep>."""
+    cond = CONDITIONS[i]
+    marks = [REP, LAYOUT.boi] if positions == "rep-token" else [LAYOUT.boi]
+    seq = cond + marks + [LAYOUT.image_offset + int(x) for x in CODES[i]] + [LAYOUT.eoi]
+    boi = len(cond) + len(marks) - 1
+    return seq, boi, {"image": list(range(boi, boi + N)), "boi": [boi], "rep-token": [len(cond)]}[positions]
+
+
 def hand_batch(positions: str):
-    """`caption <boi> c1..c4 <eoi>` per row, right-padded with pad_id; labels on the codes and
-    <eoi>; aligned: the positions whose next token is a code (<boi>..c3), or <boi> alone."""
-    t = max(map(len, CONDITIONS)) + N + 2
+    """The rows right-padded with pad_id; labels on the codes and <eoi>."""
+    rows = [hand_row(i, positions) for i in range(len(CONDITIONS))]
+    t = max(len(seq) for seq, _, _ in rows)
     ids = np.full((3, t), LAYOUT.pad_id, dtype=np.int64)
     attn = np.zeros((3, t), dtype=np.int64)
     labels = np.full((3, t), IGNORE, dtype=np.int64)
     align = np.zeros((3, t), dtype=bool)
-    for i, cond in enumerate(CONDITIONS):
-        c = len(cond)
-        seq = cond + [LAYOUT.boi] + [LAYOUT.image_offset + int(x) for x in CODES[i]] + [LAYOUT.eoi]
+    for i, (seq, boi, aligned) in enumerate(rows):
         ids[i, :len(seq)] = seq
         attn[i, :len(seq)] = 1
-        labels[i, c + 1:len(seq)] = seq[c + 1:]
-        for p in ([c] if positions == "rep-token" else range(c, c + N)):
-            align[i, p] = True
+        labels[i, boi + 1:len(seq)] = seq[boi + 1:]
+        align[i, aligned] = True
     return ids, attn, labels, align
 
 
-def tiny_arra(kind: str, lam: float = LAM) -> ARRAModel:
+def tiny_arra(kind: str, lam: float = LAM, vocab: int = LAYOUT.vocab_size) -> ARRAModel:
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=LAYOUT.vocab_size, hidden_size=16, intermediate_size=32,
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
                                       num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=16))
     with torch.no_grad():  # weights of unit scale: a row's caption moves its hidden states, and so GVA
         for p in lm.parameters():
@@ -77,18 +86,17 @@ def expected_terms(model: ARRAModel, teacher: torch.Tensor, positions: str, kind
     w2, b2 = model.projector[2].weight, model.projector[2].bias
     ce_terms, gva_per_row = [], []
     try:
-        for i, cond in enumerate(CONDITIONS):
-            seq = cond + [LAYOUT.boi] + [LAYOUT.image_offset + int(x) for x in CODES[i]] + [LAYOUT.eoi]
+        for i in range(len(CONDITIONS)):
+            seq, boi, aligned = hand_row(i, positions)
             captured.clear()
             logits = model.lm(input_ids=torch.tensor([seq]), use_cache=False).logits[0]
             hidden = captured[0][0] if isinstance(captured[0], tuple) else captured[0]
             hidden = hidden[0]
-            c = len(cond)
-            for t in range(c, len(seq) - 1):           # <boi>..c4 predict c1..c4, <eoi>
+            for t in range(boi, len(seq) - 1):         # <boi>..c4 predict c1..c4, <eoi>
                 ce_terms.append(-torch.log_softmax(logits[t], dim=-1)[seq[t + 1]])
             target = teacher[i].float()
             row = []
-            for p in ([c] if positions == "rep-token" else range(c, c + N)):
+            for p in aligned:
                 a = w1 @ hidden[p] + b1
                 s = w2 @ (0.5 * a * (1 + torch.erf(a / math.sqrt(2)))) + b2
                 if kind == "cosine":
@@ -101,13 +109,14 @@ def expected_terms(model: ARRAModel, teacher: torch.Tensor, positions: str, kind
     return sum(ce_terms) / len(ce_terms), sum(gva_per_row) / len(gva_per_row)
 
 
-@pytest.mark.parametrize("positions", ["image", "rep-token"])
+@pytest.mark.parametrize("positions", ["image", "boi", "rep-token"])
 @pytest.mark.parametrize("kind", ["cosine", "mse"])
 def test_loss_is_ce_plus_lambda_gva_computed_by_hand(kind, positions):
     ids, attn, labels, align = hand_batch(positions)
-    for ours, hand in zip(make_sequences(LAYOUT, CONDITIONS, CODES, positions), (ids, attn, labels, align)):
+    layout = replace(LAYOUT, rep=positions == "rep-token")
+    for ours, hand in zip(make_sequences(layout, CONDITIONS, CODES, positions), (ids, attn, labels, align)):
         assert np.array_equal(ours, hand)
-    model = tiny_arra(kind)
+    model = tiny_arra(kind, vocab=layout.vocab_size)
     teacher = teacher_rows()
     loss, metrics = model(*(torch.from_numpy(a) for a in (ids, attn, labels, align)), teacher=teacher)
     ce, gva = expected_terms(model, teacher, positions, kind)

@@ -36,7 +36,7 @@ def test_a_row_is_laid_out_alike_alone_and_in_a_batch_of_other_lengths():
     """Equal-length batches take whole-batch slices, mixed ones go row by row: same layout."""
     conditions = [[1, 7, 8], [1], [1, 5]]
     codes = np.random.default_rng(0).integers(0, 16, (3, 6)).astype(np.uint16)
-    for positions in ("image", "rep-token"):
+    for positions in ("image", "boi"):
         batch = make_sequences(LAYOUT, conditions, codes, positions)
         for i, cond in enumerate(conditions):
             alone = make_sequences(LAYOUT, [cond], codes[i:i + 1], positions)
@@ -45,8 +45,8 @@ def test_a_row_is_laid_out_alike_alone_and_in_a_batch_of_other_lengths():
                 assert np.array_equal(together[i, :t], single[0]) and (together[i, t:] == fill).all()
 
 
-def test_rep_token_aligns_only_the_boi_position():
-    _, _, _, align = make_sequences(LAYOUT, [[1, 2], [1]], np.zeros((2, 6), dtype=np.uint16), "rep-token")
+def test_boi_aligns_only_the_boi_position():
+    _, _, _, align = make_sequences(LAYOUT, [[1, 2], [1]], np.zeros((2, 6), dtype=np.uint16), "boi")
     assert align.sum() == 2 and align[0, 2] and align[1, 1]
 
 

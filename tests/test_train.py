@@ -250,6 +250,17 @@ def test_init_from_another_grid_or_codebook_is_refused(zero0_export, run_extract
                                steps=1, micro_batch=2, progress=False))
 
 
+
+def test_init_from_a_model_without_rep_refuses_rep_token_alignment(zero0_export, fmnist, tmp_path, monkeypatch):
+    from stages.train import TrainError, TrainOptions, train
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(TrainError, match="the model has no <rep> token for --align-positions rep-token"):
+        train(TrainOptions(sets=[str(fmnist)], run=str(tmp_path / "run"), init=str(zero0_export[1]), steps=1,
+                           micro_batch=2, progress=False, align_positions="rep-token"))
+
+
 def test_training_never_imports_a_teacher(fmnist, tmp_path):
     code = (f"from stages.train import train, TrainOptions\n"
             f"train(TrainOptions(sets=[{str(fmnist)!r}], run={str(tmp_path / 'run')!r}, steps=2, micro_batch=4, progress=False))\n"

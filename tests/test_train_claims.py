@@ -108,3 +108,22 @@ def test_offload_cpu_trains_with_deepspeeds_cpu_adam_as_without_offload(fmnist, 
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert same_losses(offloaded, train(fmnist, tmp_path / "plain", *args))
     assert all(math.isfinite(r["loss"]) for r in offloaded)
+
+
+def test_align_positions_rep_token_trains_exports_and_samples_with_the_rep_row(fmnist, tmp_path):
+    """The paper's <REP>: one more vocabulary row, between the condition and <boi> in training and in
+    sampling, its hidden state the only one aligned."""
+    run, model = tmp_path / "run", tmp_path / "model"
+    steps = train(fmnist, run, "--micro-batch", "4", "--steps", "2", "--align-positions", "rep-token")
+    assert all(r["gva"] > 0 for r in steps)
+    cli = [sys.executable, "-m", "stages.cli"]
+    for args in (["export", str(run), "--out", str(model)],
+                 ["sample", str(model), "--out", str(tmp_path / "s"), "--class", "3", "--n", "2"]):
+        done = subprocess.run([*cli, *args], capture_output=True, text=True, env=ENV, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+    layout = json.loads((model / "arra_vocab.json").read_text())
+    config = json.loads((model / "config.json").read_text())
+    assert layout["rep"] and layout["vocab_size"] == layout["eoi"] + 2 == config["vocab_size"]
+    from pipeline.data.samples import read_samples
+    files, rows = read_samples(tmp_path / "s")
+    assert len(files) == 2 and all(f.is_file() for f in files)

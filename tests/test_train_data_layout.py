@@ -3,8 +3,12 @@ dropped rows), and rows of mixed caption lengths, the shortest first, each laid 
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import replace
 
+import numpy as np
+import pytest
+
+from pipeline.errors import ArraError
 from pipeline.lm.arra import IGNORE
 from pipeline.data.train_data import Conditioner, make_sequences
 from pipeline.lm.vocab import VocabLayout
@@ -33,5 +37,22 @@ def test_rows_of_mixed_caption_lengths_shortest_first():
     assert attn.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
     assert labels.tolist() == [[x, x, 5, 6, 10, x], [x, x, x, 7, 8, 10]]
     assert align.astype(int).tolist() == [[0, 1, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0]]
-    _, _, _, rep = make_sequences(LAYOUT, [[1], [2, 3]], codes, "rep-token")
-    assert rep.astype(int).tolist() == [[0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]]
+    _, _, _, boi = make_sequences(LAYOUT, [[1], [2, 3]], codes, "boi")
+    assert boi.astype(int).tolist() == [[0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]]
+
+
+def test_a_rep_layout_puts_rep_between_the_condition_and_boi_and_aligns_it_alone():
+    """The paper's <REP>: one more row (11), after the caption; it predicts nothing (<boi> follows)."""
+    codes = np.array([[0, 1], [2, 3]])
+    layout = replace(LAYOUT, rep=True)
+    assert (layout.rep_token, layout.vocab_size, layout.image_prefix) == (11, 12, [11, 9])
+    ids, attn, labels, align = make_sequences(layout, [[1], [2, 3]], codes, "rep-token")
+    x = IGNORE
+    assert ids.tolist() == [[1, 11, 9, 5, 6, 10, 0], [2, 3, 11, 9, 7, 8, 10]]
+    assert attn.tolist() == [[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]]
+    assert labels.tolist() == [[x, x, x, 5, 6, 10, x], [x, x, x, x, 7, 8, 10]]
+    assert align.astype(int).tolist() == [[0, 1, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0]]
+    _, _, _, image = make_sequences(layout, [[1], [2, 3]], codes, "image")   # <rep> is never an image position
+    assert image.astype(int).tolist() == [[0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0]]
+    with pytest.raises(ArraError, match="rep-token needs a layout with a <rep> token"):
+        make_sequences(LAYOUT, [[1]], codes[:1], "rep-token")

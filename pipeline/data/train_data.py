@@ -61,15 +61,19 @@ class Conditioner:
 
 
 def make_sequences(layout: VocabLayout, conditions: list[list[int]], codes: np.ndarray, align_positions: str = "image"):
-    """Lay out `condition <boi> codes <eoi>` per row, right-padded. Returns input_ids, attention_mask,
-    labels (image codes and <eoi>) and align_mask (the positions whose next token is an image code,
-    or only the <boi> position for `align_positions="rep-token"`)."""
+    """Lay out `condition (<rep>) <boi> codes <eoi>` per row, right-padded. Returns input_ids,
+    attention_mask, labels (image codes and <eoi>) and align_mask: the positions whose next token is
+    an image code (`image`), only the <boi> position (`boi`), or only the <rep> token (`rep-token`)."""
+    if align_positions == "rep-token" and not layout.rep:
+        raise ArraError("--align-positions rep-token needs a layout with a <rep> token (this model has none)")
     b, n = codes.shape
+    prefix = layout.image_prefix
+    head = len(prefix)                                               # <boi>, or <rep> <boi>
     lengths = np.array([len(c) for c in conditions])
-    t = int(lengths.max()) + n + 2
-    tail = np.empty((b, n + 2), dtype=np.int64)                      # <boi> c_1 .. c_N <eoi>
-    tail[:, 0], tail[:, -1] = layout.boi, layout.eoi
-    np.add(codes, layout.image_offset, out=tail[:, 1:-1], casting="unsafe")
+    t = int(lengths.max()) + head + n + 1
+    tail = np.empty((b, head + n + 1), dtype=np.int64)               # (<rep>) <boi> c_1 .. c_N <eoi>
+    tail[:, :head], tail[:, -1] = prefix, layout.eoi
+    np.add(codes, layout.image_offset, out=tail[:, head:-1], casting="unsafe")
     ids = np.full((b, t), layout.pad, dtype=np.int64)
     labels = np.full((b, t), IGNORE, dtype=np.int64)
     align = np.zeros((b, t), dtype=bool)
@@ -77,13 +81,14 @@ def make_sequences(layout: VocabLayout, conditions: list[list[int]], codes: np.n
         rows = [(slice(None), int(lengths[0]), np.asarray(conditions, dtype=np.int64).reshape(b, lengths[0]))]
     else:
         rows = [(i, int(c), cond) for i, (c, cond) in enumerate(zip(lengths, conditions))]
-    span = 1 if align_positions == "rep-token" else n                # <boi> only, or <boi> .. c_{N-1}
+    boi = head - 1                                                   # <boi>'s place after the condition
+    start, span = {"image": (boi, n), "boi": (boi, 1), "rep-token": (0, 1)}[align_positions]
     for r, c, cond in rows:
         ids[r, :c] = cond
-        ids[r, c:c + n + 2] = tail[r]
-        labels[r, c + 1:c + n + 2] = tail[r, 1:]                     # codes and <eoi>
-        align[r, c:c + span] = True                                  # positions whose next token is a code
-    attn = (np.arange(t)[None] < (lengths + n + 2)[:, None]).astype(np.int64)
+        ids[r, c:c + head + n + 1] = tail[r]
+        labels[r, c + head:c + head + n + 1] = tail[r, head:]        # codes and <eoi>
+        align[r, c + start:c + start + span] = True                  # <boi> .. c_{N-1}, <boi>, or <rep>
+    attn = (np.arange(t)[None] < (lengths + head + n + 1)[:, None]).astype(np.int64)
     return ids, attn, labels, align
 
 

@@ -80,7 +80,7 @@ def generate(model, layout: VocabLayout, conditions: list[list[int]], null: list
     the whole prefix at every step (for checking and benchmarking)."""
     device = next(model.parameters()).device
     b, guided = len(conditions), sampling.cfg != 1.0
-    rows = [c + [layout.boi] for c in conditions + ([null] * b if guided else [])]
+    rows = [c + layout.image_prefix for c in conditions + ([null] * b if guided else [])]
     ids, attn = _left_pad(rows, layout.pad, device)
     generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
     lo, hi = layout.image_offset, layout.image_offset + layout.codebook_size

@@ -16,8 +16,9 @@ class Objective:
 
     lam: float = option(1.0, "Weight of the GVA loss; 0 = plain AR baseline, no projector.", name="--lambda", min=0)
     align_layer: int = option(1, "hidden_states index aligned: 1 = output of the first block (official).", min=0)
-    align_positions: str = option("image", "image: every position that predicts an image code; rep-token: only the <boi> position.",
-                                  choices=("image", "rep-token"))
+    align_positions: str = option("image", "image: every position that predicts an image code; boi: only the <boi> "
+                                  "position; rep-token: a dedicated <rep> token between the condition and <boi> (the "
+                                  "paper's <REP>; adds one vocabulary row).", choices=("image", "boi", "rep-token"))
     align_loss: str = option("cosine", "Alignment loss: 1 - cos, or the squared error.", choices=("cosine", "mse"))
     projector_hidden: int | None = option(None, "Projector hidden width (default: the teacher dim, as the official 512->512).", min=1)
     z_loss: float = option(0.0, "z-loss weight (independent of GVA).", min=0)
