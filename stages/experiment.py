@@ -152,6 +152,9 @@ def summarize(runs: list[dict], arms: list[str], teacher: str) -> dict:
             out[arm][metric] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
                                 "n_seeds": len(values), "n_generated": mine[0]["metrics"][metric]["n_generated"],
                                 "n_reference": mine[0]["metrics"][metric]["n_reference"]}
+            floors = [r["metrics"][metric].get("floor") for r in mine]
+            if all(f is not None for f in floors):  # the same real images every time: one value, kept as their mean
+                out[arm][metric]["floor"] = statistics.fmean(floors)
     base = arms[0]
     for arm in arms[1:]:
         for metric, stats in out[arm].items():
@@ -199,8 +202,9 @@ def markdown(report: dict, teacher: str) -> str:
     lines = [f"# {Path(report['experiment']).stem} — scale `{report['scale']}`", "", report["description"].strip(), "",
              f"Scale: {report['scale_note']}. Data: `{report['data']}`. Device: {report['device']} ({report['machine']}). "
              f"Seeds: {report['seeds']}.", "",
-             "| metric | n_gen / n_ref | " + " | ".join(arms) + " | " + " | ".join(f"{a} vs {base}" for a in arms[1:]) + " |",
-             "|---|---|" + "---|" * (2 * len(arms) - 1)]
+             "| metric | n_gen / n_ref | real-vs-real floor | " + " | ".join(arms) + " | "
+             + " | ".join(f"{a} vs {base}" for a in arms[1:]) + " |",
+             "|---|---|---|" + "---|" * (2 * len(arms) - 1)]
     for metric in metrics:
         s = report["summary"]
         cells = []
@@ -209,14 +213,19 @@ def markdown(report: dict, teacher: str) -> str:
             cells.append(f"{v['mean']:.4g}" + (f" ± {v['sd']:.2g}" if v["sd"] is not None else ""))
         changes = [f"{s[a][metric][f'change_vs_{base}']:+.1%}" if s[a][metric].get(f"change_vs_{base}") is not None else "–"
                    for a in arms[1:]]
-        lines.append(f"| {metric} | {s[base][metric]['n_generated']} / {s[base][metric]['n_reference']} | "
+        floor = f"{s[base][metric]['floor']:.4g}" if s[base][metric].get("floor") is not None else "–"
+        lines.append(f"| {metric} | {s[base][metric]['n_generated']} / {s[base][metric]['n_reference']} | {floor} | "
                      + " | ".join(cells) + " | " + " | ".join(changes) + " |")
     ceiling = [m for m in report["summary"][base] if m.startswith("class accuracy of real")]
     if ceiling:
         lines += ["", f"Class accuracy is a proxy for conditioning fidelity: a linear probe on {teacher} features of the "
                       f"training set; on the real test images it scores {report['summary'][base][ceiling[0]]['mean']:.3f}."]
-    lines += ["", "FID uses the TF-Inception network; with fewer than 10,000 images it is biased upward, so compare arms "
-                  "only at equal sample counts, as here."]
+    lines += ["", "FID uses the TF-Inception network (TF 1.x's legacy bilinear resize to 299 px, as the TF code, clean-fid "
+                  "and NVIDIA's network compute it) against a class-balanced reference; with fewer than 10,000 images it "
+                  "is biased upward, so compare arms only at equal sample counts, as here. The real-vs-real floor is the "
+                  "same figure for held-out real images at the generated n against the same reference: what a generator "
+                  "drawing real images would score, so only the distance above it is the model's. KID is the unbiased "
+                  "polynomial-kernel MMD² (mean over subsets): its expectation does not grow as n shrinks."]
     if any(report.get("paired", {}).values()):
         lines += ["", f"## Paired differences (arm − {base}, seed by seed)", "",
                   "Arms sharing a seed share data order, init and sampling seeds. p: the two-sided paired t-test; a "

@@ -262,6 +262,10 @@ def format_table(result: dict) -> str:
     lines = [f"{'metric':44s} {'value':>10s} {'n_gen':>7s} {'n_ref':>7s}  space"]
     for m in result["metrics"]:
         lines.append(f"{m['metric']:44s} {m['value']:10.4f} {m['n_generated']:7d} {m['n_reference']:7d}  {m['space']}")
+        if m.get("floor") is not None:
+            lines.append(f"{'':44s} real-vs-real floor {m['floor']:.4f}: {m['floor_space']}")
+        elif m.get("floor_note"):
+            lines.append(f"{'':44s} {m['floor_note']}")
         if m.get("note"):
             lines.append(f"{'':44s} note: {m['note']}")
     seeds = result["generated"]["seeds"]

@@ -208,3 +208,45 @@ def test_reference_images_fall_back_to_tokenizer_reconstructions_when_the_source
     codes = column_array(fs.table(), "codes")[:5].astype(np.int64).reshape(5, *manifest["tokenizer"]["grid"])
     expected = load_recorded_tokenizer(manifest["tokenizer"]).decode(torch.from_numpy(codes)).numpy()
     assert np.array_equal(images, expected)
+
+
+def test_fid_kid_and_fd_come_with_the_real_vs_real_floor_at_the_same_n_on_a_balanced_reference(sets, tmp_path):
+    """10 generated images (the training set's first image of each class) against 40 test images:
+    the reference is the test set's first 4 images of every class, the FID floor is the next 10
+    (one per class) against it, the teacher-space floor 10 training images against all 60."""
+    from pipeline.metrics.distribution import kid
+    from pipeline.models.inception import Inception
+    from stages.evaluate import class_balanced_order
+    from stages.report import format_table
+    test, train, _ = sets
+    fs, tr = FeatureSet.open(test), FeatureSet.open(train)
+    test_table, train_table = fs.table(), tr.table()
+    order, classes = class_balanced_order(np.asarray(test_table.column("label")))
+    train_rows = class_balanced_order(np.asarray(train_table.column("label")))[0][:10]
+    assert classes == 10 and len(order) == 60
+    assert sorted(np.asarray(test_table.column("label"))[order[40:50]]) == list(range(10))  # a balanced held-out set
+    gen_images = reference_images(tr, None, table=train_table.take(train_rows))[0]
+    gen = write_pngs(tmp_path / "gen", gen_images, np.asarray(train_table.column("label"))[train_rows])
+    result = evaluate(str(gen), str(test), fid_reference=40, train_set=str(train))
+    m = {x["metric"]: x for x in result["metrics"]}
+
+    net = Inception()
+    real = net.features(reference_images(fs, None, table=test_table.take(order[:50]))[0])
+    gen_feats = net.features(gen_images)
+    fid = m["FID"]
+    assert fid["n_generated"] == 10 and fid["n_reference"] == 40 and "class-balanced, 4 per class x 10" in fid["space"]
+    assert fid["value"] == pytest.approx(fd(gen_feats, real[:40]), rel=1e-6)
+    assert fid["floor"] == pytest.approx(fd(real[40:50], real[:40]), rel=1e-6) and fid["floor_n"] == [10, 40]
+    assert "held-out rows" in fid["floor_space"]
+    assert m["KID"]["value"] == pytest.approx(kid(gen_feats, real[:40])[0], rel=1e-6)
+    assert m["KID"]["floor"] == pytest.approx(kid(real[40:50], real[:40])[0], rel=1e-6) and m["KID"]["subset_size"] == 10
+
+    teacher = m["FD efficientnet-lite0"]
+    cached_test = column_array(test_table, "feat.efficientnet-lite0")[order]
+    assert teacher["n_reference"] == 60 and teacher["value"] == pytest.approx(
+        fd(teacher_features(fs, "efficientnet-lite0", gen_images, None, "cpu", 64), cached_test), rel=1e-6)
+    # the floor's real images are these very training images, so the generated set scores exactly the floor
+    assert teacher["floor"] == pytest.approx(fd(column_array(train_table, "feat.efficientnet-lite0")[train_rows], cached_test))
+    assert teacher["floor"] == pytest.approx(teacher["value"], rel=1e-3) and "training set" in teacher["floor_space"]
+    table = format_table(result)
+    assert table.count("real-vs-real floor") == 3 and "KID" in table

@@ -83,3 +83,21 @@ def test_paired_differences_give_the_t_test_interval_and_the_seeds_for_80_percen
                       "device": "cpu", "machine": "m", "seeds": [0, 1, 2], "runs": runs, "seconds": {}, "commands": [],
                       "summary": summarize(runs, ["plain", "arra"], "t"), "paired": paired(runs, ["plain", "arra"])}, "t")
     assert "| FID | arra | -0.367 ± 0.6 | [-1.86, 1.13] | 0.4 | 0.35 / 0.79 | no | 24 |" in table
+
+
+def test_the_real_vs_real_floor_stands_beside_each_metric_that_has_one():
+    def run(arm, seed, fid, kid):
+        return {"arm": arm, "seed": seed, "seconds": {}, "metrics": {
+            "FID": {"value": fid, "n_generated": 1000, "n_reference": 2000, "floor": 19.25},
+            "KID": {"value": kid, "n_generated": 1000, "n_reference": 2000, "floor": None},
+            "class accuracy (proxy)": {"value": 0.5, "n_generated": 1000, "n_reference": 10000}}}
+    runs = [run("plain", 0, 40.0, 0.02), run("arra", 0, 39.0, 0.019), run("plain", 1, 41.0, 0.021), run("arra", 1, 40.5, 0.02)]
+    summary = summarize(runs, ["plain", "arra"], "t")
+    assert summary["arra"]["FID"]["floor"] == 19.25 and "floor" not in summary["arra"]["KID"]
+    assert "floor" not in summary["plain"]["class accuracy (proxy)"]
+    table = markdown({"experiment": "x.toml", "scale": "cpu", "description": "", "scale_note": "", "data": "d",
+                      "device": "cpu", "machine": "m", "seeds": [0, 1], "runs": runs, "seconds": {}, "commands": [],
+                      "summary": summary, "paired": paired(runs, ["plain", "arra"])}, "t")
+    assert "| metric | n_gen / n_ref | real-vs-real floor | plain | arra | arra vs plain |" in table
+    assert "| FID | 1000 / 2000 | 19.25 | 40.5 ± 0.71 | 39.75 ± 1.1 | -1.9% |" in table
+    assert "| KID | 1000 / 2000 | – |" in table
