@@ -10,6 +10,7 @@ reproduce it. No arm is tuned that the others are not.
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import statistics
@@ -116,8 +117,12 @@ def run_experiment(name: str, scale: str, seeds: int, out: str, data: str | None
                   sampling=Sampling(**sampling), device=device, batch_size=200, progress=False)
             result = timer(f"eval {tag}", evaluate, str(samples_dir), str(sets["test"]), train_set=str(sets["train"]),
                            device=device, fid_reference=fid_reference)
-            runs.append({"arm": arm["name"], "seed": seed, "options": options,
-                         "metrics": {m["metric"]: m for m in result["metrics"]},
+            clipping = clip_rate(run_dir / "metrics.jsonl", options.get("clip", TrainOptions.clip))
+            metrics = {m["metric"]: m for m in result["metrics"]}
+            if clipping:
+                metrics[CLIPPED] = {"metric": CLIPPED, "value": clipping["share"], "space": clipping["space"],
+                                    "n_generated": "–", "n_reference": "–"}
+            runs.append({"arm": arm["name"], "seed": seed, "options": options, "metrics": metrics, "clipping": clipping,
                          "seconds": {k: v for k, v in timer.seconds.items() if tag in k}})
             commands += [f"arra-pipe train {sets['train']} --out {run_dir} {_flags(options)} --save-every {options['steps']}",
                          f"arra-pipe export {run_dir} --out {model}",
@@ -133,6 +138,26 @@ def run_experiment(name: str, scale: str, seeds: int, out: str, data: str | None
     atomic_write_json(out / "results.json", report)
     (out / "results.md").write_text(markdown(report, teacher["name"]))
     return report
+
+
+CLIPPED = "steps clipped (share, training)"
+
+
+def clip_rate(metrics_jsonl: Path, clip: float | None) -> dict | None:
+    """How often global-norm clipping acted in a run: the share of optimizer steps whose gradient
+    norm (before clipping, as metrics.jsonl logs it) exceeded `clip`, with the norm's median. The
+    clip covers the LM and the projector together, so an arm whose alignment loss adds gradient
+    can have its CE step cut more often: reported per arm so the comparison shows it."""
+    if not clip or not metrics_jsonl.is_file():
+        return None
+    norms = [row["grad_norm"] for row in map(json.loads, metrics_jsonl.read_text().splitlines())
+             if row.get("grad_norm") is not None]
+    if not norms:
+        return None
+    clipped = sum(n > clip for n in norms)
+    return {"clip": clip, "steps": len(norms), "clipped": clipped, "share": clipped / len(norms),
+            "grad_norm_median": statistics.median(norms),
+            "space": f"{clipped} of {len(norms)} steps had a global grad norm above --clip {clip}"}
 
 
 def summary_line(run: dict, teacher: str) -> str:

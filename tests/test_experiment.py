@@ -33,6 +33,13 @@ def test_smoke_experiment_two_seeds_two_arms(tmp_path):
     assert fid["n_generated"] == 30 and fid["n_reference"] == 60  # 3 per class, the first 60 test images
     assert 0 <= report["summary"]["plain"]["class accuracy (proxy)"]["mean"] <= 1
 
+    # FID and KID carry the real-vs-real floor (held-out test rows, same n); the clip rate is reported per run
+    assert fid["floor"] == runs[0]["metrics"]["FID"]["floor"] == runs[3]["metrics"]["FID"]["floor"] > 0
+    assert "held-out rows" in runs[0]["metrics"]["FID"]["floor_space"] and "KID" in report["summary"]["arra"]
+    for r in runs:
+        assert r["clipping"]["steps"] == 20 and r["metrics"]["steps clipped (share, training)"]["value"] == r["clipping"]["share"]
+    assert report["paired"]["arra"]["FID"]["n_pairs"] == 2 and report["paired"]["arra"]["FID"]["p_value"] is not None
+
     table = (out / "results.md").read_text()
     assert "| FID | 30 / 60 |" in table and "±" in table and "Seeds: [0, 1]" in table
     assert json.loads((out / "results.json").read_text())["summary"] == report["summary"]
@@ -101,3 +108,14 @@ def test_the_real_vs_real_floor_stands_beside_each_metric_that_has_one():
     assert "| metric | n_gen / n_ref | real-vs-real floor | plain | arra | arra vs plain |" in table
     assert "| FID | 1000 / 2000 | 19.25 | 40.5 ± 0.71 | 39.75 ± 1.1 | -1.9% |" in table
     assert "| KID | 1000 / 2000 | – |" in table
+
+
+def test_clip_rate_counts_the_steps_whose_norm_exceeded_the_clip(tmp_path):
+    from stages.experiment import clip_rate
+    log = tmp_path / "metrics.jsonl"
+    norms = [0.5, 1.5, 1.0, 2.0, None, 0.9]  # 1.0 is not above the clip; a step without a norm is not counted
+    log.write_text("".join(json.dumps({"step": i + 1, "grad_norm": n}) + "\n" for i, n in enumerate(norms)))
+    rate = clip_rate(log, 1.0)
+    assert (rate["steps"], rate["clipped"], rate["share"]) == (5, 2, 0.4) and rate["grad_norm_median"] == 1.0
+    assert "2 of 5 steps" in rate["space"]
+    assert clip_rate(log, 0.0) is None and clip_rate(tmp_path / "missing.jsonl", 1.0) is None
