@@ -279,9 +279,14 @@ def recipe_defaults(ctx: click.Context, _param, value):
     if value:
         from pipeline.models.registry import load_recipe
         try:
-            ctx.default_map = {**(ctx.default_map or {}), **load_recipe(value)}
+            recipe = load_recipe(value)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--recipe") from None
+        unknown = sorted(set(recipe) - {p.name for p in ctx.command.params})
+        if unknown:  # click would ignore them silently
+            raise click.BadParameter(f"{value} sets {', '.join(k.replace('_', '-') for k in unknown)}, which "
+                                     f"`{ctx.command.name}` does not take", param_hint="--recipe")
+        ctx.default_map = {**(ctx.default_map or {}), **recipe}
     return value
 
 

@@ -27,6 +27,9 @@ class TrainOptions(Objective):
     max_text_len: int = option(64, "Caption tokens kept (truncation).", min=1)
     cond_dropout: float = option(0.1, "Probability of dropping the condition (for classifier-free guidance).", min=0, max=1)
     dropout: float = option(0.0, "Attention dropout of preset models.", min=0, max=1, max_open=True)
+    residual_dropout: float = option(0.0, "Dropout on each decoder layer's attention and MLP outputs before the "
+                                          "residual add, for any LM (LlamaGen 0.1, the official 7B 0.05).",
+                                     min=0, max=1, max_open=True)
     zero: int = option(0, "DeepSpeed ZeRO stage.", min=0, max=3)
     offload: str = option("none", "Offload optimizer (and ZeRO-3 params) to CPU.", choices=("none", "cpu"))
     device: str = option("cpu", "Where the ranks train.", choices=("cpu", "cuda"))
@@ -39,6 +42,8 @@ class TrainOptions(Objective):
     warmup_steps: int = option(0, "Linear warm-up steps.", min=0)
     schedule: str = option("constant", "Learning-rate schedule after the warm-up.", choices=("constant", "cosine"))
     weight_decay: float = option(0.05, "AdamW weight decay of the matrices (not norms or biases).", min=0)
+    decay_all: bool = option(False, "Apply --weight-decay to every parameter, norms and biases too, as the official "
+                                    "ARRA/Lumina-mGPT optimizer does (default: matrices only, LlamaGen's choice).")
     betas: tuple[float, float] = (0.9, 0.95)
     clip: float = option(1.0, "Gradient clipping (global norm).", min=0)
     seed: int = option(0, "Seed of the model init, the data order and condition dropout.", min=0)

@@ -36,7 +36,8 @@ from pipeline.errors import ArraError
 from pipeline.data.featureset import FeatureSet
 from pipeline.data.remote import redact
 from pipeline.data.files import atomic_write_bytes, atomic_write_json, read_json
-from pipeline.lm.causal_lm import LAYOUT_FILE, build_from_preset, extend_vocab, load_text_lm, preset_config, read_layout
+from pipeline.lm.causal_lm import (LAYOUT_FILE, add_residual_dropout, build_from_preset, extend_vocab, load_text_lm,
+                                   preset_config, read_layout)
 from pipeline.data.lock import main_rank_lock
 from pipeline.lm.objective import Objective
 from pipeline.options import flag_of
@@ -326,12 +327,13 @@ def checkpoint_activations(lm) -> None:
     enable({"use_reentrant": False})
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only (not norms, biases); LlamaGen/nanoGPT convention. A parameter built
-    partitioned by ZeRO-3 is judged by its whole shape (`ds_shape`), not by its local shard."""
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
+    """Decay matrices only (not norms, biases; LlamaGen/nanoGPT convention), or every parameter
+    (`decay_all`, the official ARRA code). A parameter built partitioned by ZeRO-3 is judged by its
+    whole shape (`ds_shape`), not by its local shard."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
-    rest = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
+    decay = [p for p in params if decay_all or len(getattr(p, "ds_shape", p.shape)) >= 2]
+    rest = [p for p in params if not decay_all and len(getattr(p, "ds_shape", p.shape)) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
@@ -374,6 +376,8 @@ def check_same_options(run: Path, opts: TrainOptions) -> None:
 
 def _same_run(run: Path, config: dict) -> None:
     prev = read_json(run / "train_config.json")
+    if "layout" in prev:  # as this version writes it (a layout recorded before `rep` existed has none)
+        prev["layout"] = VocabLayout.from_dict(prev["layout"]).to_dict()
     for key in ("layout", "model", "teacher", "teacher_dim", "sets", "condition"):
         if prev.get(key) != config.get(key):
             raise TrainError(f"{run} holds a run with {key} = {prev.get(key)!r}, not {config.get(key)!r}; "
@@ -484,10 +488,11 @@ def build_engine(opts: TrainOptions, build, teacher_dim: int | None, objective: 
     from pipeline.lm.arra import ARRAModel
     with built_partitioned(ds_config):
         lm = build()
+    add_residual_dropout(lm, opts.residual_dropout)
     if opts.activation_checkpointing:
         checkpoint_activations(lm)
     model = ARRAModel(lm, teacher_dim, objective)
-    groups = param_groups(model, opts.weight_decay)
+    groups = param_groups(model, opts.weight_decay, opts.decay_all)
     from torch.optim.lr_scheduler import LambdaLR
     schedule = lr_lambda(opts, total)
     if opts.offload == "cpu":  # DeepSpeed's CPU Adam for offloaded optimizer states

@@ -4,6 +4,9 @@ is checked against the model's depth before any process group or model exists.""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -74,3 +77,22 @@ def test_align_layer_deeper_than_the_model_is_refused_before_a_model_exists(run_
     with pytest.raises(OptionError, match=r"--align-layer 3 is outside 0\.\.2"):   # the tiny preset has 2 blocks
         train_stage.train(TrainOptions(sets=[str(fs)], run=str(tmp_path / "run"), model="tiny", align_layer=3))
     assert not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "manifests" / "recipes").glob("*.toml")))
+def test_every_shipped_recipe_sets_only_flags_of_its_command_within_their_ranges(recipe, tmp_path):
+    from pipeline.lm.sampling import Sampling
+    from pipeline.models.registry import load_recipe
+    values = load_recipe(recipe)
+    cmd = "sample" if recipe.startswith("sample") else "train"
+    assert set(values) <= {p.name for p in command([cmd]).params}
+    if cmd == "train":
+        TrainOptions(sets=[], run="", **values)
+    else:
+        Sampling(**{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(Sampling)}})
+
+
+def test_a_recipe_setting_an_unknown_flag_is_refused_naming_it(tmp_path):
+    (tmp_path / "r.toml").write_text('lambda = 1.0\nresidual_dropuot = 0.1\n')
+    result = CliRunner().invoke(main, ["train", str(tmp_path), "--out", str(tmp_path / "run"), "--recipe", str(tmp_path / "r.toml")])
+    assert result.exit_code == 2 and "residual-dropuot" in result.output and "--recipe" in result.output

@@ -237,6 +237,8 @@ for params in (text.model.layers.parameters(), preset.parameters()):
 for lm in (text, preset):
     matrices = [n for n, _ in lm.named_parameters() if "norm" not in n]  # Llama: all but the RMSNorm gains
     assert len(param_groups(lm, 0.1)[0]["params"]) == len(matrices) > 0
+    every = param_groups(lm, 0.1, decay_all=True)  # the official optimizer: norms decay too, judged whole
+    assert len(every[0]["params"]) == len(list(lm.parameters())) and not every[1]["params"]
 with deepspeed.zero.GatheredParameters(list(text.get_input_embeddings().parameters())):
     rows = text.get_input_embeddings().weight.detach().clone()
 assert rows.shape[0] == old + 10 and torch.allclose(rows[old:], rows[:old].mean(0, keepdim=True).expand(10, -1))

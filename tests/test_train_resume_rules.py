@@ -78,3 +78,15 @@ def test_checkpoints_without_a_complete_one_or_a_latest_are_refused(tmp_path):
     (ckpt / "latest").write_text("step00000030")
     with pytest.raises(TrainError, match="step00000030: not a complete checkpoint"):
         resume_tag(ckpt, 1)
+
+
+def test_a_run_recorded_before_the_rep_token_existed_still_resumes(tmp_path):
+    from dataclasses import replace
+
+    from pipeline.lm.vocab import VocabLayout
+    layout = VocabLayout("class", 11, 64, (4, 4), {"name": "kmeans"})
+    old = {k: v for k, v in layout.to_dict().items() if k != "rep"}  # as the previous version wrote it
+    (tmp_path / "train_config.json").write_text(json.dumps({"layout": old, "model": "tiny"}))
+    train_stage._same_run(tmp_path, {"layout": layout.to_dict(), "model": "tiny"})
+    with pytest.raises(TrainError, match="holds a run with layout"):
+        train_stage._same_run(tmp_path, {"layout": replace(layout, rep=True).to_dict(), "model": "tiny"})

@@ -82,6 +82,25 @@ def extend_vocab(model, new_size: int) -> None:
                 emb.bias[old:] = emb.bias[:old].mean()
 
 
+def add_residual_dropout(lm: torch.nn.Module, p: float) -> None:
+    """Dropout on each decoder layer's attention and MLP outputs before they join the residual stream
+    (LlamaGen's and Lumina-mGPT's residual dropout; transformers' Llama has none). Forward hooks, so
+    any decoder with `self_attn` and `mlp` blocks takes it and the exported model stays plain."""
+    if p == 0:
+        return
+    layers = [m for m in lm.modules() if hasattr(m, "self_attn") and hasattr(m, "mlp")]
+    if not layers:
+        raise ArraError(f"--residual-dropout: {type(lm).__name__} has no decoder layers with self_attn and mlp blocks")
+
+    def drop(module, _args, out):
+        if isinstance(out, tuple):  # attention returns (output, weights)
+            return (torch.nn.functional.dropout(out[0], p, module.training), *out[1:])
+        return torch.nn.functional.dropout(out, p, module.training)
+    for layer in layers:
+        layer.self_attn.register_forward_hook(drop)
+        layer.mlp.register_forward_hook(drop)
+
+
 def gathered(params: list[torch.nn.Parameter]):
     """Whole parameters for rank 0 to modify (broadcast on exit) when ZeRO-3 has partitioned them,
     else nothing to do."""
