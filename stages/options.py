@@ -30,6 +30,10 @@ class TrainOptions(Objective):
     residual_dropout: float = option(0.0, "Dropout on each decoder layer's attention and MLP outputs before the "
                                           "residual add, for any LM (LlamaGen 0.1, the official 7B 0.05).",
                                      min=0, max=1, max_open=True)
+    token_dropout: float = option(0.0, "Dropout on the input token embeddings, for any LM (LlamaGen 0.1).",
+                                  min=0, max=1, max_open=True)
+    zero_init_head: bool = option(False, "Presets: start the output head at zero, as LlamaGen does (default: "
+                                         "transformers' normal init).")
     zero: int = option(0, "DeepSpeed ZeRO stage.", min=0, max=3)
     offload: str = option("none", "Offload optimizer (and ZeRO-3 params) to CPU.", choices=("none", "cpu"))
     device: str = option("cpu", "Where the ranks train.", choices=("cpu", "cuda"))

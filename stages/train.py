@@ -36,8 +36,8 @@ from pipeline.errors import ArraError
 from pipeline.data.featureset import FeatureSet
 from pipeline.data.remote import redact
 from pipeline.data.files import atomic_write_bytes, atomic_write_json, read_json
-from pipeline.lm.causal_lm import (LAYOUT_FILE, add_residual_dropout, build_from_preset, extend_vocab, load_text_lm,
-                                   preset_config, read_layout)
+from pipeline.lm.causal_lm import (LAYOUT_FILE, add_residual_dropout, add_token_dropout, build_from_preset,
+                                   extend_vocab, load_text_lm, preset_config, read_layout)
 from pipeline.data.lock import main_rank_lock
 from pipeline.lm.objective import Objective
 from pipeline.options import flag_of
@@ -173,6 +173,9 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
     grid, codebook = tuple(tok["grid"]), tok["codebook_size"]
     tok_ref = {k: tok.get(k) for k in ("name", "weights_sha256", "weights_path", "resolution", "grid", "codebook_size")}
     rep = opts.align_positions == "rep-token"
+    if opts.zero_init_head and (opts.init or opts.model.startswith("hf:")):
+        raise TrainError("--zero-init-head is for presets built from random init, not a pretrained head "
+                         "(--init or --model hf:)")
     if opts.init:
         prev = read_layout(opts.init)
         layout = VocabLayout.from_dict(prev)
@@ -222,7 +225,7 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
         hidden = preset_config(opts.model, layout.vocab_size, max_positions).hidden_size
 
         def build():
-            return build_from_preset(opts.model, layout.vocab_size, max_positions, opts.dropout)
+            return build_from_preset(opts.model, layout.vocab_size, max_positions, opts.dropout, opts.zero_init_head)
     markers = len(layout.image_prefix) + 1  # (<rep>) <boi> ... <eoi>
     need = (1 if layout.condition == "class" else opts.max_text_len) + layout.image_tokens + markers
     if max_positions is not None and need > max_positions:
@@ -489,6 +492,7 @@ def build_engine(opts: TrainOptions, build, teacher_dim: int | None, objective: 
     with built_partitioned(ds_config):
         lm = build()
     add_residual_dropout(lm, opts.residual_dropout)
+    add_token_dropout(lm, opts.token_dropout)
     if opts.activation_checkpointing:
         checkpoint_activations(lm)
     model = ARRAModel(lm, teacher_dim, objective)

@@ -48,3 +48,27 @@ def test_half_of_each_branch_is_dropped_and_the_rest_scaled():
 def test_a_model_without_decoder_layers_is_refused():
     with pytest.raises(ArraError, match="no decoder layers with self_attn and mlp"):
         add_residual_dropout(torch.nn.Linear(2, 2), 0.1)
+
+
+def test_token_dropout_drops_input_embeddings_in_training_only():
+    from pipeline.lm.causal_lm import add_token_dropout
+    torch.manual_seed(0)
+    lm = build_from_preset("tiny", 40, 16)
+    add_token_dropout(lm, 0.5)
+    ids = torch.randint(0, 40, (4, 12))
+    raw = lm.get_input_embeddings().weight[ids]
+    lm.eval()
+    assert torch.equal(hidden_states(lm, ids)[0], raw)
+    lm.train()
+    dropped = hidden_states(lm, ids)[0]
+    zero = dropped == 0
+    assert 0.45 < zero.float().mean() < 0.55
+    torch.testing.assert_close(dropped[~zero], 2 * raw[~zero])
+
+
+def test_zero_init_head_starts_every_logit_at_zero():
+    torch.manual_seed(0)
+    lm = build_from_preset("tiny", 40, 16, zero_head=True)
+    logits = lm(input_ids=torch.randint(0, 40, (2, 5)), use_cache=False).logits
+    assert torch.equal(logits, torch.zeros_like(logits))
+    assert build_from_preset("tiny", 40, 16).get_output_embeddings().weight.abs().sum() > 0

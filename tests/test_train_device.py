@@ -231,6 +231,7 @@ with built_partitioned(config):
     old = text.get_input_embeddings().num_embeddings
     extend_vocab(text, old + 10)
     preset = build_from_preset("tiny", 100, 20)
+    zero_head = build_from_preset("tiny", 100, 20, zero_head=True)
 # (transformers' resize leaves the grown embeddings whole; deepspeed.initialize partitions them)
 for params in (text.model.layers.parameters(), preset.parameters()):
     assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in params), "not partitioned"
@@ -245,6 +246,9 @@ assert rows.shape[0] == old + 10 and torch.allclose(rows[old:], rows[:old].mean(
 with deepspeed.zero.GatheredParameters(list(preset.parameters())):
     std = float(preset.get_input_embeddings().weight.std())
 assert abs(std - 0.02) < 0.002, std  # the LM's own init ran on the gathered weights, not left at N(0, 1)
+with deepspeed.zero.GatheredParameters(list(zero_head.parameters())):
+    assert float(zero_head.get_output_embeddings().weight.abs().sum()) == 0  # zeroed whole, not a shard
+    assert float(zero_head.get_input_embeddings().weight.std()) > 0.01
 """
 
 

@@ -49,11 +49,17 @@ def preset_config(preset: str, vocab_size: int, max_positions: int, dropout: flo
                        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
-def build_from_preset(preset: str, vocab_size: int, max_positions: int, dropout: float = 0.0):
+def build_from_preset(preset: str, vocab_size: int, max_positions: int, dropout: float = 0.0, zero_head: bool = False):
     """A randomly initialised preset LM. Built through `from_config` (the same weights as the
-    constructor) so that under ZeRO-3 transformers builds it already partitioned."""
+    constructor) so that under ZeRO-3 transformers builds it already partitioned. `zero_head`:
+    the output head starts at zero, as LlamaGen's does."""
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_config(preset_config(preset, vocab_size, max_positions, dropout))
+    lm = AutoModelForCausalLM.from_config(preset_config(preset, vocab_size, max_positions, dropout))
+    if zero_head:
+        head = lm.get_output_embeddings()
+        with torch.no_grad(), gathered(list(head.parameters())):
+            head.weight.zero_()
+    return lm
 
 
 def load_text_lm(path: str):
@@ -99,6 +105,13 @@ def add_residual_dropout(lm: torch.nn.Module, p: float) -> None:
     for layer in layers:
         layer.self_attn.register_forward_hook(drop)
         layer.mlp.register_forward_hook(drop)
+
+
+def add_token_dropout(lm: torch.nn.Module, p: float) -> None:
+    """Dropout on the input token embeddings (LlamaGen's token dropout), as a hook like the above."""
+    if p:
+        lm.get_input_embeddings().register_forward_hook(
+            lambda module, _args, out: torch.nn.functional.dropout(out, p, module.training))
 
 
 def gathered(params: list[torch.nn.Parameter]):
