@@ -329,3 +329,16 @@ def test_commands_read_a_url_with_credentials_as_the_folder_and_never_show_them(
     written = everything_written(*runs[1:], *audits[1:], evals[1], tmp_path / "cache")
     for text in [*outputs, written]:
         assert PASSWORD not in text
+
+
+def test_two_ranks_train_from_a_url_as_from_the_folder_and_share_the_cache(extracted, serve, tmp_path):
+    server = serve(extracted.parent)
+    runs, cache = (tmp_path / "local", tmp_path / "url"), tmp_path / "cache"
+    train = ["--micro-batch", "4", "--steps", "3", "--lr", "3e-3", "--no-progress", "--seed", "3", "--procs", "2"]
+    arra_pipe("train", extracted, "--out", runs[0], *train)
+    arra_pipe("train", f"{server.url}/{extracted.name}", "--out", runs[1], "--cache-dir", cache, *train)
+    losses = [[{k: v for k, v in json.loads(line).items() if not k.endswith("_per_s")}
+               for line in (r / "metrics.jsonl").read_text().splitlines()] for r in runs]
+    assert len(losses[1]) == 3 and losses[1] == losses[0]
+    shards = FeatureSet.open(extracted).manifest["shards"]
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == sorted(s["sha256"] for s in shards)
