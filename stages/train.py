@@ -177,22 +177,7 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
         raise TrainError("--zero-init-head is for presets built from random init, not a pretrained head "
                          "(--init or --model hf:)")
     if opts.init:
-        prev = read_layout(opts.init)
-        layout = VocabLayout.from_dict(prev)
-        if layout.grid != grid:
-            raise TrainError(f"--init {opts.init}: the model was trained on a {layout.grid} grid, "
-                             f"the sets have {grid}")
-        if codebook > layout.codebook_size or prev["tokenizer"]["weights_sha256"] != tok["weights_sha256"]:
-            raise TrainError(f"--init {opts.init}: image vocabulary is {layout.codebook_size} codes of tokenizer "
-                             f"{prev['tokenizer']['name']} (sha256 {prev['tokenizer']['weights_sha256'][:12]}), the sets "
-                             f"have {codebook} codes of {tok['name']} (sha256 {tok['weights_sha256'][:12]})")
-        if layout.condition == "text" and layout.max_text_len not in (0, opts.max_text_len):
-            raise TrainError(f"--init {opts.init}: the model was trained with --max-text-len {layout.max_text_len}; "
-                             f"pass the same (not {opts.max_text_len}) so captions are cut as they were")
-        if rep and not layout.rep:
-            raise TrainError(f"--init {opts.init}: the model has no <rep> token for --align-positions rep-token; "
-                             f"align at boi or image, or train ARRA-Base/ARRA with rep-token from the start")
-        layout = replace(layout, max_text_len=opts.max_text_len if layout.condition == "text" else 0)
+        layout = _init_layout(opts, tok, rep)
         tokenizer = _maybe_tokenizer(opts.init) if layout.condition == "text" else None
         from transformers import AutoConfig
         hidden = AutoConfig.from_pretrained(opts.init, trust_remote_code=False).hidden_size
@@ -232,6 +217,28 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
         raise TrainError(f"sequences need {need} positions ({grid[0]}x{grid[1]} image codes + condition + {markers}) "
                          f"but the model has max_position_embeddings {max_positions}; lower --max-text-len or the grid")
     return layout, build, tokenizer, hidden
+
+
+def _init_layout(opts: TrainOptions, tok: dict, rep: bool) -> VocabLayout:
+    """ARRA-Adapt: the layout of the exported model at --init, checked against the sets' tokenizer
+    (`tok`) and these options; captions are cut at --max-text-len as the model was trained."""
+    prev = read_layout(opts.init)
+    layout = VocabLayout.from_dict(prev)
+    grid, codebook = tuple(tok["grid"]), tok["codebook_size"]
+    if layout.grid != grid:
+        raise TrainError(f"--init {opts.init}: the model was trained on a {layout.grid} grid, "
+                         f"the sets have {grid}")
+    if codebook > layout.codebook_size or prev["tokenizer"]["weights_sha256"] != tok["weights_sha256"]:
+        raise TrainError(f"--init {opts.init}: image vocabulary is {layout.codebook_size} codes of tokenizer "
+                         f"{prev['tokenizer']['name']} (sha256 {prev['tokenizer']['weights_sha256'][:12]}), the sets "
+                         f"have {codebook} codes of {tok['name']} (sha256 {tok['weights_sha256'][:12]})")
+    if layout.condition == "text" and layout.max_text_len not in (0, opts.max_text_len):
+        raise TrainError(f"--init {opts.init}: the model was trained with --max-text-len {layout.max_text_len}; "
+                         f"pass the same (not {opts.max_text_len}) so captions are cut as they were")
+    if rep and not layout.rep:
+        raise TrainError(f"--init {opts.init}: the model has no <rep> token for --align-positions rep-token; "
+                         f"align at boi or image, or train ARRA-Base/ARRA with rep-token from the start")
+    return replace(layout, max_text_len=opts.max_text_len if layout.condition == "text" else 0)
 
 
 def model_depth(opts: TrainOptions) -> int:
