@@ -17,7 +17,6 @@ to local.
 """
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -31,10 +30,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.data.featureset import FORMAT, MANIFEST, SHARDS, VERSION, FeatureSet, make_batch, make_schema, write_shard  # noqa: E402
+from pipeline.data.featureset import MANIFEST, FeatureSet  # noqa: E402
 from pipeline.data.remote import CACHE_ENV  # noqa: E402
 from pipeline.data.train_data import TrainStream  # noqa: E402
 from pipeline.lm.vocab import VocabLayout  # noqa: E402
+from synthetic_set import write_synthetic_set  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--rows", type=int, default=20000)
@@ -57,19 +57,8 @@ feats = rng.standard_normal((N, D)).astype(np.float16)
 layout = VocabLayout("class", 11, args.codebook, (args.grid, args.grid), {"name": "synthetic"})
 
 fs_dir = root / "set"
-(fs_dir / SHARDS).mkdir(parents=True)
-schema = make_schema(L, args.codebook, (args.grid, args.grid), {"synthetic": D})
-shards = []
-for s, start in enumerate(range(0, N, args.shard_size)):
-    stop = min(start + args.shard_size, N)
-    cuts = [(a, min(a + args.member_rows, stop)) for a in range(start, stop, args.member_rows)]
-    batches = [make_batch(schema, [f"{i:08d}" for i in range(a, b)], [""] * (b - a), labels[a:b], codes[a:b],
-                          {"synthetic": feats[a:b]}) for a, b in cuts]
-    shards.append(write_shard(fs_dir / SHARDS / f"shard-{s:06d}.tar", batches))
-manifest = {"format": FORMAT, "version": VERSION, "rows": N, "shards": shards,
-            "tokenizer": {"name": "synthetic", "code_len": L, "codebook_size": args.codebook, "grid": [args.grid] * 2},
-            "teachers": {"synthetic": {"dim": D}}, "labels": {"classes": 10, "unlabelled": 0}}
-(fs_dir / MANIFEST).write_text(json.dumps(manifest))
+shards = write_synthetic_set(fs_dir, labels, codes, feats, args.grid, args.codebook, 10, args.shard_size,
+                             args.member_rows)
 for s in shards:
     (fs_dir / s["name"]).read_bytes()  # page cache warm for every arm
 

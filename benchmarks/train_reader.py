@@ -15,7 +15,6 @@ Printed: rows/s, rows/s per thread, rows per CPU-second, the ratio, and bytes on
 """
 
 import argparse
-import json
 import os
 import pickle
 import sys
@@ -27,9 +26,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.data.featureset import FORMAT, MANIFEST, SHARDS, VERSION, FeatureSet, make_batch, make_schema, write_shard  # noqa: E402
+from pipeline.data.featureset import FeatureSet  # noqa: E402
 from pipeline.data.train_data import IGNORE, TrainStream  # noqa: E402
 from pipeline.lm.vocab import VocabLayout  # noqa: E402
+from synthetic_set import write_synthetic_set  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--rows", type=int, default=20000, help="rows in the feature set (and timed through TrainStream)")
@@ -72,19 +72,8 @@ def timed(fn):
 
 # ---- arra-pipe feature set: shards written directly, manifest with what FeatureSet/TrainStream read
 fs_dir = root / "set"
-(fs_dir / SHARDS).mkdir(parents=True)
-schema = make_schema(L, args.codebook, (args.grid, args.grid), {"synthetic": D})
-shards = []
-for s, start in enumerate(range(0, N, args.shard_size)):
-    stop = min(start + args.shard_size, N)
-    cuts = [(a, min(a + args.member_rows, stop)) for a in range(start, stop, args.member_rows)]
-    batches = [make_batch(schema, [f"{i:08d}" for i in range(a, b)], [""] * (b - a), labels[a:b], codes[a:b],
-                          {"synthetic": feats[a:b]}) for a, b in cuts]
-    shards.append(write_shard(fs_dir / SHARDS / f"shard-{s:06d}.tar", batches))
-manifest = {"format": FORMAT, "version": VERSION, "rows": N, "shards": shards,
-            "tokenizer": {"name": "synthetic", "code_len": L, "codebook_size": args.codebook, "grid": [args.grid] * 2},
-            "teachers": {"synthetic": {"dim": D}}, "labels": {"classes": args.classes, "unlabelled": 0}}
-(fs_dir / MANIFEST).write_text(json.dumps(manifest))
+write_synthetic_set(fs_dir, labels, codes, feats, args.grid, args.codebook, args.classes, args.shard_size,
+                    args.member_rows)
 fs = FeatureSet.open(fs_dir)
 
 # ---- official layout: per row a pickle of token/label lists and a torch.save'd [1, D] float32 tensor
