@@ -63,6 +63,9 @@ class Target:
 TARGETS = {
     "pipeline/lm/arra.py": Target(("tests/test_arra_options.py", "tests/test_objective.py",
                                 "tests/test_sequences.py::test_gva_sees_only_the_masked_hidden_states")),
+    "pipeline/lm/objective.py": Target(("tests/test_objective_ranges.py", "tests/test_arra_options.py", "tests/test_objective.py",
+                                     "tests/test_options.py::test_every_declared_option_is_a_flag_of_its_commands_with_its_default",
+                                     "tests/test_options.py::test_the_cli_and_the_python_api_refuse_the_same_values_naming_the_flag")),
     "pipeline/lm/vocab.py": Target(("tests/test_vocab_layout.py", "tests/test_sampling_numbers.py",
                                  "tests/test_sequences.py", "tests/test_objective.py")),
     "pipeline/lm/generate.py": Target(("tests/test_generate_inputs.py", "tests/test_sampling_numbers.py", "tests/test_sample.py")),
@@ -241,7 +244,7 @@ def summarize(result: dict, equivalent: dict) -> dict:
 
 def write_report() -> None:
     equivalent = load_equivalent()
-    results = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    results = [r for r in (json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))) if "mutants" in r]  # not planted.json
     lines = ["# Mutation score", "",
              "Written by `benchmarks/mutation_score.py` (cosmic-ray; see its docstring for what is mutated and how).",
              "Score = killed / (mutants − equivalent − incompetent); a survivor is either equivalent (why given)",
