@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import write_image
 
 from pipeline.data.featureset import FeatureSet
+from pipeline.options import OptionError
 from pipeline.data.sources import FASHION_MNIST_CLASSES, SourceError, SourceOptions, detect_format, read_source
 
 FASHION_MINI = Path(__file__).resolve().parent.parent / "data" / "fashion-mnist-mini"
@@ -329,7 +330,7 @@ def test_fashion_mnist_sources_without_extracting():
     # the images file itself also works, and picks the split from its name
     test = read_source(FASHION_MINI / "t10k-images-idx3-ubyte.gz")
     assert [r.key for r in test.records] == [f"fashion-mnist/test/{i:05d}" for i in range(500)]
-    with pytest.raises(SourceError, match="split"):
+    with pytest.raises(OptionError, match="--split must be one of train, test"):
         read_source(FASHION_MINI, options=SourceOptions(split="validation"))
 
 

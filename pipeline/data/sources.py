@@ -73,7 +73,7 @@ class SourceOptions:
     label_column: str | None = option(None, "Tables: integer class label column (optional).")
     key_column: str | None = option(None, "Tables: column with a unique record key (default: the image path).")
     image_root: str | None = option(None, "Resolve relative image paths against this folder (default: the file's folder).")
-    split: str = option("train", "Fashion-MNIST folders: which split.", choices=("train", "test"))
+    split: str = option("train", "Fashion-MNIST folders: which split.", choices=tuple(FASHION_MNIST_SPLITS))
     follow_symlinks: bool = option(False, "Folder sources: also read files that are symlinks leading outside the folder "
                                           "(default: reject them).")
     max_file_bytes: int = option(DEFAULT_MAX_FILE_BYTES, "Reject image and caption files larger than this, before "
@@ -462,9 +462,7 @@ def _read_img2dataset(path: Path, options: SourceOptions):
 def _idx_pair(path: Path, options: SourceOptions) -> tuple[Path, Path]:
     root = path if path.is_dir() else path.parent
     if path.is_dir():
-        prefix = FASHION_MNIST_SPLITS.get(options.split)
-        if prefix is None:
-            raise SourceError(f"unknown --split {options.split!r} for fashion-mnist; use train or test")
+        prefix = FASHION_MNIST_SPLITS[options.split]  # SourceOptions allows only these
         found = sorted(path.glob(f"{prefix}-images-idx3-ubyte*"))
         if not found:
             raise SourceError(f"{path}: no {prefix}-images-idx3-ubyte[.gz] file for split {options.split!r}")
