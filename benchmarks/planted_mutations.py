@@ -81,7 +81,7 @@ MUTATIONS = [
              "pipeline/data/train_data.py",
              "return min(self.rows_of_rank(r) for r in range(self.world))",
              "return max(self.rows_of_rank(r) for r in range(self.world))", (T_SPLIT,)),
-    Mutation("rep-token-span", "`--align-positions rep-token` aligns every image position instead of <rep>",
+    Mutation("rep-token-span", "`--align-positions rep-token` aligns every image position instead of `<rep>`",
              "pipeline/data/train_data.py",
              '"rep-token": (0, 1)}[align_positions]', '"rep-token": (boi, n)}[align_positions]',
              ("tests/test_train_data_layout.py::test_a_rep_layout_puts_rep_between_the_condition_and_boi_and_aligns_it_alone",)),
