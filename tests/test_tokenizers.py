@@ -29,7 +29,8 @@ def images(n, size=RES, seed=0):
     ("chameleon", lambda p: mc.write_chameleon(p / "tokenizer"), 8192),
     ("chameleon", lambda p: mc.write_chameleon(p / "tokenizer", attn_resolutions=(32,)), 8192),
 ])
-def test_tokenizer_round_trip(name, write, codes, tmp_path):
+def test_tokenizer_shapes_ranges_and_determinism(name, write, codes, tmp_path):
+    """The tokenizer contract (the round trip's numbers are pinned in test_tokenizer_round_trip.py)."""
     tok = build("tokenizers", name, str(write(tmp_path)), resolution=RES)
     assert (tok.resolution, tok.grid, tok.codebook_size) == (RES, (4, 4), codes)
     x = images(3)
@@ -40,7 +41,6 @@ def test_tokenizer_round_trip(name, write, codes, tmp_path):
     decoded = tok.decode(encoded)
     assert decoded.shape == (3, RES, RES, 3) and decoded.dtype == torch.uint8
     assert torch.equal(decoded, tok.decode(encoded))
-    assert tok.encode(decoded).shape == encoded.shape
     described = tok.describe()
     assert described["grid"] == [4, 4] and len(described["weights_files"]) == (2 if name == "chameleon" else 1)
 
