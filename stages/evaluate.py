@@ -1,8 +1,12 @@
 """`arra-pipe eval`: generated images against a reference feature set.
 
-- FID with the TF-Inception network. The reference side is the set's own images (its source,
-  at the recorded canonical crop; tokenizer reconstructions when the source is gone, and the
-  report says so); their Inception features are cached in `<set>/stats/` for the next eval.
+- FID with the TF-Inception network, its input resized as TF 1.x did (the legacy bilinear resize
+  clean-fid and NVIDIA's network emulate), and KID (unbiased polynomial-kernel MMD^2) beside it.
+  The reference side is the set's own images (its source, at the recorded canonical crop;
+  tokenizer reconstructions when the source is gone, and the report says so), class-balanced
+  when the set is labelled; their Inception features are cached in `<set>/stats/`.
+- Beside FID, KID and every FD: the real-vs-real floor, held-out real images at the generated n
+  scored against the same reference, so a reader sees how much of a figure is small-n bias.
 - FD in each teacher's feature space: the reference side is the set's cached features, never
   recomputed; generated images go through the same teacher, weights (sha256 checked) and view.
 - CLIP-Score, when the samples have prompts: the mean cosine between each image's and its
