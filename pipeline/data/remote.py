@@ -74,6 +74,11 @@ def filesystem(url: str):
     """(fsspec filesystem, its path) of `url`; a missing backend is named with its extra."""
     import fsspec
     scheme = url.split("://", 1)[0].lower()
+    if scheme in EXTRAS and ":" in url.split("://", 1)[1].split("/", 1)[0].rpartition("@")[0]:
+        # s3fs, gcsfs and adlfs take no user:password from the URL: it would be read as part of the
+        # bucket's name, which their errors then quote in full
+        raise RemoteError(f"{redact(url)}: {scheme}:// URLs cannot carry credentials (user:password@); give them "
+                          "in the backend's standard places (environment variables, its config files)")
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError as exc:
@@ -160,7 +165,16 @@ class RemoteDir:
         return self._retried("looking up", lambda: self.fs.exists(self.fspath))
 
     def is_file(self) -> bool:
-        return self._retried("looking up", lambda: self.fs.isfile(self.fspath))
+        """False for a missing file; a lookup that fails otherwise (an endpoint that cannot be
+        reached, refused credentials) is retried, then raised: fsspec's own `isfile` answers
+        False to every error, which would report a set at an unreachable URL as missing and let
+        `extract --out URL` extract it all before its first upload fails."""
+        def look() -> bool:
+            try:
+                return self.fs.info(self.fspath)["type"] == "file"
+            except FileNotFoundError:
+                return False
+        return self._retried("looking up", look)
 
     def is_dir(self) -> bool:
         return self._retried("looking up", lambda: self.fs.isdir(self.fspath))
