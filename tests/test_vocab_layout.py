@@ -56,3 +56,11 @@ def test_max_text_len_zero_means_not_recorded():
     assert VocabLayout.from_dict(text.to_dict()).max_text_len == 32
     legacy = {k: v for k, v in text.to_dict().items() if k != "max_text_len"}
     assert VocabLayout.from_dict(legacy).max_text_len == 0
+
+
+def test_a_layout_recorded_before_the_rep_token_has_none_and_a_rep_layout_keeps_it():
+    text = VocabLayout("text", 100, 8, (4, 4), TOKENIZER, pad_id=3, max_text_len=32)
+    legacy = {k: v for k, v in text.to_dict().items() if k != "rep"}   # an arra_vocab.json of before
+    assert VocabLayout.from_dict(legacy) == text and VocabLayout.from_dict(legacy).vocab_size == 110
+    rep = dataclasses.replace(text, rep=True)
+    assert VocabLayout.from_dict(rep.to_dict()) == rep and (rep.rep_token, rep.vocab_size) == (110, 111)
