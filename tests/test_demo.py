@@ -55,5 +55,7 @@ def test_demo_runs_every_stage_and_writes_its_report(tmp_path):
     assert sorted(s["class"] for s in samples) == sorted(list(range(10)) * 10)  # 10 per class
     assert all((out / "samples" / s["file"]).is_file() for s in samples)
     table = {m["metric"]: m for m in json.loads((out / "samples" / "eval.json").read_text())["metrics"]}
-    assert math.isfinite(table["FID"]["value"]) and (table["FID"]["n_generated"], table["FID"]["n_reference"]) == (100, 50)
+    # the reference is class-balanced: as many of each class as the rarest of the 50 test images has
+    balanced = 10 * int(np.bincount(read_idx(str(data / "t10k-labels-idx1-ubyte.gz")), minlength=10).min())
+    assert math.isfinite(table["FID"]["value"]) and (table["FID"]["n_generated"], table["FID"]["n_reference"]) == (100, balanced)
     assert 0 <= table["class accuracy (proxy)"]["value"] <= 1
