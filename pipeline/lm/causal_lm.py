@@ -97,21 +97,25 @@ def add_residual_dropout(lm: torch.nn.Module, p: float) -> None:
     layers = [m for m in lm.modules() if hasattr(m, "self_attn") and hasattr(m, "mlp")]
     if not layers:
         raise ArraError(f"--residual-dropout: {type(lm).__name__} has no decoder layers with self_attn and mlp blocks")
-
-    def drop(module, _args, out):
-        if isinstance(out, tuple):  # attention returns (output, weights)
-            return (torch.nn.functional.dropout(out[0], p, module.training), *out[1:])
-        return torch.nn.functional.dropout(out, p, module.training)
     for layer in layers:
-        layer.self_attn.register_forward_hook(drop)
-        layer.mlp.register_forward_hook(drop)
+        layer.self_attn.register_forward_hook(_drop_output(p))
+        layer.mlp.register_forward_hook(_drop_output(p))
 
 
 def add_token_dropout(lm: torch.nn.Module, p: float) -> None:
     """Dropout on the input token embeddings (LlamaGen's token dropout), as a hook like the above."""
     if p:
-        lm.get_input_embeddings().register_forward_hook(
-            lambda module, _args, out: torch.nn.functional.dropout(out, p, module.training))
+        lm.get_input_embeddings().register_forward_hook(_drop_output(p))
+
+
+def _drop_output(p: float):
+    """A forward hook that applies dropout to a module's output (the first item of a tuple, as attention
+    returns (output, weights)) while the module trains."""
+    def drop(module, _args, out):
+        if isinstance(out, tuple):
+            return (torch.nn.functional.dropout(out[0], p, module.training), *out[1:])
+        return torch.nn.functional.dropout(out, p, module.training)
+    return drop
 
 
 def gathered(params: list[torch.nn.Parameter]):
