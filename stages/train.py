@@ -104,9 +104,17 @@ def _free_port() -> int:
 
 
 def _single_process_env() -> None:
-    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(k, v)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def _init_process_group(backend: str) -> None:
+    """Join the ranks' process group. A world of one gets a group over an in-memory store and takes
+    no port: a free port picked up front can be taken by another program before the group binds it."""
+    import deepspeed
+    if int(os.environ["WORLD_SIZE"]) == 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,7 +462,7 @@ def _train(opts: TrainOptions, log) -> dict:
         # DeepSpeed's shared-memory all-reduce for CPU is JIT-compiled (about a minute on first use)
         # and its segments collide between concurrent jobs on one host; plain gloo is enough here.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="gloo" if opts.device == "cpu" else "nccl", verbose=False)
+    _init_process_group("gloo" if opts.device == "cpu" else "nccl")
     layout, build, tokenizer, hidden = plan_model(opts, sets, model_dir, is_main)
     exclude = frozenset(k for k in Path(opts.exclude).read_text(encoding="utf-8").splitlines() if k) if opts.exclude else frozenset()
     stream = TrainStream(sets, teacher if opts.lam > 0 else None, layout, opts.micro_batch, rank, world, opts.seed,

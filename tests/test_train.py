@@ -271,6 +271,22 @@ def test_training_never_imports_a_teacher(fmnist, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def test_one_process_takes_no_port(fmnist, tmp_path):
+    """A one-rank run binds no master port, so a port taken by another program between our choice and
+    the bind (EADDRINUSE, seen in CI) cannot stop it: here the port it is told of is already taken."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(taken.getsockname()[1])}
+        env.pop("WORLD_SIZE", None)
+        done = subprocess.run([sys.executable, "-m", "stages.cli", "train", str(fmnist), "--out", str(tmp_path / "run"),
+                               "--steps", "1", "--micro-batch", "4", "--no-progress"],
+                              capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(metrics(tmp_path / "run")) == 1
+
+
 def test_lambda_zero_is_the_plain_baseline_with_the_same_lm_init(fmnist, tmp_path):
     from stages.export import consolidated_state_dict
     for lam in ("0", "1"):
