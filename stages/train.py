@@ -108,10 +108,15 @@ def _single_process_env() -> None:
         os.environ.setdefault(k, v)
 
 
-def _init_process_group(backend: str) -> None:
+def _init_process_group(device: str) -> None:
     """Join the ranks' process group. A world of one gets a group over an in-memory store and takes
     no port: a free port picked up front can be taken by another program before the group binds it."""
     import deepspeed
+    if device == "cpu":
+        # DeepSpeed's shared-memory all-reduce for CPU is JIT-compiled (about a minute on first use)
+        # and its segments collide between concurrent jobs on one host; plain gloo is enough here.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    backend = "gloo" if device == "cpu" else "nccl"
     if int(os.environ["WORLD_SIZE"]) == 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
@@ -457,12 +462,7 @@ def _train(opts: TrainOptions, log) -> dict:
     if is_main:
         model_dir.mkdir(parents=True, exist_ok=True)
 
-    import deepspeed
-    if opts.device == "cpu":
-        # DeepSpeed's shared-memory all-reduce for CPU is JIT-compiled (about a minute on first use)
-        # and its segments collide between concurrent jobs on one host; plain gloo is enough here.
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    _init_process_group("gloo" if opts.device == "cpu" else "nccl")
+    _init_process_group(opts.device)
     layout, build, tokenizer, hidden = plan_model(opts, sets, model_dir, is_main)
     exclude = frozenset(k for k in Path(opts.exclude).read_text(encoding="utf-8").splitlines() if k) if opts.exclude else frozenset()
     stream = TrainStream(sets, teacher if opts.lam > 0 else None, layout, opts.micro_batch, rank, world, opts.seed,
