@@ -34,7 +34,7 @@ from stages.train import TrainOptions, train
 CODEBOOK_SIZE = 256  # 4x fewer codes than `run` uses: fitted in seconds, and a vocabulary a tiny model learns in few steps
 PROJECTOR_HIDDEN = 256  # the default (the teacher's 1280) made the projector ~95 % of a 64-wide model's step
 FID_REFERENCE = 200  # test images through TF-Inception (~0.5 CPU-s each); FID is compared at equal counts only
-MINUTES = "about 18 (6 CPU-minutes)"  # measured on 2 cores shared with other jobs (load average 7-9), README "Quick start"
+MINUTES = "about 4.5 (7 CPU-minutes)"  # measured on 2 idle cores (load average 0.7), README "Quick start"
 
 
 @contextlib.contextmanager
@@ -57,7 +57,7 @@ def run_demo(out: str, data: str | None, workers: int, teacher_resolution: int, 
     log(f"demo: {data}{' (the embedded 2,000 + 500 image subset)' if data == EMBEDDED_FASHION_MNIST else ''} -> {out}\n"
         f"  fit a {CODEBOOK_SIZE}-code kmeans tokenizer, extract train/test with EfficientNet-Lite0 @{teacher_resolution} px,\n"
         f"  train the tiny model {steps} steps, export, sample 10 per class, evaluate, write {out / 'report.html'}\n"
-        f"  took {MINUTES} minutes on 2 CPU cores shared with other jobs, less on idle ones"
+        f"  takes {MINUTES} minutes on 2 idle CPU cores, longer on busy ones"
         + ("" if data == EMBEDDED_FASHION_MNIST else ", for the subset; longer for a larger --data"))
     timer, commands = Timer(), {}
     if codebook.exists():
