@@ -150,82 +150,110 @@ def clip_scores(name: str, weights: str | None, images: np.ndarray, prompts: lis
     return torch.nn.functional.cosine_similarity(image_emb, text_emb, dim=1).numpy()
 
 
+class _Sets:
+    """The reference set read once (class-balanced order) and the optional training set beside it."""
+
+    def __init__(self, reference: str, train_set: str | None):
+        self.fs = FeatureSet.open(reference)
+        self.table = self.fs.table([c for c in self.fs.columns if c != IMAGE])  # kept crops are not needed
+        self.order, self.classes = class_balanced_order(np.asarray(self.table.column("label")))
+        self.balance = _describe_order(self.order, self.classes)
+        self.held_out = f"held-out rows of {self.fs.path}, {self.balance.split(',')[0]}"
+        self.train = FeatureSet.open(train_set) if train_set else None
+        self.train_table = self.train.table([c for c in self.train.columns if c != IMAGE]) if self.train else None
+        self.train_order = class_balanced_order(np.asarray(self.train_table.column("label")))[0] if self.train else None
+        self.train_from = f"rows of the training set {self.train.path}" if self.train else ""
+
+
+class _Metrics(list):
+    """The evaluation's metric rows, each with the number of generated and reference images."""
+
+    def __init__(self, n: int, n_ref: int):
+        super().__init__()
+        self.n, self.n_ref = n, n_ref
+
+    def add(self, metric, value, space, **extra):
+        self.append({"metric": metric, "value": value, "space": space, "n_generated": self.n,
+                     "n_reference": self.n_ref, **extra})  # extra may narrow n_reference
+
+
 def evaluate(generated: str, reference: str, teachers: list[str] | None = None, teacher_path: str | None = None,
              inception_path: str | None = None, fid: bool = True, train_set: str | None = None,
              tokenizer_path: str | None = None, k: int = 3, device: str = "cpu", batch_size: int = 64,
              fid_reference: int | None = None, clip_model: str | None = None, clip_model_path: str | None = None) -> dict:
-    fs = FeatureSet.open(reference)
-    table = fs.table([c for c in fs.columns if c != IMAGE])  # read once; kept crops are not needed
-    images, rows = load_generated(Path(generated), fs.manifest["preprocess"]["resolution"])
+    sets = _Sets(reference, train_set)
+    images, rows = load_generated(Path(generated), sets.fs.manifest["preprocess"]["resolution"])
     seeds = [r["seed"] for r in rows if "seed" in r]
-    n, n_ref = len(images), table.num_rows  # rows read, each shard's count checked against the manifest
-    result = {"generated": {"path": str(generated), "images": n, "seeds": [min(seeds), max(seeds)] if seeds else None},
-              "reference": {"path": str(fs.path), "rows": n_ref}, "metrics": []}
-
-    def add(metric, value, space, **extra):
-        result["metrics"].append({"metric": metric, "value": value, "space": space, "n_generated": n,
-                                  "n_reference": n_ref, **extra})  # extra may narrow n_reference
-
-    order, classes = class_balanced_order(np.asarray(table.column("label")))
-    balance = _describe_order(order, classes)
-    train = FeatureSet.open(train_set) if train_set else None
-    train_table = train.table([c for c in train.columns if c != IMAGE]) if train else None
-    train_order = class_balanced_order(np.asarray(train_table.column("label")))[0] if train else None
-    held_out = f"held-out rows of {fs.path}, {balance.split(',')[0]}"
-    train_from = f"rows of the training set {train.path}" if train else ""
-
-    gen_by_teacher = {}
-    for name in teachers or list(fs.teachers):
-        gen = teacher_features(fs, name, images, teacher_path, device, batch_size)
-        ref = column_array(table, feature_column(name))[order]
-        other = (column_array(train_table, feature_column(name))[train_order]
-                 if train and feature_column(name) in train_table.column_names else None)
-        gen_by_teacher[name] = gen
-        add(f"FD {name}", fd(gen, ref), f"{name} ({fs.teachers[name]['dim']}-d), reference features cached, {balance}",
-            n_reference=len(ref), **real_vs_real(fd, ref, n, None, "", other, train_from))
-        p, r = precision_recall(ref, gen, k, device)
-        add(f"precision {name}", p, name, k=k, n_reference=len(ref))
-        add(f"recall {name}", r, name, k=k, n_reference=len(ref))
+    metrics = _Metrics(len(images), sets.table.num_rows)  # rows read, each shard's count checked against the manifest
+    teachers = teachers or list(sets.fs.teachers)
+    gen_by_teacher = {name: _teacher_metrics(metrics, sets, name, images, teacher_path, k, device, batch_size)
+                      for name in teachers}
     if fid:
-        from pipeline.models.inception import Inception
-        net = Inception(inception_path, device)
-        n_fid = min(fid_reference or len(order), len(order))
-        with_spare = len(order) >= n_fid + n  # the rows after the reference hold a held-out set of n
-        feats, origin = set_inception(fs, net, tokenizer_path, order[:n_fid + n] if with_spare else order[:n_fid], table)
-        ref_feats, spare = feats[:n_fid], feats[n_fid:] if with_spare else None
-        other = None
-        if not with_spare and train is not None and len(train_order) >= n:
-            other = set_inception(train, net, tokenizer_path, train_order[:n], train_table)[0]
-        gen_feats = net.features(images)
-        note = f"FID on {n} < {FID_MIN_IMAGES} generated images is biased upward; compare only at equal n" if n < FID_MIN_IMAGES else ""
-        space = f"TF-Inception pool3 ({net.resize} resize), reference = {origin}, {_describe_order(order[:n_fid], classes)}"
-        add("FID", fd(gen_feats, ref_feats), space, note=note, n_reference=len(ref_feats),
-            **real_vs_real(fd, ref_feats, n, spare, held_out, other, train_from))
-
-        def kid_mean(a, b):
-            return kid(a, b)[0]
-        value, sd, subset = kid(gen_feats, ref_feats)
-        add("KID", value, space, n_reference=len(ref_feats), sd=sd, subset_size=subset,
-            note=f"unbiased MMD^2, polynomial kernel, mean (sd {sd:.2g}) over subsets of {subset}",
-            **real_vs_real(kid_mean, ref_feats, n, spare, held_out, other, train_from))
-        p, r = precision_recall(ref_feats, gen_feats, k, device)
-        add("precision inception", p, space, k=k, n_reference=len(ref_feats))
-        add("recall inception", r, space, k=k, n_reference=len(ref_feats))
+        _inception_metrics(metrics, sets, images, inception_path, tokenizer_path, fid_reference, k, device)
     prompts = [r.get("prompt") for r in rows]
     if clip_model and not all(prompts):
         raise ArraError(f"--clip-model {clip_model}: {generated} has images without a prompt in samples.jsonl")
-    clip_model = clip_model or (default_clip_model(fs) if all(prompts) else None)
+    clip_model = clip_model or (default_clip_model(sets.fs) if all(prompts) else None)
     if clip_model:
         scores = clip_scores(clip_model, clip_model_path or teacher_path, images, prompts, device, batch_size)
-        add(f"CLIP-Score {clip_model}", float(scores.mean()), f"{clip_model} image-prompt cosine (sd {scores.std():.4f})",
-            n_reference=0)
-    if train and rows and "class" in rows[0]:
-        name = (teachers or list(fs.teachers))[0]
-        probe = fit_linear_probe(column_array(train_table, feature_column(name)), np.asarray(train_table.column("label")))
-        wanted = np.array([r["class"] for r in rows])
-        add("class accuracy (proxy)", float((probe(gen_by_teacher[name]) == wanted).mean()),
-            f"linear probe on {name} features of {train.path}")
-        ref_labels = np.asarray(table.column("label"))
-        add("class accuracy of real reference images (probe ceiling)", float((probe(column_array(table, feature_column(name))) == ref_labels).mean()),
-            f"same probe on {fs.path}")
-    return result
+        metrics.add(f"CLIP-Score {clip_model}", float(scores.mean()),
+                    f"{clip_model} image-prompt cosine (sd {scores.std():.4f})", n_reference=0)
+    if sets.train and rows and "class" in rows[0]:
+        _class_accuracy(metrics, sets, teachers[0], gen_by_teacher[teachers[0]], np.array([r["class"] for r in rows]))
+    return {"generated": {"path": str(generated), "images": len(images), "seeds": [min(seeds), max(seeds)] if seeds else None},
+            "reference": {"path": str(sets.fs.path), "rows": sets.table.num_rows}, "metrics": list(metrics)}
+
+
+def _teacher_metrics(metrics: _Metrics, sets: _Sets, name: str, images: np.ndarray, weights: str | None, k: int,
+                     device: str, batch_size: int) -> np.ndarray:
+    """FD, precision and recall in teacher `name`'s space; returns the generated images' features."""
+    gen = teacher_features(sets.fs, name, images, weights, device, batch_size)
+    ref = column_array(sets.table, feature_column(name))[sets.order]
+    other = (column_array(sets.train_table, feature_column(name))[sets.train_order]
+             if sets.train and feature_column(name) in sets.train_table.column_names else None)
+    metrics.add(f"FD {name}", fd(gen, ref), f"{name} ({sets.fs.teachers[name]['dim']}-d), reference features cached, "
+                f"{sets.balance}", n_reference=len(ref), **real_vs_real(fd, ref, metrics.n, None, "", other, sets.train_from))
+    p, r = precision_recall(ref, gen, k, device)
+    metrics.add(f"precision {name}", p, name, k=k, n_reference=len(ref))
+    metrics.add(f"recall {name}", r, name, k=k, n_reference=len(ref))
+    return gen
+
+
+def _inception_metrics(metrics: _Metrics, sets: _Sets, images: np.ndarray, inception_path: str | None,
+                       tokenizer_path: str | None, fid_reference: int | None, k: int, device: str) -> None:
+    """FID and KID, each with its real-vs-real floor, and precision/recall in Inception space."""
+    from pipeline.models.inception import Inception
+    net, n = Inception(inception_path, device), metrics.n
+    n_fid = min(fid_reference or len(sets.order), len(sets.order))
+    with_spare = len(sets.order) >= n_fid + n  # the rows after the reference hold a held-out set of n
+    feats, origin = set_inception(sets.fs, net, tokenizer_path, sets.order[:n_fid + n] if with_spare else sets.order[:n_fid],
+                                  sets.table)
+    ref_feats, spare = feats[:n_fid], feats[n_fid:] if with_spare else None
+    other = None
+    if not with_spare and sets.train is not None and len(sets.train_order) >= n:
+        other = set_inception(sets.train, net, tokenizer_path, sets.train_order[:n], sets.train_table)[0]
+    gen_feats = net.features(images)
+    note = f"FID on {n} < {FID_MIN_IMAGES} generated images is biased upward; compare only at equal n" if n < FID_MIN_IMAGES else ""
+    space = (f"TF-Inception pool3 ({net.resize} resize), reference = {origin}, "
+             f"{_describe_order(sets.order[:n_fid], sets.classes)}")
+    floor = {"spare": spare, "spare_from": sets.held_out, "other": other, "other_from": sets.train_from}
+    metrics.add("FID", fd(gen_feats, ref_feats), space, note=note, n_reference=len(ref_feats),
+                **real_vs_real(fd, ref_feats, n, **floor))
+    value, sd, subset = kid(gen_feats, ref_feats)
+    metrics.add("KID", value, space, n_reference=len(ref_feats), sd=sd, subset_size=subset,
+                note=f"unbiased MMD^2, polynomial kernel, mean (sd {sd:.2g}) over subsets of {subset}",
+                **real_vs_real(lambda a, b: kid(a, b)[0], ref_feats, n, **floor))
+    p, r = precision_recall(ref_feats, gen_feats, k, device)
+    metrics.add("precision inception", p, space, k=k, n_reference=len(ref_feats))
+    metrics.add("recall inception", r, space, k=k, n_reference=len(ref_feats))
+
+
+def _class_accuracy(metrics: _Metrics, sets: _Sets, name: str, gen: np.ndarray, wanted: np.ndarray) -> None:
+    """The conditioning proxy: a linear probe fitted on the training set's `name` features, applied to
+    the generated images' features, with its ceiling on the reference set's real images."""
+    probe = fit_linear_probe(column_array(sets.train_table, feature_column(name)), np.asarray(sets.train_table.column("label")))
+    metrics.add("class accuracy (proxy)", float((probe(gen) == wanted).mean()),
+                f"linear probe on {name} features of {sets.train.path}")
+    ref_labels = np.asarray(sets.table.column("label"))
+    metrics.add("class accuracy of real reference images (probe ceiling)",
+                float((probe(column_array(sets.table, feature_column(name))) == ref_labels).mean()), f"same probe on {sets.fs.path}")

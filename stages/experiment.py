@@ -79,13 +79,27 @@ def run_experiment(name: str, scale: str, seeds: int, out: str, data: str | None
     note, device = conf.pop("note", ""), conf.pop("device", "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ArraError(f"--scale {scale} needs a CUDA device")
-    per_class, fid_reference = conf.pop("samples_per_class"), conf.pop("fid_reference")
     out, data = Path(out), Path(data) if data else default_data()
     out.mkdir(parents=True, exist_ok=True)
-    timer, commands = Timer(), []
-    tok, teacher = option_names(exp["tokenizer"]), exp["teacher"]
+    timer, commands, teacher = Timer(), [], exp["teacher"]
+    sets = _extract_sets(exp, data, out, device, workers, timer, commands, log)
+    arms = exp["arms"] + (exp.get("ablations", []) if ablations else [])
+    runs = [_run_arm(exp, arm, seed, conf, sets, out, device, timer, commands, log)
+            for seed in range(seeds) for arm in arms]
+    report = {"experiment": str(path), "description": exp.get("description", ""), "scale": scale, "scale_note": note,
+              "data": str(data), "device": device, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+              "seeds": list(range(seeds)), "runs": runs, "summary": summarize(runs, [a["name"] for a in arms], teacher["name"]),
+              "paired": paired(runs, [a["name"] for a in arms]),
+              "seconds": timer.seconds, "commands": commands}
+    atomic_write_json(out / "results.json", report)
+    (out / "results.md").write_text(markdown(report, teacher["name"]))
+    return report
 
-    # ---- stage 1, once for every arm and seed
+
+def _extract_sets(exp: dict, data: Path, out: Path, device: str, workers: int, timer: Timer, commands: list,
+                  log) -> dict[str, Path]:
+    """Stage 1, once for every arm and seed: the kmeans tokenizer, then the train and test sets."""
+    tok, teacher = option_names(exp["tokenizer"]), exp["teacher"]
     codebook = out / "kmeans-codebook.safetensors"
     if not codebook.exists():
         timer("tokenizer fit", fit_tokenizer, str(data), str(codebook), workers=workers, log=log, **tok)
@@ -98,46 +112,41 @@ def run_experiment(name: str, scale: str, seeds: int, out: str, data: str | None
             teachers=(teacher["name"],), teacher_resolution=teacher["resolution"], workers=workers, device=device), log=log)
         commands.append(f"arra-pipe extract {data} --split {split} --out {sets[split]} --tokenizer-path {codebook} "
                         f"--teacher {teacher['name']} --teacher-resolution {teacher['resolution']} --device {device}")
+    return sets
 
-    # ---- stage 2 onwards, per seed and arm
-    arms = exp["arms"] + (exp.get("ablations", []) if ablations else [])
+
+def _run_arm(exp: dict, arm: dict, seed: int, conf: dict, sets: dict[str, Path], out: Path, device: str, timer: Timer,
+             commands: list, log) -> dict:
+    """Stage 2 onwards for one arm and seed: train, export, sample, evaluate against the test set."""
+    per_class, fid_reference = conf["samples_per_class"], conf["fid_reference"]
     sampling = option_names(exp["sample"])
-    runs = []
-    for seed in range(seeds):
-        for arm in arms:
-            arm_opts = option_names({k: v for k, v in arm.items() if k != "name"})
-            options = {**option_names(exp["train"]), **conf, **arm_opts, "seed": seed, "device": device}
-            tag = f"{arm['name']}-seed{seed}"
-            run_dir, samples_dir = out / "runs" / tag, out / "samples" / tag
-            log(f"== {tag}: {_flags(arm_opts)}")
-            timer(f"train {tag}", train, TrainOptions(sets=[str(sets["train"])], run=str(run_dir), save_every=options["steps"],
-                                                       progress=False, **options), log=log)
-            model = timer(f"export {tag}", export, str(run_dir), str(out / "models" / tag))
-            timer(f"sample {tag}", sample, str(model), str(samples_dir), n=per_class, seed=1000 * seed,
-                  sampling=Sampling(**sampling), device=device, batch_size=200, progress=False)
-            result = timer(f"eval {tag}", evaluate, str(samples_dir), str(sets["test"]), train_set=str(sets["train"]),
-                           device=device, fid_reference=fid_reference)
-            clipping = clip_rate(run_dir / "metrics.jsonl", options.get("clip", TrainOptions.clip))
-            metrics = {m["metric"]: m for m in result["metrics"]}
-            if clipping:
-                metrics[CLIPPED] = {"metric": CLIPPED, "value": clipping["share"], "space": clipping["space"],
-                                    "n_generated": "–", "n_reference": "–"}
-            runs.append({"arm": arm["name"], "seed": seed, "options": options, "metrics": metrics, "clipping": clipping,
-                         "seconds": {k: v for k, v in timer.seconds.items() if tag in k}})
-            commands += [f"arra-pipe train {sets['train']} --out {run_dir} {_flags(options)} --save-every {options['steps']}",
-                         f"arra-pipe export {run_dir} --out {model}",
-                         f"arra-pipe sample {model} --out {samples_dir} --n {per_class} --seed {1000 * seed} {_flags(sampling)}",
-                         f"arra-pipe eval --generated {samples_dir} --reference {sets['test']} --train-set {sets['train']} "
-                         f"--fid-reference {fid_reference} --device {device}"]
-            log(summary_line(runs[-1], teacher["name"]))
-    report = {"experiment": str(path), "description": exp.get("description", ""), "scale": scale, "scale_note": note,
-              "data": str(data), "device": device, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-              "seeds": list(range(seeds)), "runs": runs, "summary": summarize(runs, [a["name"] for a in arms], teacher["name"]),
-              "paired": paired(runs, [a["name"] for a in arms]),
-              "seconds": timer.seconds, "commands": commands}
-    atomic_write_json(out / "results.json", report)
-    (out / "results.md").write_text(markdown(report, teacher["name"]))
-    return report
+    arm_opts = option_names({k: v for k, v in arm.items() if k != "name"})
+    train_conf = {k: v for k, v in conf.items() if k not in ("samples_per_class", "fid_reference")}
+    options = {**option_names(exp["train"]), **train_conf, **arm_opts, "seed": seed, "device": device}
+    tag = f"{arm['name']}-seed{seed}"
+    run_dir, samples_dir = out / "runs" / tag, out / "samples" / tag
+    log(f"== {tag}: {_flags(arm_opts)}")
+    timer(f"train {tag}", train, TrainOptions(sets=[str(sets["train"])], run=str(run_dir), save_every=options["steps"],
+                                               progress=False, **options), log=log)
+    model = timer(f"export {tag}", export, str(run_dir), str(out / "models" / tag))
+    timer(f"sample {tag}", sample, str(model), str(samples_dir), n=per_class, seed=1000 * seed,
+          sampling=Sampling(**sampling), device=device, batch_size=200, progress=False)
+    result = timer(f"eval {tag}", evaluate, str(samples_dir), str(sets["test"]), train_set=str(sets["train"]),
+                   device=device, fid_reference=fid_reference)
+    clipping = clip_rate(run_dir / "metrics.jsonl", options.get("clip", TrainOptions.clip))
+    metrics = {m["metric"]: m for m in result["metrics"]}
+    if clipping:
+        metrics[CLIPPED] = {"metric": CLIPPED, "value": clipping["share"], "space": clipping["space"],
+                            "n_generated": "–", "n_reference": "–"}
+    commands += [f"arra-pipe train {sets['train']} --out {run_dir} {_flags(options)} --save-every {options['steps']}",
+                 f"arra-pipe export {run_dir} --out {model}",
+                 f"arra-pipe sample {model} --out {samples_dir} --n {per_class} --seed {1000 * seed} {_flags(sampling)}",
+                 f"arra-pipe eval --generated {samples_dir} --reference {sets['test']} --train-set {sets['train']} "
+                 f"--fid-reference {fid_reference} --device {device}"]
+    run = {"arm": arm["name"], "seed": seed, "options": options, "metrics": metrics, "clipping": clipping,
+           "seconds": {k: v for k, v in timer.seconds.items() if tag in k}}
+    log(summary_line(run, exp["teacher"]["name"]))
+    return run
 
 
 CLIPPED = "steps clipped (share, training)"

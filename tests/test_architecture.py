@@ -56,3 +56,15 @@ def test_the_import_graph_has_no_cycle():
         done.add(m)
     for m in graph:
         visit(m)
+
+
+def test_every_function_fits_on_one_screen():
+    """A newcomer reads a function whole: none in pipeline/ or stages/ runs over 60 lines (split by
+    stage of the work, as evaluate's metric families and run's per-arm steps are)."""
+    long = []
+    for package in ("pipeline", "stages"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
