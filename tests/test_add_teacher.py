@@ -8,6 +8,7 @@ import json
 import shutil
 
 import numpy as np
+from PIL import Image
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
@@ -161,3 +162,24 @@ def test_cli_adds_a_teacher_then_verify_and_inspect_cover_it(codebook, folder, c
     target.write_bytes(target.read_bytes()[:-1024])
     bad = runner.invoke(main, ["verify", str(out)])
     assert bad.exit_code == 1 and "columns/clip-l/shard-000000.tar" in bad.output
+
+
+def test_a_teacher_added_to_a_jpeg_draft_set_decodes_as_its_extraction_did(codebook, checkpoints, tmp_path):
+    """A set extracted with --jpeg-draft records it; adding a teacher later decodes the JPEGs reduced
+    the same way, so the column equals a first extraction's. The draft changes these features (a
+    640x400 JPEG decoded at 1/8), so a later decode at full size could not pass."""
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        image = rng.integers(0, 256, (400, 640, 3), dtype=np.uint8)
+        folder = tmp_path / "src" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i}.jpg", quality=90)
+    runs = {"both": ("efficientnet-lite0", "clip-l"), "set": ("efficientnet-lite0",), "full": ("efficientnet-lite0",)}
+    for name, teachers in runs.items():
+        extract(options(codebook, tmp_path / "src", tmp_path / name, teachers=teachers, teacher_paths=checkpoints,
+                        jpeg_draft=name != "full"), log=lambda m: None)
+    for name in ("set", "full"):
+        add_teachers(options(codebook, None, tmp_path / name, teachers=("clip-l",), teacher_paths=checkpoints),
+                     log=lambda m: None)
+    assert np.array_equal(features(tmp_path / "set", "clip-l"), features(tmp_path / "both", "clip-l"))
+    assert not np.allclose(features(tmp_path / "full", "clip-l"), features(tmp_path / "both", "clip-l"), atol=1e-3)
