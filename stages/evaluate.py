@@ -15,6 +15,10 @@
 - k-NN precision/recall (exact search with torch) in both spaces.
 - Class accuracy of generated images under a linear probe fitted on a training set's cached
   teacher features: a proxy for conditioning fidelity, labelled as such.
+- The independent judge (`pipeline.metrics.judge`), with a labelled training set: a small CNN
+  trained on that set's own images (cached in its `stats/`), never on the teacher, so its class
+  accuracy (with its ceiling on the real reference images) and its FD (with the real-vs-real floor)
+  are not true by construction for the arm trained towards the teacher.
 Every figure carries the number of images and the seeds. Teachers, Inception, the tokenizer (when
 it decodes the reference) and the k-NN search run on `device`.
 """
@@ -161,7 +165,9 @@ class _Sets:
         self.held_out = f"held-out rows of {self.fs.path}, {self.balance.split(',')[0]}"
         self.train = FeatureSet.open(train_set) if train_set else None
         self.train_table = self.train.table([c for c in self.train.columns if c != IMAGE]) if self.train else None
-        self.train_order = class_balanced_order(np.asarray(self.train_table.column("label")))[0] if self.train else None
+        self.train_order, train_classes = (class_balanced_order(np.asarray(self.train_table.column("label")))
+                                           if self.train else (None, None))
+        self.train_labelled = train_classes is not None
         self.train_from = f"rows of the training set {self.train.path}" if self.train else ""
 
 
@@ -180,7 +186,8 @@ class _Metrics(list):
 def evaluate(generated: str, reference: str, teachers: list[str] | None = None, teacher_path: str | None = None,
              inception_path: str | None = None, fid: bool = True, train_set: str | None = None,
              tokenizer_path: str | None = None, k: int = 3, device: str = "cpu", batch_size: int = 64,
-             fid_reference: int | None = None, clip_model: str | None = None, clip_model_path: str | None = None) -> dict:
+             fid_reference: int | None = None, clip_model: str | None = None, clip_model_path: str | None = None,
+             judge: bool = True) -> dict:
     sets = _Sets(reference, train_set)
     images, rows = load_generated(Path(generated), sets.fs.manifest["preprocess"]["resolution"])
     seeds = [r["seed"] for r in rows if "seed" in r]
@@ -199,7 +206,10 @@ def evaluate(generated: str, reference: str, teachers: list[str] | None = None, 
         metrics.add(f"CLIP-Score {clip_model}", float(scores.mean()),
                     f"{clip_model} image-prompt cosine (sd {scores.std():.4f})", n_reference=0)
     if sets.train and rows and "class" in rows[0]:
-        _class_accuracy(metrics, sets, teachers[0], gen_by_teacher[teachers[0]], np.array([r["class"] for r in rows]))
+        wanted = np.array([r["class"] for r in rows])
+        _class_accuracy(metrics, sets, teachers[0], gen_by_teacher[teachers[0]], wanted)
+        if judge and sets.train_labelled:
+            _judge_metrics(metrics, sets, images, wanted, tokenizer_path, device)
     return {"generated": {"path": str(generated), "images": len(images), "seeds": [min(seeds), max(seeds)] if seeds else None},
             "reference": {"path": str(sets.fs.path), "rows": sets.table.num_rows}, "metrics": list(metrics)}
 
@@ -257,3 +267,26 @@ def _class_accuracy(metrics: _Metrics, sets: _Sets, name: str, gen: np.ndarray, 
     ref_labels = np.asarray(sets.table.column("label"))
     metrics.add("class accuracy of real reference images (probe ceiling)",
                 float((probe(column_array(sets.table, feature_column(name))) == ref_labels).mean()), f"same probe on {sets.fs.path}")
+
+
+def _judge_metrics(metrics: _Metrics, sets: _Sets, images: np.ndarray, wanted: np.ndarray, tokenizer_path: str | None,
+                   device: str) -> None:
+    """The independent judge (a CNN trained on the training set's own images, cached in its stats/):
+    FD in its feature space against the class-balanced reference with the real-vs-real floor from
+    held-out reference rows (not training rows: the judge has seen those), class accuracy of the
+    generated images, and its ceiling on the reference set's real images."""
+    from pipeline.metrics.judge import load_or_train
+    judge = load_or_train(sets.train, tokenizer_path, table=sets.train_table)
+    real, origin = reference_images(sets.fs, tokenizer_path, table=sets.table, device=device)
+    space, n, extra = f"independent judge: CNN trained on {sets.train.path}, sha256 {judge.sha256[:12]}", metrics.n, \
+        {"judge": judge.describe()}
+    ordered = judge.features(real[sets.order])
+    ref, spare = (ordered[:-n], ordered[-n:]) if len(ordered) >= 2 * n else (ordered, None)
+    metrics.add("FD judge", fd(judge.features(images), ref), f"{space}, reference = {origin}, "
+                f"{_describe_order(sets.order[:len(ref)], sets.classes)}", n_reference=len(ref), **extra,
+                **real_vs_real(fd, ref, n, spare, sets.held_out, None, ""))
+    metrics.add("class accuracy (judge)", float((judge.predict(images) == wanted).mean()), space, **extra)
+    if sets.classes is not None:  # a labelled reference
+        labels = np.asarray(sets.table.column("label"))
+        metrics.add("class accuracy of real reference images (judge ceiling)",
+                    float((judge.predict(real) == labels).mean()), f"{space}, on {sets.fs.path}", **extra)
