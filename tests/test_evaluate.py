@@ -249,4 +249,4 @@ def test_fid_kid_and_fd_come_with_the_real_vs_real_floor_at_the_same_n_on_a_bala
     assert teacher["floor"] == pytest.approx(fd(column_array(train_table, "feat.efficientnet-lite0")[train_rows], cached_test))
     assert teacher["floor"] == pytest.approx(teacher["value"], rel=1e-3) and "training set" in teacher["floor_space"]
     table = format_table(result)
-    assert table.count("real-vs-real floor") == 3 and "KID" in table
+    assert table.count("real-vs-real floor") == 4 and "KID" in table and "FD judge" in table  # FID, KID, FD teacher, FD judge
