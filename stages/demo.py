@@ -9,13 +9,11 @@ against the test split (FID, FD in teacher space, class-accuracy proxy) and writ
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
-import torch
-
 from pipeline.data.files import atomic_write_json
+from pipeline.distributed import torch_threads
 from pipeline.lm.generate import Sampling
 from pipeline.models.registry import load_recipe
 from pipeline.data.sources import SourceOptions
@@ -35,18 +33,6 @@ CODEBOOK_SIZE = 256  # 4x fewer codes than `run` uses: fitted in seconds, and a 
 PROJECTOR_HIDDEN = 256  # the default (the teacher's 1280) made the projector ~95 % of a 64-wide model's step
 FID_REFERENCE = 200  # test images through TF-Inception (~0.5 CPU-s each); FID is compared at equal counts only
 MINUTES = "about 4.7 (7 CPU-minutes)"  # measured on 2 idle cores (load average 0.5), README "Quick start"
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run a block on n torch threads: the tiny model's matrices are too small to split, and two
-    OpenMP threads on a busy 2-core machine spin against other jobs (docs/benchmarks/demo-knobs.md)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_demo(out: str, data: str | None, workers: int, teacher_resolution: int, steps: int = 300, log=print) -> Path:

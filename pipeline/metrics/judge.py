@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from pipeline.data.featureset import IMAGE, FeatureSet, shards_digest
 from pipeline.data.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from pipeline.data.set_images import reference_images
+from pipeline.distributed import torch_threads
 from pipeline.errors import ArraError
 
 
@@ -69,22 +70,11 @@ class JudgeNet(nn.Module):
         return self.head(self.features(images))
 
 
-class _OneThread:
-    """Run a block on one CPU thread (a fixed reduction order), restoring the count after."""
-
-    def __enter__(self):
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.threads)
-
-
 def train_judge(images: np.ndarray, labels: np.ndarray, config: JudgeConfig = JudgeConfig()) -> JudgeNet:
     """A judge trained on uint8 (n, h, w, 3) images and integer labels, on the CPU, deterministically."""
     labels = np.asarray(labels, dtype=np.int64)
     x, y = torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
-    with _OneThread(), torch.random.fork_rng(devices=[]):
+    with torch_threads(1), torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         net = JudgeNet(int(labels.max()) + 1, images.shape[1], config.widths)
         order = torch.Generator().manual_seed(config.seed)
