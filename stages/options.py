@@ -115,8 +115,8 @@ class ExtractOptions:
                                choices=("crop", "original"))
     batch_size: int = option(64, "Rows per Arrow record batch. Keep it fixed when resuming.", min=1)
     model_batch: int | None = option(None, "Images per model forward, at most --batch-size [default: 16 on cpu, "
-                                           "--batch-size on cuda]; recorded and kept on resume (it may change features' "
-                                           "last bits).", min=1)
+                                           "--batch-size on cuda]; recorded, and without this flag a re-run or resume keeps "
+                                           "the recorded one (it may change features' last bits).", min=1)
     device: str = option("cpu", "Where the models run (bf16 autocast on cuda).", choices=("cpu", "cuda"))
     shard_size: int = option(4096, "Input records per shard.", min=1)
     max_reject_rate: float = option(0.1, "Fail the run when more than this fraction of records is rejected.", min=0, max=1)
