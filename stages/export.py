@@ -1,10 +1,13 @@
-"""`arra-pipe export`: a training run -> a plain Hugging Face causal-LM directory.
+"""`arra-pipe export`: a training run -> a plain Hugging Face model directory.
 
 The DeepSpeed checkpoint (any ZeRO stage) is consolidated to fp32 with DeepSpeed's own tool,
 the LM weights go to `model.safetensors` with its config and text tokenizer, and two files ride
-along: `arra_vocab.json` (image-code offset, <boi>/<eoi> ids, grid, the image tokenizer's name and
-sha256) and the GVA projector in `arra_projector.safetensors`, outside the model so that
-inference loads the unchanged base architecture.
+along: `arra_vocab.json` (where the image codes are: their offset, or a model's own image token ids,
+<boi>/<eoi> and any newline or size tokens; grid, the image tokenizer's name and sha256) and the
+GVA projector in `arra_projector.safetensors`, outside the model so that inference loads the
+unchanged base architecture: `AutoModelForCausalLM`, or for the Chameleon family
+`ChameleonForConditionalGeneration` (whose own forward hides image logits; arra-pipe's sampler
+reads them through pipeline/lm/chameleon.py).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import ArraError
-from pipeline.lm.causal_lm import LAYOUT_FILE, PROJECTOR_FILE
+from pipeline.lm.causal_lm import LAYOUT_FILE, PROJECTOR_FILE, plain_lm
 from pipeline.models.weights import deepspeed_loads_weights_only
 
 
@@ -41,7 +44,7 @@ def _zero_stage(tag_dir: Path) -> int:
 
 def export(run: str, out: str, tag: str | None = None, dtype: str = "float32") -> Path:
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     run, out = Path(run), Path(out)
     if not (run / "checkpoints" / "latest").exists() and tag is None:
         raise ArraError(f"{run}: no checkpoints yet")
@@ -49,7 +52,7 @@ def export(run: str, out: str, tag: str | None = None, dtype: str = "float32") -
     lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
     projector = {k[len("projector."):]: v.contiguous() for k, v in state.items() if k.startswith("projector.")}
     config = AutoConfig.from_pretrained(run / "model")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = plain_lm(config)
     missing, unexpected = model.load_state_dict(lm_state, strict=False)
     missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", None) or ()]
     if unexpected or missing:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline.errors import ArraError
 from pipeline.lm.generate import generate
-from pipeline.lm.causal_lm import LAYOUT_FILE
+from pipeline.lm.causal_lm import LAYOUT_FILE, load_lm
 from pipeline.data.samples import SAMPLES
 from pipeline.lm.sampling import Sampling
 from pipeline.models.image_tokenizers import load_recorded_tokenizer
@@ -45,7 +45,7 @@ def save_grid(images: list[np.ndarray], path: Path, cols: int | None = None) -> 
 def sample(model_path: str, out: str, prompts: list[str] | None = None, classes: list[int] | None = None,
            n: int = 1, sampling: Sampling = Sampling(), seed: int = 0, batch_size: int | None = None, device: str = "cpu",
            tokenizer_path: str | None = None, progress: bool = True) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     model_dir, out = Path(model_path), Path(out)
     if not ((model_dir / LAYOUT_FILE).exists() and (model_dir / "config.json").exists()):
         raise ArraError(f"{model_dir}: not an exported model (config.json + {LAYOUT_FILE}); `arra-pipe export` makes one")
@@ -53,8 +53,7 @@ def sample(model_path: str, out: str, prompts: list[str] | None = None, classes:
     layout = VocabLayout.from_dict(meta)
     dev = torch.device(device)
     batch_size = batch_size or BATCH_SIZE[dev.type]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False,
-                                                 dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32).to(dev).eval()
+    model = load_lm(model_dir, torch.bfloat16 if dev.type == "cuda" else torch.float32).to(dev).eval()
     text_tok = AutoTokenizer.from_pretrained(model_dir) if layout.condition == "text" else None
     conditioner = Conditioner(layout, text_tok, layout.max_text_len or 64)  # 64: models exported before it was recorded
     if layout.condition == "class":

@@ -37,7 +37,8 @@ from pipeline.data.featureset import FeatureSet
 from pipeline.data.remote import redact
 from pipeline.data.files import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.lm.causal_lm import (LAYOUT_FILE, add_residual_dropout, add_token_dropout, build_from_preset,
-                                   extend_vocab, load_text_lm, preset_config, read_layout)
+                                   extend_vocab, is_chameleon, load_lm, load_text_lm, preset_config, zero_head_rows)
+from pipeline.lm.image_vocab import check_ids, check_init_dir, external_layout, lumina_tokens
 from pipeline.data.lock import main_rank_lock
 from pipeline.lm.objective import Objective
 from pipeline.options import flag_of
@@ -183,67 +184,94 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
     Returns (layout, builder, tokenizer, hidden size); the builder makes the LM later, once the
     DeepSpeed config (which the hidden size sizes) can say whether to build it partitioned."""
     tok = sets[0].manifest["tokenizer"]
-    grid, codebook = tuple(tok["grid"]), tok["codebook_size"]
     tok_ref = {k: tok.get(k) for k in ("name", "weights_sha256", "weights_path", "resolution", "grid", "codebook_size")}
     rep = opts.align_positions == "rep-token"
     if opts.zero_init_head and (opts.init or opts.model.startswith("hf:")):
         raise TrainError("--zero-init-head is for presets built from random init, not a pretrained head "
                          "(--init or --model hf:)")
     if opts.init:
-        layout = _init_layout(opts, tok, rep)
-        tokenizer = _maybe_tokenizer(opts.init) if layout.condition == "text" else None
-        from transformers import AutoConfig
-        hidden = AutoConfig.from_pretrained(opts.init, trust_remote_code=False).hidden_size
-
-        def build():
-            from transformers import AutoModelForCausalLM
-            return AutoModelForCausalLM.from_pretrained(opts.init, trust_remote_code=False, dtype=torch.float32)
-        max_positions = None
+        layout, build, tokenizer, max_positions, hidden = _plan_init(opts, tok, tok_ref, rep)
     elif opts.model.startswith("hf:"):
-        def build():
-            model, _ = load_text_lm(opts.model[3:])
-            extend_vocab(model, layout.vocab_size)
-            return model
-        from transformers import AutoConfig, AutoTokenizer
-        config = AutoConfig.from_pretrained(opts.model[3:], trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(opts.model[3:], trust_remote_code=False)
-        rows = max(config.vocab_size, len(tokenizer))
-        layout = VocabLayout("text", rows, codebook, grid, tok_ref,
-                             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1, opts.max_text_len, rep)
-        max_positions, hidden = config.max_position_embeddings, config.hidden_size
+        layout, build, tokenizer, max_positions, hidden = _plan_hf(opts, tok, tok_ref, rep)
     else:
-        if opts.condition == "class":
-            layout = VocabLayout("class", class_count(sets) + 1, codebook, grid, tok_ref, rep=rep)
-            tokenizer = None
-        else:
-            tokenizer = text_tokenizer(opts, sets, model_dir, is_main)
-            layout = VocabLayout("text", len(tokenizer), codebook, grid, tok_ref, tokenizer.pad_token_id, opts.max_text_len, rep)
-        cond_len = 1 if opts.condition == "class" else opts.max_text_len
-        max_positions = cond_len + len(layout.image_prefix) + layout.image_tokens + 1
-        hidden = preset_config(opts.model, layout.vocab_size, max_positions).hidden_size
-
-        def build():
-            return build_from_preset(opts.model, layout.vocab_size, max_positions, opts.dropout, opts.zero_init_head)
-    markers = len(layout.image_prefix) + 1  # (<rep>) <boi> ... <eoi>
-    need = (1 if layout.condition == "class" else opts.max_text_len) + layout.image_tokens + markers
+        layout, build, tokenizer, max_positions, hidden = _plan_preset(opts, sets, model_dir, is_main, tok_ref, rep)
+    markers = layout.tail_len - layout.image_tokens  # (<rep>) <boi> ... <eoi>, and a model's own tokens around them
+    need = (1 if layout.condition == "class" else opts.max_text_len) + layout.tail_len
     if max_positions is not None and need > max_positions:
-        raise TrainError(f"sequences need {need} positions ({grid[0]}x{grid[1]} image codes + condition + {markers}) "
-                         f"but the model has max_position_embeddings {max_positions}; lower --max-text-len or the grid")
+        raise TrainError(f"sequences need {need} positions ({layout.grid[0]}x{layout.grid[1]} image codes + condition + "
+                         f"{markers}) but the model has max_position_embeddings {max_positions}; lower --max-text-len "
+                         "or the grid")
     return layout, build, tokenizer, hidden
 
 
-def _init_layout(opts: TrainOptions, tok: dict, rep: bool) -> VocabLayout:
-    """ARRA-Adapt: the layout of the exported model at --init, checked against the sets' tokenizer
-    (`tok`) and these options; captions are cut at --max-text-len as the model was trained."""
-    prev = read_layout(opts.init)
-    layout = VocabLayout.from_dict(prev)
+def _plan_init(opts: TrainOptions, tok: dict, tok_ref: dict, rep: bool):
+    """ARRA-Adapt: the checkpoint at --init, as it is; (layout, builder, tokenizer, max positions, hidden)."""
+    from transformers import AutoConfig
+    layout = _init_layout(opts, tok, tok_ref, rep)
+    tokenizer = _maybe_tokenizer(opts.init) if layout.condition == "text" else None
+    hidden = AutoConfig.from_pretrained(opts.init, trust_remote_code=False).hidden_size
+    return layout, lambda: load_lm(opts.init), tokenizer, None, hidden
+
+
+def _plan_hf(opts: TrainOptions, tok: dict, tok_ref: dict, rep: bool):
+    """ARRA: a local LM directory. A text-only LM gets the image codes and <boi>/<eoi> appended (rows at
+    the mean of the old ones). A Chameleon-family LM has image rows of its own, used as they are in
+    Lumina-mGPT's sequence layout; as in the official code (D8), their output-head rows start at zero.
+    Returns (layout, builder, tokenizer, max positions, hidden)."""
+    from transformers import AutoConfig, AutoTokenizer
+    path = opts.model[3:]
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    grid, codebook = tuple(tok["grid"]), tok["codebook_size"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1
+    if is_chameleon(path):
+        native = lumina_tokens(getattr(config, "vocabulary_map", None), tok, f"--model hf:{path}")
+        check_ids(native, codebook, config.vocab_size, f"--model hf:{path}")
+        layout = VocabLayout("text", config.vocab_size, codebook, grid, tok_ref, pad, opts.max_text_len, rep, native)
+    else:
+        layout = VocabLayout("text", max(config.vocab_size, len(tokenizer)), codebook, grid, tok_ref, pad,
+                             opts.max_text_len, rep)
+
+    def build():
+        model, _ = load_text_lm(path)
+        extend_vocab(model, layout.vocab_size)  # nothing to add where the model has image rows of its own
+        if layout.native:
+            zero_head_rows(model, layout.code_ids)
+        return model
+    return layout, build, tokenizer, config.max_position_embeddings, config.hidden_size
+
+
+def _plan_preset(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_main: bool, tok_ref: dict, rep: bool):
+    """ARRA-Base: a preset from random init; (layout, builder, tokenizer, max positions, hidden)."""
+    grid, codebook = tuple(tok_ref["grid"]), tok_ref["codebook_size"]
+    if opts.condition == "class":
+        layout = VocabLayout("class", class_count(sets) + 1, codebook, grid, tok_ref, rep=rep)
+        tokenizer = None
+    else:
+        tokenizer = text_tokenizer(opts, sets, model_dir, is_main)
+        layout = VocabLayout("text", len(tokenizer), codebook, grid, tok_ref, tokenizer.pad_token_id, opts.max_text_len, rep)
+    max_positions = (1 if opts.condition == "class" else opts.max_text_len) + layout.tail_len
+    hidden = preset_config(opts.model, layout.vocab_size, max_positions).hidden_size
+
+    def build():
+        return build_from_preset(opts.model, layout.vocab_size, max_positions, opts.dropout, opts.zero_init_head)
+    return layout, build, tokenizer, max_positions, hidden
+
+
+def _init_layout(opts: TrainOptions, tok: dict, tok_ref: dict, rep: bool) -> VocabLayout:
+    """ARRA-Adapt: the layout of the model at --init, checked against the sets' tokenizer (`tok`) and
+    these options; captions are cut at --max-text-len as the model was trained. An export of ours
+    records its layout; another checkpoint declares it in a layout file, or has Chameleon's."""
+    exported = Path(opts.init) / LAYOUT_FILE
+    layout = (VocabLayout.from_dict(read_json(exported)) if exported.is_file()
+              else external_layout(opts.init, tok, tok_ref, opts.max_text_len))
     grid, codebook = tuple(tok["grid"]), tok["codebook_size"]
     if layout.grid != grid:
         raise TrainError(f"--init {opts.init}: the model was trained on a {layout.grid} grid, "
                          f"the sets have {grid}")
-    if codebook > layout.codebook_size or prev["tokenizer"]["weights_sha256"] != tok["weights_sha256"]:
+    if codebook > layout.codebook_size or layout.tokenizer["weights_sha256"] != tok["weights_sha256"]:
         raise TrainError(f"--init {opts.init}: image vocabulary is {layout.codebook_size} codes of tokenizer "
-                         f"{prev['tokenizer']['name']} (sha256 {prev['tokenizer']['weights_sha256'][:12]}), the sets "
+                         f"{layout.tokenizer['name']} (sha256 {layout.tokenizer['weights_sha256'][:12]}), the sets "
                          f"have {codebook} codes of {tok['name']} (sha256 {tok['weights_sha256'][:12]})")
     if layout.condition == "text" and layout.max_text_len not in (0, opts.max_text_len):
         raise TrainError(f"--init {opts.init}: the model was trained with --max-text-len {layout.max_text_len}; "
@@ -258,7 +286,7 @@ def model_depth(opts: TrainOptions) -> int:
     """Decoder layers of the LM these options build, read from its config alone (no weights), so
     that --align-layer is checked before any process group or model exists."""
     if opts.init:
-        read_layout(opts.init)  # says what --init needs when it is not an export
+        check_init_dir(opts.init)  # says what --init needs when it is none of the checkpoints it takes
     if opts.init or opts.model.startswith("hf:"):
         from transformers import AutoConfig
         path = opts.init or opts.model[3:]

@@ -260,3 +260,44 @@ def write_chameleon(folder: Path, tiny: bool = True, attn_resolutions: tuple = (
     torch.save({"epoch": 0, "global_step": 0, "pytorch-lightning_version": "1.6.0", "state_dict": state,
                 "callbacks": {"ModelCheckpoint": LightningCallbackState(monitor="val/rec_loss")}}, folder / "vqgan.ckpt")
     return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Chameleon-architecture LMs (facebook/chameleon-7b, Lumina-mGPT): config.json with a vocabulary_map
+
+
+def image_token_name(code: int) -> str:
+    """Chameleon's name of VQGAN code `code`: its decimal digits as the letters A-J, between IMGIMG and Z."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def write_chameleon_lm(folder: Path, codes: int = 8192, lumina: bool = False) -> Path:
+    """A ChameleonForConditionalGeneration checkpoint as the hub publishes it: config.json whose
+    vocabulary_map names every token (IMGIMG… for each VQGAN code, <racm3:break>, <eoss>,
+    <reservedNNNNN>), safetensors weights under transformers' Chameleon names, and its text tokenizer.
+    Tiny: two layers of width 32, a small VQ encoder, a BPE of a few hundred text tokens. The text
+    tokens come first and the image tokens follow in a shuffled order (Meta's are ids 4..8195), so a
+    layout that assumed consecutive image ids fails. `lumina`: config.json as Lumina-mGPT's, naming
+    its own remote-code class in `architectures`, with its extra keys."""
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+    from pipeline.lm.text_tokenizer import train_bpe
+    tokenizer = train_bpe(["a photo of a bag", "a photo of a boot", "an ankle boot", "a bag"] * 20, 300)
+    vocab = dict(tokenizer.get_vocab())
+    order = torch.randperm(codes, generator=torch.Generator().manual_seed(0)).tolist()
+    vocab.update({image_token_name(c): len(tokenizer) + order[c] for c in range(codes)})
+    specials = ["<eoss>", "<racm3:break>", "<reserved08706>", "<reserved08799>"] + [f"<reserved{8800 + n:05d}>" for n in range(1, 33)]
+    vocab.update({name: len(vocab) + i for i, name in enumerate(specials)})
+    config = ChameleonConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=96,
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, vocabulary_map=vocab,
+                             vq_config=dict(embed_dim=4, num_embeddings=codes, latent_channels=4, base_channels=32,
+                                            channel_multiplier=[1], num_res_blocks=1, resolution=32))
+    torch.manual_seed(0)
+    ChameleonForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if lumina:
+        saved = json.loads((folder / "config.json").read_text())
+        saved.update(architectures=["ChameleonXLLMXForConditionalGeneration"], z_loss_weight=1e-5, mask_image_logits=False)
+        (folder / "config.json").write_text(json.dumps(saved, indent=2))
+    return folder

@@ -61,19 +61,31 @@ class Conditioner:
 
 
 def make_sequences(layout: VocabLayout, conditions: list[list[int]], codes: np.ndarray, align_positions: str = "image"):
-    """Lay out `condition (<rep>) <boi> codes <eoi>` per row, right-padded. Returns input_ids,
-    attention_mask, labels (image codes and <eoi>) and align_mask: the positions whose next token is
-    an image code (`image`), only the <boi> position (`boi`), or only the <rep> token (`rep-token`)."""
+    """Lay out `condition prefix image <eoi>` per row, right-padded: the prefix is (<rep>) <boi>, or a
+    model's own tokens around <boi>; the image is the codes' token ids row by row, each row closed by the
+    layout's newline token where it has one. Returns input_ids, attention_mask, labels and align_mask.
+    Labels are every token after the prefix: codes, newlines (a model trained with them, as Lumina-mGPT
+    is, keeps ending its rows; sampling puts them in anyway) and <eoi>. align_mask: the positions whose
+    next token is an image code (`image`: never one that predicts a newline or <eoi>), only the <boi>
+    position (`boi`), or only the <rep> token (`rep-token`)."""
     if align_positions == "rep-token" and not layout.rep:
         raise ArraError("--align-positions rep-token needs a layout with a <rep> token (this model has none)")
-    b, n = codes.shape
+    b = len(codes)
     prefix = layout.image_prefix
-    head = len(prefix)                                               # <boi>, or <rep> <boi>
+    head = len(prefix)
+    image = layout.code_ids[codes]                                   # codes as token ids, row-major
+    if layout.newline is not None:
+        h, w = layout.grid
+        image = np.concatenate([image.reshape(b, h, w), np.full((b, h, 1), layout.newline)], axis=2).reshape(b, -1)
+    tail = np.concatenate([np.broadcast_to(np.asarray(prefix, dtype=np.int64), (b, head)), image,
+                           np.full((b, 1), layout.eoi)], axis=1)     # prefix, image, <eoi>
+    is_code = np.r_[np.zeros(head, bool), layout.image_slots, False]
+    marks = {"image": np.r_[is_code[1:], False],                     # the slot before each code
+             "boi": np.arange(len(is_code)) == prefix.index(layout.boi),
+             "rep-token": np.arange(len(is_code)) == 0}[align_positions]
     lengths = np.array([len(c) for c in conditions])
-    t = int(lengths.max()) + head + n + 1
-    tail = np.empty((b, head + n + 1), dtype=np.int64)               # (<rep>) <boi> c_1 .. c_N <eoi>
-    tail[:, :head], tail[:, -1] = prefix, layout.eoi
-    np.add(codes, layout.image_offset, out=tail[:, head:-1], casting="unsafe")
+    span = tail.shape[1]
+    t = int(lengths.max()) + span
     ids = np.full((b, t), layout.pad, dtype=np.int64)
     labels = np.full((b, t), IGNORE, dtype=np.int64)
     align = np.zeros((b, t), dtype=bool)
@@ -81,14 +93,12 @@ def make_sequences(layout: VocabLayout, conditions: list[list[int]], codes: np.n
         rows = [(slice(None), int(lengths[0]), np.asarray(conditions, dtype=np.int64).reshape(b, lengths[0]))]
     else:
         rows = [(i, int(c), cond) for i, (c, cond) in enumerate(zip(lengths, conditions))]
-    boi = head - 1                                                   # <boi>'s place after the condition
-    start, span = {"image": (boi, n), "boi": (boi, 1), "rep-token": (0, 1)}[align_positions]
     for r, c, cond in rows:
         ids[r, :c] = cond
-        ids[r, c:c + head + n + 1] = tail[r]
-        labels[r, c + head:c + head + n + 1] = tail[r, head:]        # codes and <eoi>
-        align[r, c + start:c + start + span] = True                  # <boi> .. c_{N-1}, <boi>, or <rep>
-    attn = (np.arange(t)[None] < (lengths + head + n + 1)[:, None]).astype(np.int64)
+        ids[r, c:c + span] = tail[r]
+        labels[r, c + head:c + span] = tail[r, head:]       # image and <eoi>
+        align[r, c:c + span] = marks
+    attn = (np.arange(t)[None] < (lengths + span)[:, None]).astype(np.int64)
     return ids, attn, labels, align
 
 

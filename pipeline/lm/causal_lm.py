@@ -1,10 +1,13 @@
-"""The language models ARRA trains, all plain transformers `LlamaForCausalLM`-style causal LMs.
+"""The language models ARRA trains: plain transformers causal LMs (`LlamaForCausalLM`-style), or
+Chameleon-family LMs through `ChameleonImageLM` (pipeline/lm/chameleon.py).
 
 - ARRA-Base: a LlamaGen-sized Llama from random init (`preset`), vocabulary = condition tokens +
   image codes + <boi>/<eoi>.
 - ARRA: any text-only causal LM directory (`hf:PATH`); its vocabulary is extended with the image
-  codes and <boi>/<eoi>, new rows initialised to the mean of the old ones.
-- ARRA-Adapt: an exported text-to-image checkpoint of ours (`--init PATH`), continued.
+  codes and <boi>/<eoi>, new rows initialised to the mean of the old ones. A Chameleon-family one
+  keeps its own image rows instead (see pipeline/lm/image_vocab.py).
+- ARRA-Adapt: a text-to-image checkpoint (`--init PATH`), continued: an export of ours, a
+  Chameleon-architecture one (Lumina-mGPT), or any whose image tokens a layout file declares.
 """
 
 from __future__ import annotations
@@ -62,14 +65,48 @@ def build_from_preset(preset: str, vocab_size: int, max_positions: int, dropout:
     return lm
 
 
+def is_chameleon(path: str | Path) -> bool:
+    """Whether the checkpoint at `path` has the Chameleon architecture (config.json model_type
+    "chameleon": Meta's Chameleon, Anole, Lumina-mGPT). `architectures` is not read: Lumina-mGPT
+    names its own remote-code class there."""
+    config = Path(path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "chameleon"
+
+
+def load_lm(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A causal LM from a local directory, to train or sample (never remote code); a Chameleon-family
+    one as `ChameleonImageLM`, whose logits include its image tokens."""
+    if is_chameleon(path):
+        from pipeline.lm.chameleon import load_chameleon
+        return load_chameleon(str(path), dtype)
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, dtype=dtype)
+
+
+def plain_lm(config):
+    """An fp32 model of `config` in the class an export is saved as, the one plain transformers loads
+    it with: ChameleonForConditionalGeneration for the Chameleon family, else the causal-LM class."""
+    if config.model_type == "chameleon":
+        from transformers import ChameleonForConditionalGeneration
+        return ChameleonForConditionalGeneration(config).float()
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
 def load_text_lm(path: str):
-    """A text-only causal LM and its tokenizer from a local directory (never remote code)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The LM of `--model hf:PATH` and its tokenizer from a local directory (never remote code)."""
+    from transformers import AutoTokenizer
     if not Path(path).is_dir():
         raise ArraError(f"--model hf:{path}: not a local model directory")
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    return model, tokenizer
+    return load_lm(path), AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def zero_head_rows(model, ids) -> None:
+    """Set the output head's rows of `ids` to zero: the official code's starting point from Chameleon
+    (inherited from Lumina-mGPT) zeroes its image tokens' rows, so every code starts at one logit."""
+    head = model.get_output_embeddings()
+    with torch.no_grad(), gathered(list(head.parameters())):
+        head.weight[torch.as_tensor(ids, dtype=torch.long)] = 0
 
 
 def extend_vocab(model, new_size: int) -> None:
@@ -127,9 +164,3 @@ def gathered(params: list[torch.nn.Parameter]):
     import deepspeed
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
-
-def read_layout(path: str | Path) -> dict:
-    p = Path(path) / LAYOUT_FILE
-    if not p.is_file():
-        raise ArraError(f"{path}: no {LAYOUT_FILE}; --init needs a directory written by `arra-pipe export`")
-    return json.loads(p.read_text())

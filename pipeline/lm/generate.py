@@ -1,10 +1,13 @@
-"""Autoregressive image generation: condition <boi> -> N image codes, with a KV cache and
-classifier-free guidance. ARRA changes nothing at inference; this is the standard loop.
+"""Autoregressive image generation: condition, the layout's image prefix (<boi>, and a model's own
+tokens around it) -> N image codes, with a KV cache and classifier-free guidance. ARRA changes
+nothing at inference; this is the standard loop.
 
-Only image codes can be sampled inside the image span (the logits are sliced to the image
-vocabulary), the span ends after exactly grid h*w codes (where <eoi> goes), and each image has
-its own random generator, so an image depends on its seed, not on the batch it was drawn in.
-The whole batch is sampled at once, with no host sync per step (see `sample_rows`).
+Only image codes can be sampled at a code's place (the logits are restricted to the codes' token
+ids, and a drawn id is mapped back to its code), a layout with a newline token gets it at the end
+of each row without a draw (as Lumina-mGPT's sampler forces it), the image ends after exactly grid
+h*w codes (where <eoi> goes), and each image has its own random generator, so an image depends on
+its seed, not on the batch it was drawn in. The whole batch is sampled at once, with no host sync
+per step (see `sample_rows`).
 """
 
 from __future__ import annotations
@@ -83,22 +86,27 @@ def generate(model, layout: VocabLayout, conditions: list[list[int]], null: list
     rows = [c + layout.image_prefix for c in conditions + ([null] * b if guided else [])]
     ids, attn = _left_pad(rows, layout.pad, device)
     generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
-    lo, hi = layout.image_offset, layout.image_offset + layout.codebook_size
+    code_ids = torch.as_tensor(layout.code_ids, device=device)
+    slots = layout.image_slots.tolist()
+    slots = slots[:max(i for i, is_code in enumerate(slots) if is_code) + 1]  # after the last code all is known
     codes, past, cache = [], None, cache_keyword(model)
     padded = len({len(r) for r in rows}) > 1  # without padding no mask: transformers checks one with a host sync
     step_ids, step_attn = ids, attn
-    for i in range(layout.image_tokens):
+    for is_code in slots:
         positions = (step_attn.cumsum(-1) - 1).clamp(min=0)
         if kv_cache and past is not None:
             positions = positions[:, -1:]
         out = model(input_ids=step_ids, attention_mask=step_attn if padded else None, position_ids=positions,
                     use_cache=kv_cache, logits_to_keep=1, **{cache: past})
-        logits = out.logits[:, -1, lo:hi].float()
-        if guided:
-            logits = guide(logits[:b], logits[b:], sampling.cfg)
-        token = sample_rows(logits, generators, sampling)
-        codes.append(token)
-        nxt = (token + lo).repeat(2 if guided else 1)[:, None]
+        if is_code:
+            logits = out.logits[:, -1].index_select(-1, code_ids).float()
+            if guided:
+                logits = guide(logits[:b], logits[b:], sampling.cfg)
+            token = sample_rows(logits, generators, sampling)
+            codes.append(token)
+            nxt = code_ids[token].repeat(2 if guided else 1)[:, None]
+        else:  # the end of a row: the layout's newline token, not drawn
+            nxt = torch.full((len(rows), 1), layout.newline, dtype=torch.long, device=device)
         step_attn = torch.cat([step_attn, torch.ones_like(nxt)], dim=1)
         if kv_cache:
             past, step_ids = getattr(out, cache), nxt
