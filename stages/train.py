@@ -209,8 +209,8 @@ def _plan_init(opts: TrainOptions, tok: dict, tok_ref: dict, rep: bool):
     from transformers import AutoConfig
     layout = _init_layout(opts, tok, tok_ref, rep)
     tokenizer = _maybe_tokenizer(opts.init) if layout.condition == "text" else None
-    hidden = AutoConfig.from_pretrained(opts.init, trust_remote_code=False).hidden_size
-    return layout, lambda: load_lm(opts.init), tokenizer, None, hidden
+    config = AutoConfig.from_pretrained(opts.init, trust_remote_code=False)
+    return layout, lambda: load_lm(opts.init), tokenizer, config.max_position_embeddings, config.hidden_size
 
 
 def _plan_hf(opts: TrainOptions, tok: dict, tok_ref: dict, rep: bool):

@@ -236,12 +236,15 @@ def test_init_from_a_checkpoint_with_a_layout_file(run_extract_module, tmp_path,
     native = json.loads((tmp_path / "hf" / "arra_vocab.json").read_text())["native"]
     assert native["image_ids"] == [int(x) for x in (lm / "ids.txt").read_text().split()]
     assert (native["boi"], native["eoi"], native["newline"]) == (declared["boi"], declared["eoi"], declared["newline"])
-    # a layout file for another grid or codebook than the sets' is refused before any model is built, naming it
+    # a layout file for another grid or codebook than the sets', or with ids the model does not have, is refused
+    # before any model is built, naming it
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # train() sets them for its one process
         monkeypatch.delenv(k, raising=False)
-    for change in ({"grid": [8, 8]}, {"codebook_size": 128}):
+    for change, message in (({"grid": [8, 8]}, "the model's image tokens are 64 codes of image tokenizer 'kmeans' on a [8, 8]"),
+                            ({"codebook_size": 128}, "the model's image tokens are 128 codes"),
+                            ({"image_ids": {"offset": declared["boi"] - 10}}, "ids outside the model's")):
         (lm / "arra_layout.json").write_text(json.dumps({**declared, **change}))
-        with pytest.raises(ArraError, match=re.escape(f"{lm / 'arra_layout.json'}: the model's image tokens are")):
+        with pytest.raises(ArraError, match=re.escape(f"{lm / 'arra_layout.json'}: {message}")):
             train(TrainOptions(sets=[str(kmeans)], run=str(tmp_path / "refused"), init=str(lm), steps=1, micro_batch=2,
                                max_text_len=8, progress=False))
