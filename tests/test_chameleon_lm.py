@@ -248,3 +248,24 @@ def test_init_from_a_checkpoint_with_a_layout_file(run_extract_module, tmp_path,
         with pytest.raises(ArraError, match=re.escape(f"{lm / 'arra_layout.json'}: {message}")):
             train(TrainOptions(sets=[str(kmeans)], run=str(tmp_path / "refused"), init=str(lm), steps=1, micro_batch=2,
                                max_text_len=8, progress=False))
+
+
+def test_arra_from_chameleon_under_zero3_on_two_processes(chameleon_set, tmp_path):
+    """The 7B recipe's path: the LM built partitioned, its head's image rows zeroed while gathered, the
+    frozen VQ encoder consolidated with the rest: every other weight within two Adam steps of the checkpoint."""
+    from safetensors.torch import load_file
+    lm = mc.write_chameleon_lm(tmp_path / "chameleon")
+    arra_pipe("train", chameleon_set, "--out", tmp_path / "run", "--model", f"hf:{lm}", "--zero", "3", "--procs", "2",
+              "--steps", "2", "--micro-batch", "4", "--lr", "1e-3", "--max-text-len", "8", "--no-progress")
+    arra_pipe("export", tmp_path / "run", "--out", tmp_path / "hf")
+    before, after = load_file(lm / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    image = torch.as_tensor(VocabLayout.from_dict(json.loads((tmp_path / "hf" / "arra_vocab.json").read_text())).code_ids)
+    text = torch.ones(len(before["lm_head.weight"]), dtype=torch.bool).index_fill(0, image, False)
+    assert after["lm_head.weight"][image].abs().max() < 3e-3 < before["lm_head.weight"][image].abs().max()
+    assert (after["lm_head.weight"][text] - before["lm_head.weight"][text]).abs().max() < 3e-3
+    assert before.keys() == after.keys()
+    for k in before:
+        if k.startswith("model.vqmodel."):
+            assert torch.equal(after[k], before[k]), k
+        elif k != "lm_head.weight":
+            assert (after[k] - before[k]).abs().max() < 3e-3, k
