@@ -8,6 +8,8 @@ GVA projector in `arra_projector.safetensors`, outside the model so that inferen
 unchanged base architecture: `AutoModelForCausalLM`, or for the Chameleon family
 `ChameleonForConditionalGeneration` (whose own forward hides image logits; arra-pipe's sampler
 reads them through pipeline/lm/chameleon.py).
+A model trained with `--rope 2d` is exported as a plain Llama too; its layout says `"rope": "2d"`, and
+the 2D rotary module is installed by whoever loads it (`arra-pipe sample` does; see pipeline/lm/rope2d.py).
 """
 
 from __future__ import annotations

@@ -34,6 +34,9 @@ class TrainOptions(Objective):
                                   min=0, max=1, max_open=True)
     zero_init_head: bool = option(False, "Presets: start the output head at zero, as LlamaGen does (default: "
                                          "transformers' normal init).")
+    rope: str = option("1d", "Rotary positions of image codes: 1d along the sequence (transformers' Llama), or 2d "
+                             "by grid row and column as LlamaGen (Llama LMs; recorded with the model, so sampling "
+                             "and --init use the same).", choices=("1d", "2d"))
     zero: int = option(0, "DeepSpeed ZeRO stage.", min=0, max=3)
     offload: str = option("none", "Offload optimizer (and ZeRO-3 params) to CPU.", choices=("none", "cpu"))
     device: str = option("cpu", "Where the ranks train.", choices=("cpu", "cuda"))

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from pipeline.errors import ArraError
 from pipeline.lm.generate import generate
 from pipeline.lm.causal_lm import LAYOUT_FILE, load_lm
+from pipeline.lm.rope2d import install
 from pipeline.data.samples import SAMPLES
 from pipeline.lm.sampling import Sampling
 from pipeline.models.image_tokenizers import load_recorded_tokenizer
@@ -54,6 +55,8 @@ def sample(model_path: str, out: str, prompts: list[str] | None = None, classes:
     dev = torch.device(device)
     batch_size = batch_size or BATCH_SIZE[dev.type]
     model = load_lm(model_dir, torch.bfloat16 if dev.type == "cuda" else torch.float32).to(dev).eval()
+    if layout.rope == "2d":  # the export is a plain Llama; its positions over the grid come from the layout
+        install(model, layout)
     text_tok = AutoTokenizer.from_pretrained(model_dir) if layout.condition == "text" else None
     conditioner = Conditioner(layout, text_tok, layout.max_text_len or 64)  # 64: models exported before it was recorded
     if layout.condition == "class":

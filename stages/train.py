@@ -41,6 +41,7 @@ from pipeline.lm.causal_lm import (LAYOUT_FILE, add_residual_dropout, add_token_
 from pipeline.lm.image_vocab import check_ids, check_init_dir, external_layout, lumina_tokens
 from pipeline.data.lock import main_rank_lock
 from pipeline.lm.objective import Objective
+from pipeline.lm.rope2d import install
 from pipeline.options import flag_of
 from pipeline.data.train_data import Conditioner, Prefetch, TrainStream
 from pipeline.lm.vocab import VocabLayout
@@ -201,7 +202,12 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
         raise TrainError(f"sequences need {need} positions ({layout.grid[0]}x{layout.grid[1]} image codes + condition + "
                          f"{markers}) but the model has max_position_embeddings {max_positions}; lower --max-text-len "
                          "or the grid")
-    return layout, build, tokenizer, hidden
+    return layout, (_with_grid_rope(build, layout) if layout.rope == "2d" else build), tokenizer, hidden
+
+
+def _with_grid_rope(build, layout: VocabLayout):
+    """`build`, then 2D RoPE over the grid on the LM it built (refused there for an LM that is no Llama)."""
+    return lambda: install(build(), layout)
 
 
 def _plan_init(opts: TrainOptions, tok: dict, tok_ref: dict, rep: bool):
@@ -227,10 +233,11 @@ def _plan_hf(opts: TrainOptions, tok: dict, tok_ref: dict, rep: bool):
     if is_chameleon(path):
         native = lumina_tokens(getattr(config, "vocabulary_map", None), tok, f"--model hf:{path}")
         check_ids(native, codebook, config.vocab_size, f"--model hf:{path}")
-        layout = VocabLayout("text", config.vocab_size, codebook, grid, tok_ref, pad, opts.max_text_len, rep, native)
+        layout = VocabLayout("text", config.vocab_size, codebook, grid, tok_ref, pad, opts.max_text_len, rep, native,
+                             opts.rope)
     else:
         layout = VocabLayout("text", max(config.vocab_size, len(tokenizer)), codebook, grid, tok_ref, pad,
-                             opts.max_text_len, rep)
+                             opts.max_text_len, rep, rope=opts.rope)
 
     def build():
         model, _ = load_text_lm(path)
@@ -245,11 +252,12 @@ def _plan_preset(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is
     """ARRA-Base: a preset from random init; (layout, builder, tokenizer, max positions, hidden)."""
     grid, codebook = tuple(tok_ref["grid"]), tok_ref["codebook_size"]
     if opts.condition == "class":
-        layout = VocabLayout("class", class_count(sets) + 1, codebook, grid, tok_ref, rep=rep)
+        layout = VocabLayout("class", class_count(sets) + 1, codebook, grid, tok_ref, rep=rep, rope=opts.rope)
         tokenizer = None
     else:
         tokenizer = text_tokenizer(opts, sets, model_dir, is_main)
-        layout = VocabLayout("text", len(tokenizer), codebook, grid, tok_ref, tokenizer.pad_token_id, opts.max_text_len, rep)
+        layout = VocabLayout("text", len(tokenizer), codebook, grid, tok_ref, tokenizer.pad_token_id, opts.max_text_len, rep,
+                             rope=opts.rope)
     max_positions = (1 if opts.condition == "class" else opts.max_text_len) + layout.tail_len
     hidden = preset_config(opts.model, layout.vocab_size, max_positions).hidden_size
 
@@ -276,6 +284,9 @@ def _init_layout(opts: TrainOptions, tok: dict, tok_ref: dict, rep: bool) -> Voc
     if layout.condition == "text" and layout.max_text_len not in (0, opts.max_text_len):
         raise TrainError(f"--init {opts.init}: the model was trained with --max-text-len {layout.max_text_len}; "
                          f"pass the same (not {opts.max_text_len}) so captions are cut as they were")
+    if layout.rope != opts.rope:
+        raise TrainError(f"--init {opts.init}: the model was trained with --rope {layout.rope}; pass the same (not "
+                         f"{opts.rope}) so its image codes keep the positions it learned")
     if rep and not layout.rep:
         raise TrainError(f"--init {opts.init}: the model has no <rep> token for --align-positions rep-token; "
                          f"align at boi or image, or train ARRA-Base/ARRA with rep-token from the start")

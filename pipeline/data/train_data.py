@@ -22,6 +22,7 @@ import torch
 
 from pipeline.errors import ArraError
 from pipeline.data.featureset import FeatureSet, feature_column
+from pipeline.lm.rope2d import token_positions
 from pipeline.lm.vocab import VocabLayout
 
 IGNORE = -100
@@ -205,6 +206,9 @@ class TrainStream:
         ids, attn, labels, align = make_sequences(self.layout, conditions, rows["codes"], self.align_positions)
         out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
                "labels": torch.from_numpy(labels), "align_mask": torch.from_numpy(align)}
+        if self.layout.rope == "2d":  # each row's first code at the same position, whatever its condition's length
+            before_image = torch.tensor([len(c) + len(self.layout.image_prefix) for c in conditions])
+            out["position_ids"] = token_positions(self.layout, out["attention_mask"], before_image)
         if "feat" in rows:
             out["teacher"] = torch.from_numpy(rows["feat"])  # float16 as stored; the loss casts on the device
         return out

@@ -43,9 +43,10 @@ class ARRAModel(nn.Module):
                 raise OptionError("GVA (--lambda > 0) needs a teacher column; pass --teacher or --lambda 0")
             self.projector = Projector(lm.config.hidden_size, objective.projector_hidden or teacher_dim, teacher_dim)
 
-    def forward(self, input_ids, attention_mask, labels, align_mask=None, teacher=None):
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=self.projector is not None,
-                      use_cache=False)
+    def forward(self, input_ids, attention_mask, labels, align_mask=None, teacher=None, position_ids=None):
+        """position_ids: None numbers each row 0, 1, ...; a 2D-RoPE layout's batches carry their own."""
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      output_hidden_states=self.projector is not None, use_cache=False)
         logits = out.logits[:, :-1].float()
         targets = labels[:, 1:]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)

@@ -8,6 +8,8 @@ of each row without a draw (as Lumina-mGPT's sampler forces it), the image ends 
 h*w codes (where <eoi> goes), and each image has its own random generator, so an image depends on
 its seed, not on the batch it was drawn in. The whole batch is sampled at once, with no host sync
 per step (see `sample_rows`).
+Positions are those training gives (`token_positions`): a row's real tokens from 0, or for a 2D-RoPE
+model shifted so that every row's first code sits at one position, whatever its condition's length.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import inspect
 
 import torch
 
+from pipeline.lm.rope2d import token_positions
 from pipeline.lm.sampling import Sampling
 from pipeline.lm.vocab import VocabLayout
 
@@ -91,9 +94,10 @@ def generate(model, layout: VocabLayout, conditions: list[list[int]], null: list
     slots = slots[:max(i for i, is_code in enumerate(slots) if is_code) + 1]  # after the last code all is known
     codes, past, cache = [], None, cache_keyword(model)
     padded = len({len(r) for r in rows}) > 1  # without padding no mask: transformers checks one with a host sync
+    before_image = torch.tensor([len(r) for r in rows], device=device)
     step_ids, step_attn = ids, attn
     for is_code in slots:
-        positions = (step_attn.cumsum(-1) - 1).clamp(min=0)
+        positions = token_positions(layout, step_attn, before_image)
         if kv_cache and past is not None:
             positions = positions[:, -1:]
         out = model(input_ids=step_ids, attention_mask=step_attn if padded else None, position_ids=positions,

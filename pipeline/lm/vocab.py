@@ -66,6 +66,7 @@ class VocabLayout:
     max_text_len: int = 0   # text: caption tokens kept, in training and at sampling alike; class: 0
     rep: bool = False       # a <rep> token after the condition (--align-positions rep-token)
     native: ImageTokens | None = None  # the model's own image tokens; None: appended after the condition tokens
+    rope: str = "1d"        # "2d": image codes turn by grid row and column (pipeline/lm/rope2d.py)
 
     def __post_init__(self):
         if self.native is not None and self.rep:
@@ -148,4 +149,4 @@ class VocabLayout:
     def from_dict(cls, d: dict) -> "VocabLayout":
         native = ImageTokens.from_dict(d["native"], d["codebook_size"]) if d.get("native") else None
         return cls(d["condition"], d["condition_vocab"], d["codebook_size"], tuple(d["grid"]), d["tokenizer"],
-                   d.get("pad_id", -1), d.get("max_text_len", 0), d.get("rep", False), native)
+                   d.get("pad_id", -1), d.get("max_text_len", 0), d.get("rep", False), native, d.get("rope", "1d"))
