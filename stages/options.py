@@ -117,7 +117,7 @@ class ExtractOptions:
                                        "image through the teacher's own resize+crop, as the official code.",
                                choices=("crop", "original"))
     batch_size: int = option(64, "Rows per Arrow record batch. Keep it fixed when resuming.", min=1)
-    model_batch: int | None = option(None, "Images per model forward, at most --batch-size [default: 16 on cpu, "
+    model_batch: int | None = option(None, "Images per model forward, at most --batch-size [default: 64 on cpu, "
                                            "--batch-size on cuda]; recorded, and without this flag a re-run or resume keeps "
                                            "the recorded one (it may change features' last bits).", min=1)
     device: str = option("cpu", "Where the models run (bf16 autocast on cuda).", choices=("cpu", "cuda"))
