@@ -32,7 +32,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline import __version__, distributed
-from pipeline.data.crops import CropDataset, batch_loader, decode_workers, kept_crop_loader
+from pipeline.data.crops import CropDataset, batch_loader, cpu_split, kept_crop_loader
 from pipeline.data.feature_stats import EMPTY_SUMS, add_sums, feature_sums, summarize
 from pipeline.data.featureset import (COLUMN_FORMAT, COLUMNS, IMAGE, MANIFEST, PROGRESS, VERSION, FeatureSet, column_field,
                                  make_column_batch, schema_fields, shards_digest, write_shard)
@@ -50,16 +50,16 @@ from stages.options import ExtractOptions
 def add_teachers(opts: ExtractOptions, log=print) -> JobResult:
     """Add the --teachers that the finished set at `opts.out` lacks as columns (up to date when it
     has them all); a second job on the same folder is refused while this one runs."""
-    with job_lock(opts.out):
+    workers, threads = cpu_split(opts.workers)  # extract's split: the same threads give the same feature bits
+    with job_lock(opts.out), distributed.torch_threads(threads):
         fs = FeatureSet.open(opts.out)
-        return _add(fs, opts, opts.new_teachers(fs.manifest), log)
+        return _add(fs, opts, opts.new_teachers(fs.manifest), workers, log)
 
 
-def _add(fs: FeatureSet, opts: ExtractOptions, names: list[str], log) -> JobResult:
+def _add(fs: FeatureSet, opts: ExtractOptions, names: list[str], workers: int, log) -> JobResult:
     _check_tokenizer_flags(fs, opts)
     ranks = distributed.init()
     device = distributed.rank_device(opts.device, ranks)
-    workers = decode_workers(opts.workers)
     teachers = {t.name: t.to(device).eval() for t in (opts.teacher(name) for name in names)}
     added = fs.columns
     jobs = _column_jobs(fs, added, teachers, device.type, ranks.is_main)

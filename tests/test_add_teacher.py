@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 import pyarrow as pa
 import pytest
+import torch
 from click.testing import CliRunner
 
 import model_checkpoints as mc
@@ -56,7 +57,11 @@ def features(path, teacher):
     return np.stack(FeatureSet.open(path).table().column(f"feat.{teacher}").to_numpy(zero_copy_only=False))
 
 
-def test_added_teachers_equal_a_first_extraction_and_never_run_the_tokenizer(codebook, folder, checkpoints, tmp_path, monkeypatch):
+def test_added_teachers_equal_a_first_extraction_and_never_run_the_tokenizer(codebook, folder, checkpoints, tmp_path, monkeypatch,
+                                                                           request):
+    # a process on another thread count than extract's split: adding must run on the split's, or the bits differ
+    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))
+    torch.set_num_threads(1)
     both = tmp_path / "both"
     extract(options(codebook, folder, both, teachers=("efficientnet-lite0", "clip-l", "dinov2-s"),
                     teacher_paths=checkpoints), log=lambda m: None)

@@ -47,8 +47,9 @@ def test_cpus_are_split_between_decoding_and_the_models(monkeypatch):
     assert cpu_split(None) == (0, 2) and cpu_split(1) == (1, 1)
 
 
-def test_model_threads_are_set_recorded_and_restored(codebook, folder, tmp_path, monkeypatch):
+def test_model_threads_are_set_recorded_and_restored(codebook, folder, tmp_path, monkeypatch, request):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))  # for the tests after
     seen, real = [], extract_stage._forward
     monkeypatch.setattr(extract_stage, "_forward", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
     before = torch.get_num_threads()
