@@ -195,7 +195,7 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
     elif opts.model.startswith("hf:"):
         layout, build, tokenizer, max_positions, hidden = _plan_hf(opts, tok, tok_ref, rep)
     else:
-        layout, build, tokenizer, max_positions, hidden = _plan_preset(opts, sets, model_dir, is_main, tok_ref, rep)
+        layout, build, tokenizer, max_positions, hidden = _plan_preset(opts, sets, model_dir, is_main, tok, tok_ref, rep)
     markers = layout.tail_len - layout.image_tokens  # (<rep>) <boi> ... <eoi>, and a model's own tokens around them
     need = (1 if layout.condition == "class" else opts.max_text_len) + layout.tail_len
     if max_positions is not None and need > max_positions:
@@ -248,9 +248,10 @@ def _plan_hf(opts: TrainOptions, tok: dict, tok_ref: dict, rep: bool):
     return layout, build, tokenizer, config.max_position_embeddings, config.hidden_size
 
 
-def _plan_preset(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_main: bool, tok_ref: dict, rep: bool):
+def _plan_preset(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_main: bool, tok: dict, tok_ref: dict,
+                 rep: bool):
     """ARRA-Base: a preset from random init; (layout, builder, tokenizer, max positions, hidden)."""
-    grid, codebook = tuple(tok_ref["grid"]), tok_ref["codebook_size"]
+    grid, codebook = tuple(tok["grid"]), tok["codebook_size"]  # the manifest's reader names a missing key
     if opts.condition == "class":
         layout = VocabLayout("class", class_count(sets) + 1, codebook, grid, tok_ref, rep=rep, rope=opts.rope)
         tokenizer = None
