@@ -269,3 +269,19 @@ def test_arra_from_chameleon_under_zero3_on_two_processes(chameleon_set, tmp_pat
             assert torch.equal(after[k], before[k]), k
         elif k != "lm_head.weight":
             assert (after[k] - before[k]).abs().max() < 3e-3, k
+
+
+def test_a_layout_file_that_does_not_parse_is_named(tmp_path):
+    from pipeline.lm.image_vocab import read_layout_file
+    file, tok = tmp_path / "arra_layout.json", {"name": "kmeans", "codebook_size": 4, "grid": [2, 2]}
+    for text, message in (("{not json", "not a JSON layout file"), ("[1, 2]", "a layout file is one JSON object"),
+                          (json.dumps({"tokenizer": "kmeans", "codebook_size": 4, "grid": [2, 2], "image_ids": "ids.txt",
+                                       "boi": 4, "eoi": 5}), f"{tmp_path / 'ids.txt'} (image_ids of {file}): not a readable")):
+        file.write_text(text)
+        with pytest.raises(ArraError, match=re.escape(message)):
+            read_layout_file(file, tok)
+    (tmp_path / "ids.txt").write_text("0 1 two 3")
+    with pytest.raises(ArraError, match=re.escape(f"{tmp_path / 'ids.txt'} (image_ids of {file}): not a readable list")):
+        read_layout_file(file, tok)
+    (tmp_path / "ids.txt").write_text("0 1 2 3")
+    assert tuple(read_layout_file(file, tok).ids) == (0, 1, 2, 3)

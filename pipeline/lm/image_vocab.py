@@ -76,14 +76,23 @@ def lumina_tokens(vocabulary_map: dict | None, tok: dict, source: str) -> ImageT
 
 def read_layout_file(file: Path, tok: dict) -> ImageTokens:
     """The image tokens a user's layout file declares, checked against the sets' tokenizer `tok`."""
-    d = json.loads(file.read_text())
+    try:
+        d = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArraError(f"{file}: not a JSON layout file ({e})") from None
+    if not isinstance(d, dict):
+        raise ArraError(f"{file}: a layout file is one JSON object (the README's example)")
     missing = [k for k in REQUIRED if k not in d]
     if missing or d.get("condition", "text") != "text":
         raise ArraError(f"{file}: a layout file needs {', '.join(REQUIRED)} (missing {missing}) and condition "
                         f"\"text\" (the README's \"ARRA-Adapt from another checkpoint\")")
     check_against_sets(str(file), d, tok)
     if isinstance(d["image_ids"], str):
-        d["image_ids"] = [int(x) for x in (file.parent / d["image_ids"]).read_text().split()]
+        ids = file.parent / d["image_ids"]
+        try:
+            d["image_ids"] = [int(x) for x in ids.read_text().split()]
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ArraError(f"{ids} (image_ids of {file}): not a readable list of token ids ({e})") from None
     return ImageTokens.from_dict(d, d["codebook_size"])
 
 
