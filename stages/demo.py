@@ -32,7 +32,7 @@ from stages.train import TrainOptions, train
 CODEBOOK_SIZE = 256  # 4x fewer codes than `run` uses: fitted in seconds, and a vocabulary a tiny model learns in few steps
 PROJECTOR_HIDDEN = 256  # the default (the teacher's 1280) made the projector ~95 % of a 64-wide model's step
 FID_REFERENCE = 200  # test images through TF-Inception (~0.5 CPU-s each); FID is compared at equal counts only
-MINUTES = "about 4.7 (7 CPU-minutes)"  # measured on 2 idle cores (load average 0.5), README "Quick start"
+MINUTES = "about 3.4 (5 CPU-minutes)"  # measured on 2 quiet cores in a fresh clone, README "Quick start"
 
 
 def run_demo(out: str, data: str | None, workers: int, teacher_resolution: int, steps: int = 300, log=print) -> Path:
