@@ -39,14 +39,13 @@ from pipeline.data.feature_stats import EMPTY_SUMS, add_sums, feature_sums, summ
 from pipeline.data.files import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.data.jobs import (JobError, JobResult, ShardWriter, check_same_job, job_lock, packages,
                                 remove_finished_progress, shard_name, start_progress, unrecorded)
-from pipeline.host_memory import reuse_freed_memory
 from pipeline.models.frozen import HostCopy
 from pipeline.models.registry import build
 from pipeline.data.sources import read_source
 from stages.options import ExtractOptions
 
 # Images per model forward when --model-batch is not given, per device (at most --batch-size). With freed
-# memory reused (`reuse_freed_memory`), a 224 px convnet on 2 CPU cores ran 1.27x faster at 64 than at 16
+# memory reused (the CLI's `reuse_freed_memory`), a 224 px convnet on 2 CPU cores ran 1.27x faster at 64 than at 16
 # (benchmarks/extract_vs_official.py --model-batches 16,32,64); without it, 64 was the slowest (fresh pages).
 MODEL_BATCH = {"cpu": 64}
 
@@ -58,8 +57,6 @@ MODEL_BATCH = {"cpu": 64}
 def extract(opts: ExtractOptions, overwrite: bool = False, log=print) -> JobResult:
     """Extract or resume the set at `opts.out` (a finished one is reported up to date); a second
     job on the same folder is refused while this one runs."""
-    if opts.device == "cpu":
-        reuse_freed_memory()  # as the CLI does; a library caller gets the same speed
     with job_lock(opts.out):
         threads = torch.get_num_threads()
         try:

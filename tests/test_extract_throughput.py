@@ -151,11 +151,9 @@ def test_a_new_default_model_batch_keeps_the_recorded_one_on_re_run_and_resume(c
     assert extract(options(codebook, folder, tmp_path / "a"), log=lambda m: None).status == "up-to-date"
     job = tmp_path / "b" / "progress" / "job.json"  # an interrupted extraction made under the old default
     extract(options(codebook, folder, tmp_path / "b"), log=lambda m: None)
-    made = json.loads((tmp_path / "b" / "manifest.json").read_text())
     (tmp_path / "b" / "manifest.json").unlink()
     job.parent.mkdir(exist_ok=True)
-    job.write_text(json.dumps({**made["job"], "compute": {**made["job"]["compute"], "model_batch": 3}})
-                   if "job" in made else json.dumps({"compute": {"device": "cpu", "model_batch": 3}}))
+    job.write_text(json.dumps({"compute": {"device": "cpu", "model_batch": 3}}))
     assert extract_stage._recorded_model_batch(tmp_path / "b", "cpu") == 3
     assert extract_stage._recorded_model_batch(tmp_path / "b", "cuda") is None
     extract(options(codebook, folder, tmp_path / "a"), overwrite=True, log=lambda m: None)
