@@ -34,6 +34,14 @@ class TrainOptions(Objective):
                                   min=0, max=1, max_open=True)
     zero_init_head: bool = option(False, "Presets: start the output head at zero, as LlamaGen does (default: "
                                          "transformers' normal init).")
+    image_head: str | None = option(None, "Output-head rows of the image tokens of a pretrained LM (--model hf: or "
+                                          "--init): zero, as the official code's starting point does (inherited "
+                                          "from Lumina-mGPT's Chameleon start, and applied even to Lumina-mGPT's own "
+                                          "trained head), or keep [default: zero for a Chameleon-family --model hf:, "
+                                          "the official ARRA start; keep for --init, where the head already draws "
+                                          "images (ARRA-Adapt) and zeroing would erase it, and for a text-only LM, "
+                                          "whose new rows start at the mean of the old ones]. Recorded in the run.",
+                                    choices=("keep", "zero"))
     rope: str = option("1d", "Rotary positions of image codes: 1d along the sequence (transformers' Llama), or 2d "
                              "by grid row and column as LlamaGen (Llama LMs; recorded with the model, so sampling "
                              "and --init use the same).", choices=("1d", "2d"))

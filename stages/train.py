@@ -189,7 +189,10 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
     rep = opts.align_positions == "rep-token"
     if opts.zero_init_head and (opts.init or opts.model.startswith("hf:")):
         raise TrainError("--zero-init-head is for presets built from random init, not a pretrained head "
-                         "(--init or --model hf:)")
+                         "(--init or --model hf:; see --image-head)")
+    if opts.image_head and not (opts.init or opts.model.startswith("hf:")):
+        raise TrainError("--image-head is for a pretrained LM's head (--model hf: or --init); a preset's starts at "
+                         "random, or at zero with --zero-init-head")
     if opts.init:
         layout, build, tokenizer, max_positions, hidden = _plan_init(opts, tok, tok_ref, rep)
     elif opts.model.startswith("hf:"):
@@ -216,14 +219,15 @@ def _plan_init(opts: TrainOptions, tok: dict, tok_ref: dict, rep: bool):
     layout = _init_layout(opts, tok, tok_ref, rep)
     tokenizer = _maybe_tokenizer(opts.init) if layout.condition == "text" else None
     config = AutoConfig.from_pretrained(opts.init, trust_remote_code=False)
-    return layout, lambda: load_lm(opts.init), tokenizer, config.max_position_embeddings, config.hidden_size
+    return (layout, lambda: set_image_head(load_lm(opts.init), opts, layout), tokenizer,
+            config.max_position_embeddings, config.hidden_size)
 
 
 def _plan_hf(opts: TrainOptions, tok: dict, tok_ref: dict, rep: bool):
     """ARRA: a local LM directory. A text-only LM gets the image codes and <boi>/<eoi> appended (rows at
     the mean of the old ones). A Chameleon-family LM has image rows of its own, used as they are in
-    Lumina-mGPT's sequence layout; as in the official code (D8), their output-head rows start at zero.
-    Returns (layout, builder, tokenizer, max positions, hidden)."""
+    Lumina-mGPT's sequence layout; as in the official code (D8), their output-head rows start at zero
+    unless --image-head keep. Returns (layout, builder, tokenizer, max positions, hidden)."""
     from transformers import AutoConfig, AutoTokenizer
     path = opts.model[3:]
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
@@ -242,10 +246,24 @@ def _plan_hf(opts: TrainOptions, tok: dict, tok_ref: dict, rep: bool):
     def build():
         model, _ = load_text_lm(path)
         extend_vocab(model, layout.vocab_size)  # nothing to add where the model has image rows of its own
-        if layout.native:
-            zero_head_rows(model, layout.code_ids)
-        return model
+        return set_image_head(model, opts, layout)
     return layout, build, tokenizer, config.max_position_embeddings, config.hidden_size
+
+
+def image_head(opts: TrainOptions, layout: VocabLayout) -> str | None:
+    """What a pretrained LM's image rows of the output head start as (--image-head; None for a preset):
+    by default zeroed for a Chameleon-family --model hf: (the official start, D8), kept for --init (a head
+    that already draws images) and a text-only LM (new rows at the mean)."""
+    if not (opts.init or opts.model.startswith("hf:")):
+        return None
+    return opts.image_head or ("zero" if layout.native and not opts.init else "keep")
+
+
+def set_image_head(model, opts: TrainOptions, layout: VocabLayout):
+    """`model` with its head's image rows zeroed when `image_head` says so (gathered whole under ZeRO-3)."""
+    if image_head(opts, layout) == "zero":
+        zero_head_rows(model, layout.code_ids)
+    return model
 
 
 def _plan_preset(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_main: bool, tok: dict, tok_ref: dict,
@@ -518,7 +536,7 @@ def _train(opts: TrainOptions, log) -> dict:
               "model": opts.init or opts.model, "teacher": teacher if opts.lam > 0 else None,
               "teacher_dim": teacher_dim if opts.lam > 0 else None, "condition": layout.condition,
               "sets": [str(fs.path.resolve()) for fs in sets], "steps": total, "steps_per_epoch": per_epoch,
-              "world": world, "deepspeed": ds_config}
+              "world": world, "deepspeed": ds_config, "image_head": image_head(opts, layout)}
     if (run / "train_config.json").exists():
         _same_run(run, config)
 

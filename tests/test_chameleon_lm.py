@@ -1,8 +1,10 @@
 """Chameleon-family LMs and checkpoints with image tokens of their own (issue 16, items 2 and 3):
-the code -> token table and Lumina-mGPT's sequence layout counted by hand, sampling that draws only
-codes and closes rows itself, ARRA on a tiny Chameleon checkpoint written in the published layout
-(train, export, plain transformers load with the trained logits, sampling), and ARRA-Adapt from a
-Lumina-mGPT-style directory and from a checkpoint whose layout file declares its image tokens."""
+the code -> token table and Lumina-mGPT's sequence layout counted by hand (with the final <sep> and the
+unconditional row from <boi>, also in Chameleon's own ids), sampling that draws only codes and closes
+rows itself, ARRA on a tiny Chameleon checkpoint written in the published layout (train, export, plain
+transformers load with the trained logits, sampling with and without KV cache), --image-head, and
+ARRA-Adapt from a Lumina-mGPT-style directory and from a checkpoint whose layout file declares its
+image tokens."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 
 import model_checkpoints as mc
 from conftest import write_image
-from pipeline.data.train_data import IGNORE, make_sequences
+from pipeline.data.train_data import IGNORE, Conditioner, make_sequences
 from pipeline.errors import ArraError
 from pipeline.lm.generate import generate
 from pipeline.lm.sampling import Sampling
@@ -30,7 +32,8 @@ from pipeline.lm.vocab import ImageTokens, VocabLayout
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 # text ids 0..4; codes 0..3 at ids 40, 30, 20, 10; <boi> 5, <eoi> 6, <sep> 7, size token 8, newline 9
-TOKENS = ImageTokens(ids=(40, 30, 20, 10), boi=5, eoi=6, before_boi=(7,), after_boi=(8, 8), newline=9)
+TOKENS = ImageTokens(ids=(40, 30, 20, 10), boi=5, eoi=6, before_boi=(7,), after_boi=(8, 8), newline=9, after_eoi=(7,),
+                     uncond="from-boi")
 LAYOUT = VocabLayout("text", condition_vocab=50, codebook_size=4, grid=(2, 2), tokenizer={}, pad_id=0, native=TOKENS)
 
 
@@ -40,21 +43,66 @@ def arra_pipe(*args) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
 
 
+def words(captions, truncation, max_length):
+    """A text tokenizer's call: BOS 0, then ids 11, 12, ... one a word."""
+    return {"input_ids": [[0, *range(11, 11 + len(c.split()))][:max_length] for c in captions]}
+
+
 def test_lumina_layout_of_a_2x2_grid_counted_by_hand():
-    codes = np.array([[0, 1, 2, 3], [3, 2, 1, 0]])
-    ids, attn, labels, align = make_sequences(LAYOUT, [[1], [2, 3]], codes)
+    conditioner = Conditioner(LAYOUT, words, max_text_len=8)
+    # the caption ends with <sep>; a dropped one leaves nothing before <boi> (no BOS either)
+    conditions = conditioner(np.zeros(3), ["a", "a b", "a"], np.array([False, False, True]))
+    assert conditions == [[0, 11, 7], [0, 11, 12, 7], []] and conditioner.null == []
+    codes = np.array([[0, 1, 2, 3], [3, 2, 1, 0], [1, 1, 1, 1]])
+    ids, attn, labels, align = make_sequences(LAYOUT, conditions, codes)
     x = IGNORE
-    assert ids.tolist() == [[1, 7, 5, 8, 8, 40, 30, 9, 20, 10, 9, 6, 0],
-                            [2, 3, 7, 5, 8, 8, 10, 20, 9, 30, 40, 9, 6]]
-    assert attn.tolist() == [[1] * 12 + [0], [1] * 13]
-    # every token after the size tokens is a target: codes, newlines and <eoi>
-    assert labels.tolist() == [[x] * 5 + [40, 30, 9, 20, 10, 9, 6, x], [x] * 6 + [10, 20, 9, 30, 40, 9, 6]]
+    assert ids.tolist() == [[0, 11, 7, 5, 8, 8, 40, 30, 9, 20, 10, 9, 6, 7, 0],
+                            [0, 11, 12, 7, 5, 8, 8, 10, 20, 9, 30, 40, 9, 6, 7],
+                            [5, 8, 8, 30, 30, 9, 30, 30, 9, 6, 7, 0, 0, 0, 0]]
+    assert attn.tolist() == [[1] * 14 + [0], [1] * 15, [1] * 11 + [0] * 4]
+    # every token after the size tokens is a target: codes, newlines, <eoi> and the final <sep>
+    assert labels.tolist() == [[x] * 6 + [40, 30, 9, 20, 10, 9, 6, 7, x], [x] * 7 + [10, 20, 9, 30, 40, 9, 6, 7],
+                               [x] * 3 + [30, 30, 9, 30, 30, 9, 6, 7, x, x, x, x]]
     # GVA: the positions whose next token is a code (the last size token, a row's codes but its last, a newline)
-    assert align.astype(int).tolist() == [[0, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 0],
-                                          [0, 0, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0]]
-    _, _, _, boi = make_sequences(LAYOUT, [[1], [2, 3]], codes, "boi")
-    assert [list(np.flatnonzero(row)) for row in boi] == [[2], [3]]
-    assert (LAYOUT.vocab_size, LAYOUT.image_offset, LAYOUT.tail_len, LAYOUT.pad) == (50, None, 11, 0)
+    assert align.astype(int).tolist() == [[0, 0, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 0, 0],
+                                          [0, 0, 0, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 0],
+                                          [0, 0, 1, 1, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]]
+    _, _, _, boi = make_sequences(LAYOUT, conditions, codes, "boi")
+    assert [list(np.flatnonzero(row)) for row in boi] == [[3], [4], [0]]
+    assert (LAYOUT.vocab_size, LAYOUT.image_offset, LAYOUT.tail_len, LAYOUT.pad) == (50, None, 12, 0)
+    assert (LAYOUT.prompt_end, LAYOUT.image_prefix, LAYOUT.image_suffix) == ([7], [5, 8, 8], [6, 7])
+
+
+def meta_vocabulary() -> dict:
+    """Chameleon 7B's ids of the tokens the layout uses (spec §3: <reservedNNNNN> is NNNNN + 4, <eoss>
+    8196, <racm3:break> 8197); code c at id 4 + c (the codes' order plays no part here)."""
+    vocab = {mc.image_token_name(c): 4 + c for c in range(8192)}
+    return {**vocab, "<eoss>": 8196, "<racm3:break>": 8197, **{f"<reserved{n:05d}>": n + 4 for n in (8706, 8799, 8816)}}
+
+
+def test_the_official_sequence_and_unconditional_row_in_chameleons_ids():
+    """512 px: a 32x32 grid, <h> = <w> = <reserved08816> (16 cells of 2 codes) = 8820. Training:
+    [BOS] caption 8710 8197 8820 8820 (32 codes 8803) x 32 8196 8710, targets from the first code to the
+    last 8710; a dropped caption and the CFG branch alike: 8197 8820 8820 ..., as the official sampler's
+    unconditional branch, which re-runs the model on the sequence from <boi> (no BOS)."""
+    from pipeline.lm.image_vocab import lumina_tokens
+    tokens = lumina_tokens(meta_vocabulary(), {"name": "chameleon", "codebook_size": 8192, "grid": [32, 32]}, "test")
+    layout = VocabLayout("text", 8821, 8192, (32, 32), {}, pad_id=1, max_text_len=8, native=tokens)
+    conditioner = Conditioner(layout, words, max_text_len=8)
+    codes = np.random.default_rng(0).integers(0, 8192, (2, 1024))
+    conditions = conditioner(np.zeros(2), ["a bag", "a bag"], np.array([False, True]))
+    ids, attn, labels, _ = make_sequences(layout, conditions, codes)
+    image = [[t for r in range(32) for t in [*(4 + codes[i, 32 * r:32 * r + 32]).tolist(), 8803]] for i in (0, 1)]
+    assert ids[0].tolist() == [0, 11, 12, 8710, 8197, 8820, 8820, *image[0], 8196, 8710]
+    assert labels[0].tolist() == [IGNORE] * 7 + [*image[0], 8196, 8710]
+    assert ids[1, :attn[1].sum()].tolist() == [8197, 8820, 8820, *image[1], 8196, 8710]
+    assert labels[1, :attn[1].sum()].tolist() == [IGNORE] * 3 + [*image[1], 8196, 8710]
+    model = Recorder(layout.vocab_size)
+    generate(model, layout, conditioner.encode(["a bag"]), conditioner.null, [0], Sampling(cfg=4.0, temperature=0))
+    (first, *_), (mask, *_), (positions, *_) = model.fed, model.masks, model.positions
+    real = [[t for t, m in zip(row, keep) if m] for row, keep in zip(first, mask)]
+    assert real == [[0, 11, 12, 8710, 8197, 8820, 8820], [8197, 8820, 8820]]
+    assert positions[1][-3:] == [0, 1, 2]  # the unconditional row starts at position 0, as it does alone
 
 
 def test_a_native_layout_reads_back_from_arra_vocab_json_and_appended_ones_write_as_before():
@@ -74,27 +122,29 @@ class Recorder(torch.nn.Module):
     code 2 (id 20): a sampler not restricted to the codes' ids, or one reading codes as an offset,
     draws something else."""
 
-    def __init__(self):
+    def __init__(self, vocab: int = LAYOUT.vocab_size):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # generate takes the device from the parameters
-        self.fed = []
+        self.vocab, self.fed, self.masks, self.positions = vocab, [], [], []
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
                 logits_to_keep=0):
         self.fed.append(input_ids.tolist())
-        logits = torch.zeros(input_ids.shape[0], 1, LAYOUT.vocab_size)
+        self.masks.append(None if attention_mask is None else attention_mask.tolist())
+        self.positions.append(position_ids.tolist())
+        logits = torch.zeros(input_ids.shape[0], 1, self.vocab)
         logits[..., [1, 9, 40, 30, 20, 10]] = torch.tensor([100.0, 90.0, 4.0, 4.0, 5.0, 4.0])
         return SimpleNamespace(logits=logits, past_key_values=None)
 
 
 def test_sampling_draws_only_codes_and_puts_the_newline_at_each_row_end():
     model = Recorder()
-    codes = generate(model, LAYOUT, [[1, 2]], [1], [0], Sampling(cfg=1.0, temperature=0))
+    codes = generate(model, LAYOUT, [[1, 2, 7]], [], [0], Sampling(cfg=1.0, temperature=0))
     assert codes.tolist() == [[2, 2, 2, 2]]
     # the condition and prefix, then each drawn code as its token id, the newline after the first row
     assert model.fed == [[[1, 2, 7, 5, 8, 8]], [[20]], [[20]], [[9]], [[20]]]
     model = Recorder()
-    codes = generate(model, LAYOUT, [[1, 2]] * 8, [1], list(range(8)), Sampling(cfg=3.0, temperature=2.0))
+    codes = generate(model, LAYOUT, [[1, 2, 7]] * 8, [], list(range(8)), Sampling(cfg=3.0, temperature=2.0))
     assert codes.shape == (8, 4) and ((codes >= 0) & (codes < 4)).all() and len(set(codes.flatten().tolist())) > 1
     assert all({t for row in step for t in row} <= {40, 30, 20, 10} for i, step in enumerate(model.fed[1:]) if i != 2)
     assert model.fed[3] == [[9]] * 16  # both halves of the guided batch
@@ -155,8 +205,10 @@ def test_export_loads_in_plain_transformers_with_the_trained_logits(arra_run):
     vocab = exported.config.vocabulary_map
     assert layout.vocab_size == exported.config.vocab_size == len(vocab)
     assert layout.code_ids.tolist() == [vocab[mc.image_token_name(c)] for c in range(8192)]
-    assert layout.image_prefix == [vocab[n] for n in ("<reserved08706>", "<racm3:break>", "<reserved08802>", "<reserved08802>")]
-    assert (layout.eoi, layout.newline) == (vocab["<eoss>"], vocab["<reserved08799>"])
+    sep = vocab["<reserved08706>"]
+    assert layout.prompt_end + layout.image_prefix == [sep, *(vocab[n] for n in ("<racm3:break>", "<reserved08802>", "<reserved08802>"))]
+    assert (layout.image_suffix, layout.newline) == ([vocab["<eoss>"], sep], vocab["<reserved08799>"])
+    assert layout.drops_prompt and json.loads((run / "train_config.json").read_text())["image_head"] == "zero"
     # D8: the head's image rows started at zero (two Adam steps at lr 1e-3 move a weight by at most about 2e-3)
     rows = torch.as_tensor(layout.code_ids)
     original = ChameleonForConditionalGeneration.from_pretrained(lm).lm_head.weight[rows]
@@ -171,15 +223,19 @@ def test_sampling_the_export_draws_codes_and_closes_each_row(arra_run, tmp_path)
     model = load_lm(out).eval()
     fed = []
     model.get_input_embeddings().register_forward_hook(lambda m, args, o: fed.append(args[0][0, -1].item()))
-    ids = torch.tensor([[1, 5, *layout.image_prefix]])
+    cond = [1, 5, *layout.prompt_end]                                # a caption's ids end with <sep>
+    ids = torch.tensor([cond + layout.image_prefix])
     with torch.no_grad():  # the logits generate reads are the head's, image tokens not masked
         assert torch.equal(model(input_ids=ids).logits, model.lm_head(model.model(ids).last_hidden_state))
     fed.clear()
-    codes = generate(model, layout, [[1, 5]], [1], [0], Sampling(cfg=1.0, temperature=0))
+    codes = generate(model, layout, [cond], [], [0], Sampling(cfg=1.0, temperature=0))
     slots = layout.image_slots[:len(fed) - 1]                        # what each step after the prefix fed
     assert (np.array(fed[1:])[~slots] == layout.newline).all() and len(fed) - 1 == 4 * 5 - 2
     assert np.array_equal(np.array(fed[1:])[slots], layout.code_ids[codes[0, :-1].numpy()])
-    assert torch.equal(codes, generate(model, layout, [[1, 5]], [1], [0], Sampling(cfg=1.0, temperature=0), kv_cache=False))
+    assert torch.equal(codes, generate(model, layout, [cond], [], [0], Sampling(cfg=1.0, temperature=0), kv_cache=False))
+    # guided: the unconditional row (from <boi>, shorter, left-padded) gives the same codes either way
+    for s in (Sampling(cfg=4.0, temperature=0), Sampling(cfg=4.0)):
+        assert torch.equal(*(generate(model, layout, [cond, cond[1:]], [], [0, 1], s, kv_cache=kv) for kv in (True, False)))
     sample(str(out), str(tmp_path / "s"), prompts=["a bag"], n=2, sampling=Sampling(cfg=2.0), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(len(r["codes"]) == 16 and 0 <= min(r["codes"]) <= max(r["codes"]) < 8192 for r in rows)
@@ -199,6 +255,31 @@ def test_init_from_a_lumina_mgpt_directory_keeps_its_image_head(chameleon_set, t
     native = json.loads((tmp_path / "hf" / "arra_vocab.json").read_text())["native"]
     assert native["image_ids"] == [vocab[mc.image_token_name(c)] for c in range(8192)]
     assert (native["boi"], native["newline"]) == (vocab["<racm3:break>"], vocab["<reserved08799>"])
+
+
+def test_image_head_zero_or_keep_whatever_the_start(chameleon_set, tmp_path):
+    """--image-head against each start's default: zero from Lumina-mGPT (ARRA-Adapt, as the official code
+    does, D8) leaves the head's image rows at zero and its text rows the checkpoint's; keep from a Chameleon
+    (ARRA) leaves them all the checkpoint's. A resume with the other choice is refused, naming the flag."""
+    from safetensors.torch import load_file
+
+    from stages.train import TrainError, TrainOptions, check_same_options, open_sets, plan_model
+    lm = mc.write_chameleon_lm(tmp_path / "lumina", lumina=True)
+    head = load_file(lm / "model.safetensors")["lm_head.weight"]
+    sets = open_sets([str(chameleon_set)], None, 0.0)[0]
+    for start, choice in (({"init": str(lm)}, "zero"), ({"model": f"hf:{lm}"}, "keep")):
+        opts = TrainOptions(sets=[str(chameleon_set)], run=str(tmp_path / "run"), image_head=choice, max_text_len=8,
+                            **start)
+        layout, build, _, _ = plan_model(opts, sets, tmp_path / "model", True)
+        built = build().lm_head.weight.detach()
+        image = torch.as_tensor(layout.code_ids)
+        text = torch.ones(len(head), dtype=torch.bool).index_fill(0, image, False)
+        assert torch.equal(built[text], head[text]) and head[image].abs().max() > 0
+        assert torch.equal(built[image], torch.zeros_like(head[image]) if choice == "zero" else head[image])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps({"options": {"image_head": "zero"}}))
+    with pytest.raises(TrainError, match="--image-head: was 'zero', now 'keep'"):
+        check_same_options(tmp_path / "run", opts)
 
 
 def write_layout_lm(folder, codes: int = 64):

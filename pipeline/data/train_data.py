@@ -47,13 +47,13 @@ class Conditioner:
         if layout.condition == "text":
             if text_tokenizer is None:
                 raise ArraError("a text-conditioned layout needs a text tokenizer")
-            self.null = self.encode([""])[0]
+            self.null = [] if layout.drops_prompt else self.encode([""])[0]  # "from-boi": no prompt turn at all
         else:
             self.null = [layout.null_class]
 
     def encode(self, captions: list[str]) -> list[list[int]]:
         ids = self.tokenizer(captions, truncation=True, max_length=self.max_text_len)["input_ids"]
-        return [list(x) for x in ids]
+        return [list(x) + self.layout.prompt_end for x in ids]
 
     def __call__(self, labels: np.ndarray, captions: list[str], drop: np.ndarray) -> list[list[int]]:
         if self.layout.condition == "class":
@@ -64,11 +64,12 @@ class Conditioner:
 def make_sequences(layout: VocabLayout, conditions: list[list[int]], codes: np.ndarray, align_positions: str = "image"):
     """Lay out `condition prefix image <eoi>` per row, right-padded: the prefix is (<rep>) <boi>, or a
     model's own tokens around <boi>; the image is the codes' token ids row by row, each row closed by the
-    layout's newline token where it has one. Returns input_ids, attention_mask, labels and align_mask.
+    layout's newline token where it has one, and <eoi> may be followed by the layout's own tokens (a final
+    <sep>). Returns input_ids, attention_mask, labels and align_mask.
     Labels are every token after the prefix: codes, newlines (a model trained with them, as Lumina-mGPT
-    is, keeps ending its rows; sampling puts them in anyway) and <eoi>. align_mask: the positions whose
-    next token is an image code (`image`: never one that predicts a newline or <eoi>), only the <boi>
-    position (`boi`), or only the <rep> token (`rep-token`)."""
+    is, keeps ending its rows; sampling puts them in anyway), <eoi> and what follows it. align_mask: the
+    positions whose next token is an image code (`image`: never one that predicts a newline or <eoi>), only
+    the <boi> position (`boi`), or only the <rep> token (`rep-token`)."""
     if align_positions == "rep-token" and not layout.rep:
         raise ArraError("--align-positions rep-token needs a layout with a <rep> token (this model has none)")
     b = len(codes)
@@ -78,9 +79,10 @@ def make_sequences(layout: VocabLayout, conditions: list[list[int]], codes: np.n
     if layout.newline is not None:
         h, w = layout.grid
         image = np.concatenate([image.reshape(b, h, w), np.full((b, h, 1), layout.newline)], axis=2).reshape(b, -1)
+    suffix = np.asarray(layout.image_suffix, dtype=np.int64)
     tail = np.concatenate([np.broadcast_to(np.asarray(prefix, dtype=np.int64), (b, head)), image,
-                           np.full((b, 1), layout.eoi)], axis=1)     # prefix, image, <eoi>
-    is_code = np.r_[np.zeros(head, bool), layout.image_slots, False]
+                           np.broadcast_to(suffix, (b, len(suffix)))], axis=1)  # prefix, image, <eoi> (<sep>)
+    is_code = np.r_[np.zeros(head, bool), layout.image_slots, np.zeros(len(suffix), bool)]
     marks = {"image": np.r_[is_code[1:], False],                     # the slot before each code
              "boi": np.arange(len(is_code)) == prefix.index(layout.boi),
              "rep-token": np.arange(len(is_code)) == 0}[align_positions]
@@ -97,7 +99,7 @@ def make_sequences(layout: VocabLayout, conditions: list[list[int]], codes: np.n
     for r, c, cond in rows:
         ids[r, :c] = cond
         ids[r, c:c + span] = tail[r]
-        labels[r, c + head:c + span] = tail[r, head:]       # image and <eoi>
+        labels[r, c + head:c + span] = tail[r, head:]       # image, <eoi> and what follows it
         align[r, c:c + span] = marks
     attn = (np.arange(t)[None] < (lengths + span)[:, None]).astype(np.int64)
     return ids, attn, labels, align

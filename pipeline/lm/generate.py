@@ -82,8 +82,10 @@ def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, to
 def generate(model, layout: VocabLayout, conditions: list[list[int]], null: list[int], seeds: list[int],
              sampling: Sampling, kv_cache: bool = True) -> torch.Tensor:
     """Image codes (B x h*w, values in 0..codebook-1) for each condition. With cfg != 1 every
-    condition is paired with the null condition in the same batch. `kv_cache=False` recomputes
-    the whole prefix at every step (for checking and benchmarking)."""
+    condition is paired with the null condition in the same batch (empty for a layout whose
+    unconditional row starts at <boi>, as the official Chameleon sampler's). Nothing is drawn after the
+    last code: <eoi> and what follows it (the official layout's final <sep>, where its sampler stops)
+    are known. `kv_cache=False` recomputes the whole prefix at every step (for checking and benchmarking)."""
     device = next(model.parameters()).device
     b, guided = len(conditions), sampling.cfg != 1.0
     rows = [c + layout.image_prefix for c in conditions + ([null] * b if guided else [])]

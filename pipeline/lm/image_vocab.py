@@ -5,20 +5,22 @@
   (transformers' `ChameleonImageVocabularyMapping.img2bpe`), laid out as Lumina-mGPT and the
   official ARRA code do (arra/data/item_processor_new.py, inference_solver.py):
 
-      [BOS] caption <reserved08706> <racm3:break> <h> <w> [c_1 .. c_w <reserved08799>] x h <eoss>
+      [BOS] caption <reserved08706> <racm3:break> <h> <w> [c_1 .. c_w <reserved08799>] x h <eoss> <reserved08706>
 
   <h> and <w> are `<reserved0{8800 + n}>`, n = cells of 2x2 codes (32 px) down and across. Their
-  codes are those of Chameleon's VQGAN (arra-pipe's `chameleon` image tokenizer, 8192 codes).
+  codes are those of Chameleon's VQGAN (arra-pipe's `chameleon` image tokenizer, 8192 codes). The
+  final <reserved08706> is a target (the official sampler stops at it); the unconditional row is the
+  sequence from <racm3:break> on, as the official sampler's CFG branch re-runs it ("from-boi").
 - Any other checkpoint: a layout file `arra_layout.json` the user writes in its directory
   (fields in the README, "ARRA-Adapt from another checkpoint"):
 
       {"condition": "text", "tokenizer": "chameleon", "codebook_size": 8192, "grid": [32, 32],
        "image_ids": {"offset": 4}, "boi": 8197, "eoi": 8196,
-       "before_boi": [8710], "after_boi": [8820, 8820], "newline": 8803}
+       "before_boi": [8710], "after_boi": [8820, 8820], "newline": 8803, "after_eoi": [8710], "uncond": "from-boi"}
 
   `image_ids` is {"offset": first id} for consecutive ids, a list (the id of code 0, 1, ...), or
-  the name of a text file beside it holding that list, one id a line. before_boi, after_boi and
-  newline are optional.
+  the name of a text file beside it holding that list, one id a line. before_boi, after_boi,
+  newline, after_eoi and uncond ("empty-caption", the default, or "from-boi") are optional.
 
 Either is checked against the feature sets' image tokenizer (by name: a layout file cannot know
 the weights' sha256), codebook and grid, and against the model's vocabulary.
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from pipeline.errors import ArraError
 from pipeline.lm.causal_lm import LAYOUT_FILE, is_chameleon
-from pipeline.lm.vocab import ImageTokens, VocabLayout
+from pipeline.lm.vocab import UNCOND, ImageTokens, VocabLayout
 
 LAYOUT_FILE_NAME = "arra_layout.json"
 CHAMELEON_TOKENIZER = "chameleon"
@@ -71,7 +73,8 @@ def lumina_tokens(vocabulary_map: dict | None, tok: dict, source: str) -> ImageT
         raise ArraError(f"{source}: vocabulary_map lacks {missing or 'IMGIMG names for codes 0..n-1'} of the Lumina-mGPT "
                         f"layout; write a layout file {LAYOUT_FILE_NAME} beside it (see the README)")
     sep, boi, eoi, newline, hh, ww = (vocabulary_map[n] for n in names)
-    return ImageTokens(tuple(img2bpe[c] for c in range(len(img2bpe))), boi, eoi, (sep,), (hh, ww), newline)
+    return ImageTokens(tuple(img2bpe[c] for c in range(len(img2bpe))), boi, eoi, (sep,), (hh, ww), newline, (sep,),
+                       "from-boi")
 
 
 def read_layout_file(file: Path, tok: dict) -> ImageTokens:
@@ -83,9 +86,10 @@ def read_layout_file(file: Path, tok: dict) -> ImageTokens:
     if not isinstance(d, dict):
         raise ArraError(f"{file}: a layout file is one JSON object (the README's example)")
     missing = [k for k in REQUIRED if k not in d]
-    if missing or d.get("condition", "text") != "text":
-        raise ArraError(f"{file}: a layout file needs {', '.join(REQUIRED)} (missing {missing}) and condition "
-                        f"\"text\" (the README's \"ARRA-Adapt from another checkpoint\")")
+    if missing or d.get("condition", "text") != "text" or d.get("uncond", UNCOND[0]) not in UNCOND:
+        raise ArraError(f"{file}: a layout file needs {', '.join(REQUIRED)} (missing {missing}), condition "
+                        f"\"text\" and uncond one of {', '.join(UNCOND)} if any (the README's \"ARRA-Adapt from "
+                        f"another checkpoint\")")
     check_against_sets(str(file), d, tok)
     if isinstance(d["image_ids"], str):
         ids = file.parent / d["image_ids"]
@@ -98,7 +102,7 @@ def read_layout_file(file: Path, tok: dict) -> ImageTokens:
 
 def check_ids(tokens: ImageTokens, codebook_size: int, vocab_size: int, source: str) -> None:
     """One distinct token per code, all of them and the markers inside the model's vocabulary."""
-    markers = [tokens.boi, tokens.eoi, *tokens.before_boi, *tokens.after_boi]
+    markers = [tokens.boi, tokens.eoi, *tokens.before_boi, *tokens.after_boi, *tokens.after_eoi]
     markers += [tokens.newline] if tokens.newline is not None else []
     problems = [text for text, bad in (
         (f"{len(tokens.ids)} image ids for {codebook_size} codes", len(tokens.ids) != codebook_size),

@@ -9,13 +9,16 @@ Native layouts (`ImageTokens`: a model that already has image rows, as Chameleon
 do, or a checkpoint whose layout file declares them) append nothing: each code has its model's
 token id from a table, and the image may carry the model's own tokens around it, as Lumina-mGPT's
 
-    sequence:    condition  <sep>  <boi> <h> <w>  [c_1 .. c_w <newline>] x h  <eoi>
+    sequence:    condition  <sep>  <boi> <h> <w>  [c_1 .. c_w <newline>] x h  <eoi>  <sep>
+
+where the final <sep> is a target like <eoi>, and the unconditional row (classifier-free guidance,
+a dropped condition) is the sequence from <boi> on: no BOS, caption or <sep> (`ImageTokens.uncond`).
 
 Condition tokens are either class tokens (one per label plus a null class used for classifier-free
 guidance) or a text tokenizer's vocabulary. Labels cover everything after the prefix (codes,
-newlines, <eoi>); the positions that *predict* image codes come from this layout, never from
-slicing the end of a padded batch. A layout with `rep` has the paper's dedicated <rep> token
-between the condition and <boi>, whose hidden state `--align-positions rep-token` aligns: it has
+newlines, <eoi>, a final <sep>); the positions that *predict* image codes come from this layout,
+never from slicing the end of a padded batch. A layout with `rep` has the paper's dedicated <rep>
+token between the condition and <boi>, whose hidden state `--align-positions rep-token` aligns: it has
 seen the whole condition and predicts nothing (its next token, <boi>, is always given).
 """
 
@@ -28,6 +31,11 @@ import numpy as np
 
 from pipeline.errors import ArraError
 
+# "empty-caption": the condition tokens of "" (the tokenizer's BOS, say), then the whole prefix;
+# "from-boi": none of the prompt turn (its BOS, caption and before_boi), as Lumina-mGPT's and the official
+# ARRA sampler's unconditional branch, which re-runs the model on the sequence from <boi> on
+UNCOND = ("empty-caption", "from-boi")
+
 
 @dataclass(frozen=True)
 class ImageTokens:
@@ -38,6 +46,8 @@ class ImageTokens:
     before_boi: tuple[int, ...] = ()  # between the condition and <boi> (Lumina-mGPT's <sep>)
     after_boi: tuple[int, ...] = ()   # between <boi> and the first code (Lumina-mGPT's h and w size tokens)
     newline: int | None = None        # after each row of codes (Lumina-mGPT's <reserved08799>)
+    after_eoi: tuple[int, ...] = ()   # after <eoi>, targets like it (Lumina-mGPT's closing <sep>)
+    uncond: str = "empty-caption"     # the unconditional row: the empty caption's, or "from-boi" (Lumina-mGPT's)
 
     def to_dict(self) -> dict:
         """The fields of a layout file: the ids as {"offset": first} when they are consecutive."""
@@ -52,7 +62,8 @@ class ImageTokens:
         ids = d["image_ids"]
         ids = range(ids["offset"], ids["offset"] + codebook_size) if isinstance(ids, dict) else ids
         return cls(tuple(int(i) for i in ids), int(d["boi"]), int(d["eoi"]), tuple(d.get("before_boi", ())),
-                   tuple(d.get("after_boi", ())), d.get("newline"))
+                   tuple(d.get("after_boi", ())), d.get("newline"), tuple(d.get("after_eoi", ())),
+                   d.get("uncond", "empty-caption"))
 
 
 @dataclass(frozen=True)
@@ -101,11 +112,27 @@ class VocabLayout:
         return self.eoi + 1 if self.rep else None
 
     @property
+    def drops_prompt(self) -> bool:
+        """Whether the unconditional row starts at <boi> ("from-boi"): then before_boi closes the prompt
+        turn it drops, so it belongs to the condition (`prompt_end`), not to the image prefix."""
+        return self.native is not None and self.native.uncond == "from-boi"
+
+    @property
+    def prompt_end(self) -> list[int]:
+        """The tokens a caption's ids are followed by (the condition's own; none when it is dropped)."""
+        return list(self.native.before_boi) if self.drops_prompt else []
+
+    @property
     def image_prefix(self) -> list[int]:
         """The tokens between the condition and the first image code, in training and sampling alike."""
         if self.native:
-            return [*self.native.before_boi, self.boi, *self.native.after_boi]
+            return [*([] if self.drops_prompt else self.native.before_boi), self.boi, *self.native.after_boi]
         return [self.rep_token, self.boi] if self.rep else [self.boi]
+
+    @property
+    def image_suffix(self) -> list[int]:
+        """<eoi> and what follows it: the targets after the last code."""
+        return [self.eoi, *self.native.after_eoi] if self.native else [self.eoi]
 
     @cached_property
     def image_slots(self) -> np.ndarray:
@@ -116,8 +143,8 @@ class VocabLayout:
 
     @property
     def tail_len(self) -> int:
-        """Tokens after the condition: prefix, image and <eoi>."""
-        return len(self.image_prefix) + len(self.image_slots) + 1
+        """Tokens after the caption's: the prompt's end, prefix, image, <eoi> and what follows it."""
+        return len(self.prompt_end) + len(self.image_prefix) + len(self.image_slots) + len(self.image_suffix)
 
     @property
     def vocab_size(self) -> int:
