@@ -34,8 +34,8 @@ from tqdm import tqdm
 from pipeline import __version__, distributed
 from pipeline.data.crops import CropDataset, batch_loader, cpu_split, kept_crop_loader
 from pipeline.data.feature_stats import EMPTY_SUMS, add_sums, feature_sums, summarize
-from pipeline.data.featureset import (COLUMN_FORMAT, COLUMNS, IMAGE, MANIFEST, PROGRESS, VERSION, FeatureSet, column_field,
-                                 make_column_batch, schema_fields, shards_digest, write_shard)
+from pipeline.data.featureset import (COLUMN_FORMAT, COLUMNS, IMAGE, MANIFEST, PROGRESS, VERSION, FeatureSet, caption_column,
+                                 column_field, make_column_batch, schema_fields, shards_digest, write_shard)
 from pipeline.data.files import atomic_write_json, read_json
 from pipeline.data.images import DEFAULT_MAX_SIDE
 from pipeline.data.jobs import (JobError, JobResult, ShardWriter, check_same_job, job_lock, packages,
@@ -160,7 +160,7 @@ class _ColumnAssembler:
 
 
 def _check_tokenizer_flags(fs: FeatureSet, opts: ExtractOptions) -> None:
-    """Adding columns never runs the tokenizer; refuse flags that ask for another one."""
+    """Adding columns never runs the tokenizer nor a caption encoder; refuse flags that ask for one."""
     tok = fs.manifest["tokenizer"]
     if load_spec("tokenizers", opts.tokenizer)["name"] != tok["name"] and opts.tokenizer != "kmeans":
         raise JobError(f"{fs.path} was tokenized with {tok['name']}, not {opts.tokenizer}; a set has one tokenizer")
@@ -169,6 +169,9 @@ def _check_tokenizer_flags(fs: FeatureSet, opts: ExtractOptions) -> None:
         digest, _ = fingerprint(checkpoint_files(spec, resolve("tokenizers", spec, opts.tokenizer_path)))
         if digest != tok["weights_sha256"]:
             raise JobError(f"{opts.tokenizer_path} is not the tokenizer {fs.path} was made with (sha256 differs)")
+    if opts.caption_encoder and caption_column(load_spec("caption_encoders", opts.caption_encoder)["name"]) not in fs.columns:
+        raise JobError(f"--caption-encoder {opts.caption_encoder}: caption features are written at extraction, not added "
+                       f"to a finished set ({fs.path}); extract again with --overwrite (or into another --out)")
 
 
 def _source_views(fs: FeatureSet, opts: ExtractOptions, plan, todo: dict, device, workers: int):

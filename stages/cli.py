@@ -359,6 +359,7 @@ def export(run, out, tag, dtype):
 @click.option("--batch-size", type=POSITIVE, help="Images per batch (default: 64 on cuda, 16 on cpu); an image does not depend on it.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--tokenizer-path", type=click.Path(exists=True, dir_okay=False), help="Image tokenizer weights, when not at the recorded path.")
+@click.option("--caption-encoder-path", type=click.Path(exists=True, file_okay=False), help="Caption encoder folder of a caption-features model, when not at the recorded path nor where the registry finds it.")
 @click.option("--progress/--no-progress", default=True)
 def sample(model, out, prompts, prompts_file, classes, cfg, temperature, top_k, top_p, **kw):
     """Generate images from MODEL: a directory written by `export`, or a run directory."""

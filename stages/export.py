@@ -10,6 +10,9 @@ unchanged base architecture: `AutoModelForCausalLM`, or for the Chameleon family
 reads them through pipeline/lm/chameleon.py).
 A model trained with `--rope 2d` is exported as a plain Llama too; its layout says `"rope": "2d"`, and
 the 2D rotary module is installed by whoever loads it (`arra-pipe sample` does; see pipeline/lm/rope2d.py).
+A `--condition caption-features` model also carries its caption embedder (MLP and unconditional
+embedding) in `arra_captions.safetensors`, recorded under "captions" in `arra_vocab.json` with the
+caption encoder that made its features (pipeline/lm/caption_prefix.py says how the prefix is built).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ def export(run: str, out: str, tag: str | None = None, dtype: str = "float32") -
     state = consolidated_state_dict(run / "checkpoints", tag)
     lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
     projector = {k[len("projector."):]: v.contiguous() for k, v in state.items() if k.startswith("projector.")}
+    captions = {k[len("captions."):]: v.contiguous() for k, v in state.items() if k.startswith("captions.")}
     config = AutoConfig.from_pretrained(run / "model")
     model = plain_lm(config)
     missing, unexpected = model.load_state_dict(lm_state, strict=False)
@@ -70,6 +74,8 @@ def export(run: str, out: str, tag: str | None = None, dtype: str = "float32") -
                           "lambda": train_config["options"]["lam"], "align_layer": train_config["options"]["align_layer"],
                           "steps": train_config["steps"], "checkpoint": tag or (run / "checkpoints" / "latest").read_text().strip()}
     (out / LAYOUT_FILE).write_text(json.dumps(layout, indent=1))
+    if captions:
+        save_file(captions, str(out / layout["captions"]["file"]), metadata={"encoder": layout["captions"]["encoder"]["name"]})
     if projector:
         save_file(projector, str(out / PROJECTOR_FILE), metadata={"teacher": str(train_config["teacher"]),
                                                                  "align_layer": str(train_config["options"]["align_layer"])})

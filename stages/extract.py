@@ -8,7 +8,10 @@ written atomically and then marked done in `progress/`, so a killed job re-run w
 command skips finished shards and redoes only the rest, giving the same rows byte for byte. The
 device and each model's precision are part of the job: a resume elsewhere is refused, never mixed.
 When every shard is done, rank 0 writes `rejects.jsonl` and `manifest.json`. With `keep_images`
-the canonical crops are also written, as PNG, to the parallel column `columns/image/`.
+the canonical crops are also written, as PNG, to the parallel column `columns/image/`; with
+`caption_encoder` each caption's per-token features to `columns/caption.<encoder>/` (parallel tars
+keep the shards' fixed-width rows small for every reader that does not want ~100 KB of features a
+row). The encoder is part of the job: a re-run with another one is a different extraction.
 
 A finished set with teachers it does not have gets them as columns from `stages.add_columns`,
 without the tokenizer (the CLI sends `arra-pipe extract` there); `extract` itself refuses it.
@@ -32,7 +35,7 @@ from tqdm import tqdm
 
 from pipeline import __version__, distributed
 from pipeline.data.featureset import (COLUMN_FORMAT, COLUMNS, FORMAT, IMAGE, MANIFEST, PROGRESS, REJECTS, SHARDS, VERSION,
-                                 FeatureSet, column_field, feature_column, make_batch, make_column_batch, make_schema,
+                                 FeatureSet, caption_column, column_field, feature_column, make_batch, make_column_batch, make_schema,
                                  schema_fields, set_entries_to_remove, shards_digest, write_shard)
 from pipeline.data.crops import KEPT, cpu_split, crop_loader
 from pipeline.data.feature_stats import EMPTY_SUMS, add_sums, feature_sums, summarize
@@ -82,16 +85,16 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
     records = source.records
     tokenizer = build("tokenizers", opts.tokenizer, opts.tokenizer_path, resolution=opts.tokenizer_resolution).to(device).eval()
     teachers = {t.name: t.to(device).eval() for t in (opts.teacher(name) for name in opts.teachers)}
-    job = _job(opts, source, tokenizer, teachers, device.type, model_batch)
+    captions, encode = _caption_encoder(opts, records, device, model_batch)
+    job = _job(opts, source, tokenizer, teachers, device.type, model_batch, captions)
     if (out / MANIFEST).exists() and not overwrite:
         return _up_to_date(out, job, ranks.is_main, log)
 
     progress = out / PROGRESS
     if ranks.is_main:
         _remove(stale)
-        (out / SHARDS).mkdir(parents=True, exist_ok=True)
-        if opts.keep_images:
-            (out / COLUMNS / IMAGE).mkdir(parents=True, exist_ok=True)
+        for folder in [out / SHARDS] + [out / COLUMNS / column for column in _written_columns(job)]:
+            folder.mkdir(parents=True, exist_ok=True)
         start_progress(progress, job, *_different_job(out))
     distributed.barrier()
     if ranks.rank and (progress / "job.json").exists():
@@ -113,11 +116,11 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
         if todo < len(records):
             log(f"resuming: {len(records) - todo} of {len(records)} records are in finished shards")
     fixed_row_bytes = code_len * schema.field("codes").type.value_type.bit_width // 8 + 2 * sum(t.dim for t in teachers.values())
-    assemble = _ShardAssembler(out, records, schema, list(teachers), fixed_row_bytes, opts.keep_images)
+    assemble = _ShardAssembler(out, records, schema, list(teachers), fixed_row_bytes, opts.keep_images, job.get("caption_encoder"))
     bar = tqdm(total=todo, unit="row", desc=f"extract rank {ranks.rank}/{ranks.world}",
                disable=not (opts.progress and ranks.is_main), dynamic_ncols=True)
     start = time.perf_counter()
-    _run(plan, loader, tokenizer, teachers, model_batch, assemble, str(out), bar)
+    _run(plan, loader, tokenizer, teachers, model_batch, assemble, str(out), bar, encode)
     seconds = time.perf_counter() - start
 
     distributed.barrier()
@@ -142,6 +145,37 @@ def _check_request(opts: ExtractOptions, out: Path, overwrite: bool) -> None:
                            f"to it by `arra-pipe extract --out {out} --teacher NAME` (stages.add_columns.add_teachers)")
     if opts.source is None:
         raise JobError(f"give SOURCE: {out} is not a finished feature set to add teachers to")
+    if opts.caption_encoder and (out / MANIFEST).exists() and not overwrite:
+        from pipeline.models.registry import load_spec
+        column = caption_column(load_spec("caption_encoders", opts.caption_encoder)["name"])
+        if column not in FeatureSet.open(out).columns:
+            raise JobError(f"{out} is a finished set without {column}: --caption-encoder features are written at "
+                           "extraction only; extract again with --overwrite (or into another --out)")
+
+
+def _written_columns(job: dict) -> list[str]:
+    """The columns extract writes beside the shards: the kept crops, the caption features."""
+    captions = [caption_column(job["caption_encoder"]["name"])] if "caption_encoder" in job else []
+    return [IMAGE] * job["layout"]["keep_images"] + captions
+
+
+def _caption_encoder(opts: ExtractOptions, records, device, model_batch: int):
+    """The --caption-encoder on `device` and its function of record indices -> features (None, None
+    without the flag); refused for a source with no caption to encode."""
+    if not opts.caption_encoder:
+        return None, None
+    if not any(r.caption for r in records):
+        raise JobError(f"--caption-encoder {opts.caption_encoder}: {opts.source} has no captions (every record's is "
+                       "empty); give a source with captions (--caption-column, --caption-template) or leave the flag out")
+    encoder = build("caption_encoders", opts.caption_encoder, opts.caption_encoder_path).to(device).eval()
+    return encoder, functools.partial(_encode_captions, encoder, [r.caption for r in records], model_batch)
+
+
+def _encode_captions(encoder, captions: list[str], model_batch: int, rows: list[int]) -> dict:
+    """Caption features of records `rows`, padded to the encoder's max tokens, and their token counts."""
+    parts = [encoder.encode([captions[i] for i in rows[j:j + model_batch]]) for j in range(0, len(rows), model_batch)]
+    pad = lambda f: torch.nn.functional.pad(f, (0, 0, 0, encoder.max_tokens - f.shape[1]))  # noqa: E731
+    return {"caption": torch.cat([pad(f) for f, _ in parts]), "caption_len": torch.cat([n for _, n in parts])}
 
 
 def _model_batch(opts: ExtractOptions, device: str, out: Path, overwrite: bool) -> int:
@@ -161,9 +195,9 @@ def _recorded_model_batch(out: Path, device: str) -> int | None:
     return None
 
 
-def _job(opts: ExtractOptions, source, tokenizer, teachers: dict, device: str, model_batch: int) -> dict:
+def _job(opts: ExtractOptions, source, tokenizer, teachers: dict, device: str, model_batch: int, captions=None) -> dict:
     """The job's identity: everything that decides the rows, compared on resume and re-run."""
-    return {"source": {"format": source.format, "path": source.path, "fingerprint": source.fingerprint,
+    job = {"source": {"format": source.format, "path": source.path, "fingerprint": source.fingerprint,
                        "files_fingerprint": source.files_fingerprint, "records": len(source.records),
                        "options": asdict(opts.source_options)},
             "preprocess": {"resolution": tokenizer.resolution, "crop": "center", "resample": "bicubic",
@@ -175,6 +209,10 @@ def _job(opts: ExtractOptions, source, tokenizer, teachers: dict, device: str, m
             "layout": {"shard_size": opts.shard_size, "batch_size": opts.batch_size, "keep_images": opts.keep_images},
             "compute": {"device": device, "model_batch": model_batch, "tokenizer": tokenizer.precision,
                         "teachers": {name: t.precision for name, t in teachers.items()}}}
+    if captions:
+        job["caption_encoder"] = {**captions.describe(), "weights_path": str(captions.weights_path.resolve())}
+        job["compute"]["caption_encoder"] = captions.precision
+    return job
 
 
 def _up_to_date(out: Path, job: dict, is_main: bool, log) -> JobResult:
@@ -214,13 +252,16 @@ def _plan(out: Path, n_records: int, n_shards: int, opts: ExtractOptions, ranks)
     return plan
 
 
-def _run(plan: list, loader, tokenizer, teachers: dict, model_batch: int, assemble, where: str, bar) -> None:
-    """The models on each planned batch, their outputs handed to the writer thread (`assemble`)."""
+def _run(plan: list, loader, tokenizer, teachers: dict, model_batch: int, assemble, where: str, bar,
+         captions=None) -> None:
+    """The models on each planned batch, their outputs handed to the writer thread (`assemble`);
+    `captions`: record indices -> caption features, when the set has them."""
     n_rejects = 0
     batches = iter(loader) if plan else iter(())  # fork the decoding workers before the writer thread starts
     with ShardWriter(where, assemble) as writer:
         for (s, last, _), (ok, crops, views, bad) in zip(plan, batches):
-            outputs = HostCopy(_forward(tokenizer, teachers, crops, views, model_batch)) if ok else None
+            outputs = HostCopy({**_forward(tokenizer, teachers, crops, views, model_batch),
+                                **(captions(ok) if captions else {})}) if ok else None
             writer.put(shard_name(s), s, last, ok, bad, outputs, views.get(KEPT))
             n_rejects += len(bad)
             bar.update(len(ok) + len(bad))
@@ -240,20 +281,23 @@ class _ShardAssembler:
     """Turns each batch's model outputs into a record batch and, after a shard's last batch, writes
     the shard, its kept crops and its progress record (on the writer thread)."""
 
-    def __init__(self, out: Path, records, schema, teachers: list[str], fixed_row_bytes: int, keep_images: bool):
+    def __init__(self, out: Path, records, schema, teachers: list[str], fixed_row_bytes: int, keep_images: bool,
+                 caption_encoder: dict | None = None):
         self.out, self.records, self.schema, self.teachers = out, records, schema, teachers
         self.fixed_row_bytes, self.keep_images = fixed_row_bytes, keep_images
         self.image_field = column_field(IMAGE, {"kind": "image"})
+        self.caption_field = caption_encoder and column_field(caption_column(caption_encoder["name"]),
+                                                              {"kind": "caption", "caption_encoder": caption_encoder})
         self._new_shard()
 
     def _new_shard(self) -> None:
-        self.batches, self.images, self.rejects, self.payload = [], [], [], 0
+        self.batches, self.images, self.captions, self.rejects, self.payload = [], [], [], [], 0
         self.sums = dict.fromkeys(self.teachers, EMPTY_SUMS)
 
     def __call__(self, s: int, last: bool, ok: list[int], bad: list, outputs: HostCopy | None, kept) -> None:
         records = self.records
         if ok:
-            ok, bad, codes, feats, kept = self._finite(ok, bad, outputs.numpy(), kept)
+            ok, bad, codes, feats, kept, captions = self._finite(ok, bad, outputs.numpy(), kept)
         self.rejects += [{"key": records[i].key, "origin": records[i].origin, "reason": reason} for i, reason in sorted(bad)]
         if ok:
             self.sums = {n: add_sums(self.sums[n], feature_sums(feats[n])) for n in self.teachers}
@@ -263,14 +307,17 @@ class _ShardAssembler:
                                            [records[i].label for i in ok], codes, feats))
             if self.keep_images:
                 self.images.append(make_column_batch([records[i].key for i in ok], self.image_field, kept))
+            if self.caption_field:
+                self.captions.append(make_column_batch([records[i].key for i in ok], self.caption_field, captions))
         if last:
             name = shard_name(s)
             entry = write_shard(self.out / SHARDS / f"{name}.tar", self.batches)
-            image_shard = (write_shard(self.out / COLUMNS / IMAGE / f"{name}.tar", self.images, f"{COLUMNS}/{IMAGE}/{name}.tar")
-                           if self.keep_images else None)
+            columns = {"image_shard": (IMAGE, self.images) if self.keep_images else None,
+                       "caption_shard": (self.caption_field.name, self.captions) if self.caption_field else None}
             atomic_write_json(self.out / PROGRESS / f"{name}.json",
                               {**entry, "payload_bytes": self.payload, "rejects": self.rejects, "feature_sums": self.sums,
-                               "image_shard": image_shard})
+                               **{k: c and write_shard(self.out / COLUMNS / c[0] / f"{name}.tar", c[1], f"{COLUMNS}/{c[0]}/{name}.tar")
+                                  for k, c in columns.items()}})
             self._new_shard()
 
     def _finite(self, ok: list[int], bad: list, arrays: dict, kept):
@@ -279,6 +326,12 @@ class _ShardAssembler:
         with np.errstate(over="ignore"):  # what float16 cannot hold becomes inf, found below
             feats = {n: arrays[feature_column(n)].astype(np.float16) for n in self.teachers}
         why: dict[int, str] = {}
+        captions = None
+        if self.caption_field:
+            with np.errstate(over="ignore"):
+                captions = [f[:n].astype(np.float16) for f, n in zip(arrays["caption"], arrays["caption_len"].tolist())]
+            for j in [j for j, f in enumerate(captions) if not np.isfinite(f).all()]:
+                why.setdefault(j, "non-finite-feature: caption encoder gave NaN, inf or values beyond float16's range")
         for n in self.teachers:
             raw = arrays[feature_column(n)]
             for j in np.flatnonzero(~np.isfinite(feats[n]).all(axis=1)).tolist():
@@ -286,7 +339,8 @@ class _ShardAssembler:
                 why.setdefault(j, f"non-finite-feature: teacher {n} gave {what}")
         keep = [j for j in range(len(ok)) if j not in why]
         return ([ok[j] for j in keep], bad + [(ok[j], reason) for j, reason in why.items()], arrays["codes"][keep],
-                {n: f[keep] for n, f in feats.items()}, kept and [kept[j] for j in keep])
+                {n: f[keep] for n, f in feats.items()}, kept and [kept[j] for j in keep],
+                captions and [captions[j] for j in keep])
 
 
 def _finish(out: Path, job: dict, schema, source, n_shards: int, max_reject_rate: float, throughput: dict) -> JobResult:
@@ -321,12 +375,20 @@ def _finish(out: Path, job: dict, schema, source, n_shards: int, max_reject_rate
                 "rejects": {"total": len(rejects), "by_reason": by_reason, "file": REJECTS},
                 "skipped": source.skipped, "throughput": throughput}
     if job["layout"]["keep_images"]:
-        shards = [d["image_shard"] for d in done]
-        atomic_write_json(out / COLUMNS / IMAGE / MANIFEST, {
-            "format": COLUMN_FORMAT, "version": VERSION, "kind": "image", "name": IMAGE, "encoding": "png",
-            "resolution": job["preprocess"]["resolution"], "schema": schema_fields(pa.schema([column_field(IMAGE, {"kind": "image"})])),
-            "rows": sum(e["rows"] for e in shards), "shards": shards, "shards_sha256": shards_digest(manifest["shards"])})
+        _column_manifest(out, manifest, IMAGE, [d["image_shard"] for d in done],
+                         {"kind": "image", "encoding": "png", "resolution": job["preprocess"]["resolution"]})
+    if "caption_encoder" in job:
+        _column_manifest(out, manifest, caption_column(job["caption_encoder"]["name"]), [d["caption_shard"] for d in done],
+                         {"kind": "caption", "caption_encoder": job["caption_encoder"]})
     atomic_write_json(out / MANIFEST, manifest)
     shutil.rmtree(progress)
     return JobResult("extracted", out, manifest["rows"], len(rejects))
 
+
+
+def _column_manifest(out: Path, manifest: dict, name: str, shards: list[dict], column: dict) -> None:
+    """The manifest of a column extract wrote beside the shards (`column`: its kind and what made it)."""
+    atomic_write_json(out / COLUMNS / name / MANIFEST, {
+        "format": COLUMN_FORMAT, "version": VERSION, "name": name, **column,
+        "schema": schema_fields(pa.schema([column_field(name, column)])),
+        "rows": sum(e["rows"] for e in shards), "shards": shards, "shards_sha256": shards_digest(manifest["shards"])})

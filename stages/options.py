@@ -21,7 +21,9 @@ class TrainOptions(Objective):
     teacher: str | None = option(None, "Teacher column to align to (default: the sets' only teacher).")
     model: str = option("tiny", "Preset (tiny, llamagen-b|l|xl|xxl|3b) for ARRA-Base, or hf:PATH for a text-only causal LM (ARRA).")
     init: str | None = option(None, "ARRA-Adapt: continue from a directory written by `arra-pipe export`.", exists="dir")
-    condition: str = option("class", "Presets: condition on the class label or on the caption.", choices=("class", "text"))
+    condition: str = option("class", "Presets: condition on the class label, on the caption's tokens, or on the sets' "
+                                     "cached caption-encoder features (extract --caption-encoder; LlamaGen's FLAN-T5 "
+                                     "text-to-image condition).", choices=("class", "text", "caption-features"))
     text_tokenizer: str | None = option(None, "--condition text: a tokenizer directory, or `train` to fit a small BPE on the captions (default).")
     text_vocab: int = option(2048, "Vocabulary of the BPE trained with --text-tokenizer train.", min=2)
     max_text_len: int = option(64, "Caption tokens kept (truncation).", min=1)
@@ -115,6 +117,11 @@ class ExtractOptions:
                                        "teachers in one pass.", name="--teacher", multiple=True)
     teacher_paths: dict[str, str] = field(default_factory=dict)  # --teacher-path [NAME=]PATH
     teacher_aggregations: dict[str, str] = field(default_factory=dict)  # --aggregation [NAME=]AGG
+    caption_encoder: str | None = option(None, "Also store each caption's per-token features from this caption encoder "
+                                               "(flan-t5-xl: LlamaGen's text-to-image condition, 120 tokens x 2048) as the "
+                                               "column caption.NAME, for `train --condition caption-features`.")
+    caption_encoder_path: str | None = option(None, "Caption encoder checkpoint folder (config.json, safetensors, "
+                                                    "tokenizer.json), when not where the registry finds it.", exists="dir")
     jpeg_draft: bool = option(False, "Decode JPEGs reduced (1/2, 1/4, 1/8) to the size the crops need: faster on large "
                                      "photos, codes and features change a little (recorded).")
     keep_images: bool = option(False, "Also keep the canonical crops (PNG, columns/image/) so teachers can be added later "

@@ -40,6 +40,8 @@ from pipeline.lm.causal_lm import (LAYOUT_FILE, add_residual_dropout, add_token_
                                    extend_vocab, is_chameleon, load_lm, load_text_lm, preset_config, zero_head_rows)
 from pipeline.lm.image_vocab import check_ids, check_init_dir, external_layout, lumina_tokens
 from pipeline.data.lock import main_rank_lock
+from pipeline.lm.caption_arra import CaptionARRAModel
+from pipeline.lm.caption_prefix import CAPTIONS_FILE, CaptionEmbedder
 from pipeline.lm.objective import Objective
 from pipeline.lm.rope2d import install
 from pipeline.options import flag_of
@@ -180,6 +182,33 @@ def text_tokenizer(opts: TrainOptions, sets: list[FeatureSet], out: Path, is_mai
     return AutoTokenizer.from_pretrained(out)
 
 
+def caption_source(opts: TrainOptions, sets: list[FeatureSet]) -> dict | None:
+    """--condition caption-features: the caption-feature column every set has (one encoder, the same
+    weights), its encoder's record and the embedder's file, as the layout file records them; None for
+    other conditions. Only the column is read, never the encoder."""
+    if opts.condition != "caption-features":
+        return None
+    if opts.init or opts.model.startswith("hf:"):
+        raise TrainError("--condition caption-features is for presets built from random init (--model tiny, llamagen-b, "
+                         "...); an hf: LM or an --init model (Chameleon-family ones too) reads captions as its own text "
+                         "tokens: use --condition text")
+    found = [fs.captions for fs in sets]
+    for fs, columns in zip(sets, found):
+        if not columns:
+            raise TrainError(f"{fs.path}: no caption-feature column for --condition caption-features; extract the set "
+                             "with --caption-encoder NAME (e.g. flan-t5-xl)")
+    common = set.intersection(*(set(c) for c in found))
+    if len(common) != 1:
+        raise TrainError(f"--condition caption-features needs one caption-feature column common to every set; they have "
+                         f"{[sorted(c) for c in found]}")
+    column = common.pop()
+    first = found[0][column]
+    for fs, columns in zip(sets[1:], found[1:]):
+        if (columns[column]["weights_sha256"], columns[column]["max_tokens"]) != (first["weights_sha256"], first["max_tokens"]):
+            raise TrainError(f"{fs.path}: {column} was made by other encoder weights or max tokens than {sets[0].path}'s")
+    return {"column": column, "encoder": first, "dim": first["dim"], "tokens": first["max_tokens"], "file": CAPTIONS_FILE}
+
+
 def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_main: bool):
     """Decide the vocabulary layout and how to build the LM, checking every size against the sets.
     Returns (layout, builder, tokenizer, hidden size); the builder makes the LM later, once the
@@ -199,8 +228,11 @@ def plan_model(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is_m
         layout, build, tokenizer, max_positions, hidden = _plan_hf(opts, tok, tok_ref, rep)
     else:
         layout, build, tokenizer, max_positions, hidden = _plan_preset(opts, sets, model_dir, is_main, tok, tok_ref, rep)
+    if layout.condition == "caption-features" and opts.init:
+        raise TrainError(f"--init {opts.init}: continuing a --condition caption-features model is not supported yet "
+                         "(its caption embedder is not loaded); train it from the preset")
     markers = layout.tail_len - layout.image_tokens  # (<rep>) <boi> ... <eoi>, and a model's own tokens around them
-    need = (1 if layout.condition == "class" else opts.max_text_len) + layout.tail_len
+    need = (1 if layout.condition == "class" else layout.max_text_len) + layout.tail_len
     if max_positions is not None and need > max_positions:
         raise TrainError(f"sequences need {need} positions ({layout.grid[0]}x{layout.grid[1]} image codes + condition + "
                          f"{markers}) but the model has max_position_embeddings {max_positions}; lower --max-text-len "
@@ -270,14 +302,17 @@ def _plan_preset(opts: TrainOptions, sets: list[FeatureSet], model_dir: Path, is
                  rep: bool):
     """ARRA-Base: a preset from random init; (layout, builder, tokenizer, max positions, hidden)."""
     grid, codebook = tuple(tok["grid"]), tok["codebook_size"]  # the manifest's reader names a missing key
+    tokenizer = None
     if opts.condition == "class":
         layout = VocabLayout("class", class_count(sets) + 1, codebook, grid, tok_ref, rep=rep, rope=opts.rope)
-        tokenizer = None
+    elif opts.condition == "caption-features":  # one placeholder row; the prefix is the caption embedder's
+        layout = VocabLayout("caption-features", 1, codebook, grid, tok_ref, max_text_len=caption_source(opts, sets)["tokens"],
+                             rep=rep, rope=opts.rope)
     else:
         tokenizer = text_tokenizer(opts, sets, model_dir, is_main)
         layout = VocabLayout("text", len(tokenizer), codebook, grid, tok_ref, tokenizer.pad_token_id, opts.max_text_len, rep,
                              rope=opts.rope)
-    max_positions = (1 if opts.condition == "class" else opts.max_text_len) + layout.tail_len
+    max_positions = (1 if opts.condition == "class" else layout.max_text_len) + layout.tail_len
     hidden = preset_config(opts.model, layout.vocab_size, max_positions).hidden_size
 
     def build():
@@ -508,6 +543,7 @@ def _train(opts: TrainOptions, log) -> dict:
     objective = Objective(**{f.name: getattr(opts, f.name) for f in fields(Objective)})
     objective.check_depth(model_depth(opts))
     sets, teacher, teacher_dim = open_sets(opts.sets, opts.teacher, opts.lam)
+    captions = caption_source(opts, sets)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     is_main = rank == 0
     device = torch.device("cpu") if opts.device == "cpu" else torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -525,7 +561,7 @@ def _train(opts: TrainOptions, log) -> dict:
     exclude = frozenset(k for k in Path(opts.exclude).read_text(encoding="utf-8").splitlines() if k) if opts.exclude else frozenset()
     stream = TrainStream(sets, teacher if opts.lam > 0 else None, layout, opts.micro_batch, rank, world, opts.seed,
                          opts.shuffle_buffer, opts.cond_dropout, Conditioner(layout, tokenizer, opts.max_text_len),
-                         objective.align_positions, exclude)
+                         objective.align_positions, exclude, captions and captions["column"])
     per_epoch = stream.steps_per_epoch(opts.grad_accum)
     if per_epoch == 0:
         raise TrainError(f"the sets hold too few rows for one step of {world} ranks x {opts.micro_batch} rows x "
@@ -536,11 +572,11 @@ def _train(opts: TrainOptions, log) -> dict:
               "model": opts.init or opts.model, "teacher": teacher if opts.lam > 0 else None,
               "teacher_dim": teacher_dim if opts.lam > 0 else None, "condition": layout.condition,
               "sets": [str(fs.path.resolve()) for fs in sets], "steps": total, "steps_per_epoch": per_epoch,
-              "world": world, "deepspeed": ds_config, "image_head": image_head(opts, layout)}
+              "world": world, "deepspeed": ds_config, "image_head": image_head(opts, layout), "captions": captions}
     if (run / "train_config.json").exists():
         _same_run(run, config)
 
-    engine = build_engine(opts, build, teacher_dim if opts.lam > 0 else None, objective, ds_config, total, device)
+    engine = build_engine(opts, build, teacher_dim if opts.lam > 0 else None, objective, ds_config, total, device, captions)
     if is_main:
         save_run_files(run, engine.module.lm.config, tokenizer, layout, config, ds_config)
 
@@ -557,18 +593,22 @@ def _train(opts: TrainOptions, log) -> dict:
 
 
 def build_engine(opts: TrainOptions, build, teacher_dim: int | None, objective: Objective, ds_config: dict, total: int,
-                 device: torch.device):
-    """The LM (same seed on every rank; LM before projector so lambda 0 and 1 share the LM init),
-    the ARRA model around it, the optimizer and schedule, in a DeepSpeed engine in training mode."""
+                 device: torch.device, captions: dict | None = None):
+    """The LM (same seed on every rank; LM before projector so lambda 0 and 1 share the LM init), with
+    `captions` its caption embedder, the ARRA model around them, the optimizer and schedule, in a
+    DeepSpeed engine in training mode."""
     torch.manual_seed(opts.seed)
     from pipeline.lm.arra import ARRAModel
     with built_partitioned(ds_config):
         lm = build()
+    if captions:  # attached before token dropout, which then drops the caption prefix too, as LlamaGen's does
+        embedder = CaptionEmbedder(captions["dim"], lm.config.hidden_size, captions["tokens"])
+        embedder.attach(lm)
     add_residual_dropout(lm, opts.residual_dropout)
     add_token_dropout(lm, opts.token_dropout)
     if opts.activation_checkpointing:
         checkpoint_activations(lm)
-    model = ARRAModel(lm, teacher_dim, objective)
+    model = CaptionARRAModel(lm, embedder, teacher_dim, objective) if captions else ARRAModel(lm, teacher_dim, objective)
     groups = param_groups(model, opts.weight_decay, opts.decay_all)
     from torch.optim.lr_scheduler import LambdaLR
     schedule = lr_lambda(opts, total)
@@ -586,13 +626,15 @@ def build_engine(opts: TrainOptions, build, teacher_dim: int | None, objective: 
 
 
 def save_run_files(run: Path, lm_config, tokenizer, layout: VocabLayout, config: dict, ds_config: dict) -> None:
-    """What `export` and a resume read: the LM config, text tokenizer and vocabulary layout in
-    run/model, the run's record and its DeepSpeed config."""
+    """What `export` and a resume read: the LM config, text tokenizer and vocabulary layout (with the
+    caption features' record for a caption-features model) in run/model, the run's record and its
+    DeepSpeed config."""
     model_dir = run / "model"
     lm_config.save_pretrained(model_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(model_dir)
-    (model_dir / LAYOUT_FILE).write_text(json.dumps(layout.to_dict(), indent=1))
+    captions = {"captions": config["captions"]} if config.get("captions") else {}
+    (model_dir / LAYOUT_FILE).write_text(json.dumps({**layout.to_dict(), **captions}, indent=1))
     atomic_write_json(run / "train_config.json", config)
     atomic_write_json(run / "deepspeed_config.json", ds_config)
 

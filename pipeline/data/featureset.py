@@ -4,14 +4,16 @@
     <set>/shards/*.tar    WebDataset shards; each member `NNNNN.arrow` is one Arrow IPC stream
                           holding one record batch of many rows
     <set>/rejects.jsonl   every input row that was not extracted, with its reason
-    <set>/columns/<name>/ columns added later (a teacher extracted afterwards, or the kept
-                          canonical crops `image`): `manifest.json` plus one tar per shard with
+    <set>/columns/<name>/ columns added later (a teacher extracted afterwards, the kept canonical
+                          crops `image`, or a caption encoder's features `caption.<encoder>`,
+                          written beside the shards by extract): `manifest.json` plus one tar per shard with
                           the same member names, each member holding `key` and the column, with
                           the same keys in the same order as the shard's member
 
 Columns: `key`, `caption`, `label` (int32, -1 when none), `codes` (fixed-size list of uint16, or
 uint32 for codebooks over 65536), one `feat.<teacher>` (fixed-size list of float16) per teacher;
-`image` (PNG bytes) when kept. Plain `webdataset` + `pyarrow` read it: each sample's "arrow" field
+`image` (PNG bytes) when kept; `caption.<encoder>` (a list of float16 fixed-size lists: one per
+caption token, at most the encoder's max_tokens) with --caption-encoder. Plain `webdataset` + `pyarrow` read it: each sample's "arrow" field
 is an IPC stream. `FeatureSet` joins the added columns to the shards' rows and refuses a column
 whose keys do not line up.
 
@@ -93,6 +95,11 @@ def feature_column(teacher: str) -> str:
     return f"feat.{teacher}"
 
 
+def caption_column(encoder: str) -> str:
+    """The column (and folder under columns/) of a caption encoder's per-token features."""
+    return f"caption.{encoder}"
+
+
 def codes_type(codebook_size: int) -> pa.DataType:
     return pa.uint16() if codebook_size <= 1 << 16 else pa.uint32()
 
@@ -131,15 +138,33 @@ def column_field(name: str, column: dict) -> pa.Field:
     """The Arrow field of an added column, from its manifest."""
     if column["kind"] == "teacher":
         return pa.field(feature_column(name), pa.list_(pa.float16(), column["teacher"]["dim"]), nullable=False)
+    if column["kind"] == "caption":
+        return pa.field(name, pa.list_(pa.list_(pa.float16(), column["caption_encoder"]["dim"])), nullable=False)
     return pa.field(IMAGE, pa.binary(), nullable=False)
 
 
 def make_column_batch(keys, field: pa.Field, values) -> pa.RecordBatch:
     """One member of an added column: the shard member's keys and the column's values."""
     array = (fixed_list(np.asarray(values).astype(np.float16), pa.float16()) if pa.types.is_fixed_size_list(field.type)
+             else token_lists(values, field.type.value_type.list_size) if pa.types.is_list(field.type)
              else pa.array(values, pa.binary()))
     schema = pa.schema([pa.field("key", pa.string(), nullable=False), field])
     return pa.RecordBatch.from_arrays([pa.array(keys, pa.string()), array], schema=schema)
+
+
+def token_lists(rows: list[np.ndarray], dim: int) -> pa.ListArray:
+    """Variable-length rows of `dim`-wide float16 vectors (one per token) as one list array."""
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32)
+    flat = np.concatenate([np.asarray(r, dtype=np.float16).reshape(-1, dim) for r in rows]) if rows else np.zeros((0, dim), np.float16)
+    return pa.ListArray.from_arrays(pa.array(offsets), fixed_list(flat, pa.float16()))
+
+
+def token_rows(column: pa.Array) -> list[np.ndarray]:
+    """A `token_lists` column back as one (tokens x dim) float16 array per row (views, no copy)."""
+    dim = column.type.value_type.list_size
+    flat = column.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    offsets = (column.offsets.to_numpy() - column.offsets[0].as_py()).tolist()
+    return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def keys_mismatch(keys: pa.Array, expected: pa.Array) -> str | None:
@@ -241,9 +266,10 @@ def _non_finite(batch: pa.RecordBatch) -> list[str]:
     would train as a NaN loss and break every distance computed on it."""
     out = []
     for name in batch.schema.names:
-        if name.startswith("feat."):
-            x = batch.column(name).flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)
-            bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        if name.startswith(("feat.", "caption.")):
+            column = batch.column(name)
+            bad = np.flatnonzero([not np.isfinite(r).all() for r in token_rows(column)] if name.startswith("caption.") else
+                                 ~np.isfinite(column.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)).all(axis=1))
             if len(bad):
                 out.append(f"{len(bad)} rows have non-finite {name} values, e.g. "
                            f"{[batch.column('key')[int(i)].as_py() for i in bad[:3]]}")
@@ -314,6 +340,11 @@ class FeatureSet:
         """Every teacher of the set: those of the first extraction and those added as columns."""
         added = {name: c["teacher"] for name, c in self.columns.items() if c["kind"] == "teacher"}
         return {**self.manifest["teachers"], **added}
+
+    @property
+    def captions(self) -> dict[str, dict]:
+        """Caption-feature columns by column name (`caption.<encoder>`): the encoder's record each."""
+        return {name: c["caption_encoder"] for name, c in self.columns.items() if c["kind"] == "caption"}
 
     @property
     def columns(self) -> dict[str, dict]:
@@ -415,13 +446,13 @@ class FeatureSet:
         return {"key": "string", **schema_fields(pa.schema([column_field(column, self.columns[column])]))}
 
     def column_names(self, columns: list[str] | None = None) -> list[str]:
-        """The added columns to join (default all), teachers first and `image` last, as in the schema."""
+        """The added columns to join (default all): teachers, caption features, `image`, as in the schema."""
         added = self.columns
         names = list(added) if columns is None else list(columns)
         unknown = sorted(set(names) - set(added))
         if unknown:
             raise FeatureSetError(f"{self.path}: no added column {unknown}; it has {sorted(added)}")
-        return sorted(names, key=lambda n: n == IMAGE)
+        return sorted(names, key=lambda n: ("teacher", "caption").index(added[n]["kind"]) if n != IMAGE else 2)
 
     def table(self, columns: list[str] | None = None) -> pa.Table:
         return pa.Table.from_batches(list(self.batches(columns)), schema=self.schema(columns))
@@ -433,6 +464,9 @@ class FeatureSet:
         dims = {t: d["dim"] for t, d in m["teachers"].items()}
         dims.update({n: added[n]["teacher"]["dim"] for n in names if added[n]["kind"] == "teacher"})
         schema = make_schema(m["tokenizer"]["code_len"], m["tokenizer"]["codebook_size"], m["tokenizer"]["grid"], dims)
+        for n in names:
+            if added[n]["kind"] == "caption":
+                schema = schema.append(column_field(n, added[n]))
         return schema.append(column_field(IMAGE, added[IMAGE])) if IMAGE in names else schema
 
     def rejects(self) -> list[dict]:

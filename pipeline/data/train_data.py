@@ -21,7 +21,8 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline.errors import ArraError
-from pipeline.data.featureset import FeatureSet, feature_column
+from pipeline.data.featureset import FeatureSet, feature_column, token_rows
+from pipeline.lm.caption_prefix import PLACEHOLDER, right_aligned
 from pipeline.lm.rope2d import token_positions
 from pipeline.lm.vocab import VocabLayout
 
@@ -33,18 +34,21 @@ class ShardRef:
     featureset: FeatureSet
     index: int
     rows: int
-    columns: tuple[str, ...]  # added columns to join (a teacher added after the first extraction)
+    columns: tuple[str, ...]  # added columns to join (a teacher added after the first extraction, caption features)
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         return self.featureset.shard_batches(self.index, list(self.columns))
 
 
 class Conditioner:
-    """Condition tokens for a batch of rows: class tokens, or a text tokenizer's ids of the caption."""
+    """Condition tokens for a batch of rows: class tokens, a text tokenizer's ids of the caption, or
+    the placeholders of a caption-features prefix (the features themselves ride beside the tokens)."""
 
     def __init__(self, layout: VocabLayout, text_tokenizer=None, max_text_len: int = 64):
         self.layout, self.tokenizer, self.max_text_len = layout, text_tokenizer, max_text_len
-        if layout.condition == "text":
+        if layout.condition == "caption-features":
+            self.null = [PLACEHOLDER] * layout.max_text_len
+        elif layout.condition == "text":
             if text_tokenizer is None:
                 raise ArraError("a text-conditioned layout needs a text tokenizer")
             self.null = [] if layout.drops_prompt else self.encode([""])[0]  # "from-boi": no prompt turn at all
@@ -58,6 +62,8 @@ class Conditioner:
     def __call__(self, labels: np.ndarray, captions: list[str], drop: np.ndarray) -> list[list[int]]:
         if self.layout.condition == "class":
             return [self.null if d else [int(y)] for y, d in zip(labels, drop)]
+        if self.layout.condition == "caption-features":
+            return [self.null] * len(labels)
         return [self.null if d else ids for ids, d in zip(self.encode(captions), drop)]
 
 
@@ -109,13 +115,14 @@ class TrainStream:
     def __init__(self, sets: list[FeatureSet], teacher: str | None, layout: VocabLayout, micro_batch: int,
                  rank: int = 0, world: int = 1, seed: int = 0, shuffle_buffer: int = 8192,
                  cond_dropout: float = 0.1, conditioner: Conditioner | None = None,
-                 align_positions: str = "image", exclude: frozenset[str] = frozenset()):
-        self.teacher, self.layout, self.micro_batch = teacher, layout, micro_batch
+                 align_positions: str = "image", exclude: frozenset[str] = frozenset(), captions: str | None = None):
+        """captions: the caption-feature column a caption-features layout reads."""
+        self.teacher, self.layout, self.micro_batch, self.captions = teacher, layout, micro_batch, captions
         self.rank, self.world, self.seed = rank, world, seed
         self.shuffle_buffer, self.cond_dropout = max(shuffle_buffer, micro_batch), cond_dropout
         self.conditioner = conditioner or Conditioner(layout)
         self.align_positions, self.exclude = align_positions, exclude
-        self.shards = [ShardRef(fs, i, s["rows"], tuple(c for c in fs.columns if c == teacher))
+        self.shards = [ShardRef(fs, i, s["rows"], tuple(c for c in fs.column_names() if c in (teacher, captions)))
                        for fs in sets for i, s in enumerate(fs.manifest["shards"])]
         for ref in self.shards:  # every rank, before the model is built: present at their size; contents as read
             ref.featureset.check_files(ref.index, list(ref.columns))
@@ -178,6 +185,8 @@ class TrainStream:
                "caption": batch.column("caption").to_pylist() if self.layout.condition == "text" else [None] * n}
         if self.teacher:
             out["feat"] = batch.column(feature_column(self.teacher)).flatten().to_numpy().reshape(n, -1)
+        if self.captions:
+            out["caption"] = token_rows(batch.column(self.captions))  # one (tokens x dim) array a row, as stored
         return out
 
     def epoch(self, epoch: int) -> Iterator[dict]:
@@ -213,6 +222,9 @@ class TrainStream:
             out["position_ids"] = token_positions(self.layout, out["attention_mask"], before_image)
         if "feat" in rows:
             out["teacher"] = torch.from_numpy(rows["feat"])  # float16 as stored; the loss casts on the device
+        if "caption" in rows:  # a dropped caption is the unconditional embedding whole
+            out["caption"], out["caption_len"] = right_aligned([None if d else c for c, d in zip(rows["caption"], drop)],
+                                                               self.layout.max_text_len, rows["caption"][0].shape[1])
         return out
 
 

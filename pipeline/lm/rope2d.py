@@ -33,8 +33,9 @@ from pipeline.errors import ArraError
 
 def image_start(layout) -> int:
     """The position of code 0 in every row: after the longest condition the layout takes (one class
-    token, or max_text_len caption tokens) and the image prefix, so no real token's is negative."""
-    return (layout.max_text_len if layout.condition == "text" else 1) + len(layout.image_prefix)
+    token, or max_text_len caption tokens or caption-feature positions) and the image prefix, so no real
+    token's is negative."""
+    return (1 if layout.condition == "class" else layout.max_text_len) + len(layout.image_prefix)
 
 
 def token_positions(layout, attention_mask: torch.Tensor, before_image: torch.Tensor) -> torch.Tensor:

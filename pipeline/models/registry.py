@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.errors import ArraError
 
-KINDS = ("teachers", "tokenizers")
+KINDS = ("teachers", "tokenizers", "caption_encoders")
 LOADERS: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
 
 
@@ -76,7 +76,7 @@ def loaders(kind: str) -> dict[str, type]:
 
 
 def build(kind: str, name: str, weights: str | None = None, **options):
-    """Instantiate the teacher or tokenizer `name` with its weights loaded."""
+    """Instantiate the teacher, tokenizer or caption encoder `name` with its weights loaded."""
     from pipeline.models.weights import resolve
     spec = load_spec(kind, name)
     return LOADERS[kind][spec["loader"]](spec, resolve(kind, spec, weights), **options)

@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import importlib
 import importlib.resources
+import json
 import os
 import pickle
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ import torch
 from pipeline.errors import ArraError
 from pipeline.data.files import sha256_file
 
-FLAGS = {"teachers": "--teacher-path", "tokenizers": "--tokenizer-path"}
+FLAGS = {"teachers": "--teacher-path", "tokenizers": "--tokenizer-path", "caption_encoders": "--caption-encoder-path"}
 
 
 class WeightsError(ArraError):
@@ -131,10 +132,18 @@ def _manifest_path(spec: dict) -> Path:
 
 
 def checkpoint_files(spec: dict, path: Path) -> list[Path]:
-    """Every file that makes up the checkpoint at `path` (what gets hashed into the manifest)."""
-    if path.is_dir():
-        return pick(path, spec["files"]) or []
-    return [path]
+    """Every file that makes up the checkpoint at `path` (what gets hashed into the manifest): with a
+    sharded checkpoint's `*.index.json`, the shards it names too."""
+    if not path.is_dir():
+        return [path]
+    files = pick(path, spec["files"]) or []
+    for index in [f for f in files if f.name.endswith(".index.json")]:
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise WeightsError(f"{spec['name']}: {index} names shards that are not in {path}: {', '.join(missing)}")
+        files += [path / s for s in shards]
+    return files
 
 
 def fingerprint(files: list[Path]) -> tuple[str, dict[str, str]]:
