@@ -14,7 +14,7 @@ the bare forward's rows/s at each of --model-batches, measured side by side (wha
 The three run in turn, once per round (--rounds), and each ratio is the median of the rounds' ratios.
 
     .venv/bin/python benchmarks/extract_vs_official.py [--images N] [--teacher-resolution R] [--workers W]
-        [--batch-size B] [--model-batch M] [--model-batches 4,16,64] [--rounds 3] [--no-heap-reuse]
+        [--batch-size B] [--model-batch M] [--model-batches 4,16,64] [--rounds 3] [--no-heap-reuse] [--inline-arm]
 """
 
 import argparse
@@ -34,6 +34,7 @@ from pipeline.data.featureset import read_shard  # noqa: E402
 from pipeline.data.images import center_crop, resize_square, to_array  # noqa: E402
 from pipeline.models.registry import build  # noqa: E402
 from pipeline.data.sources import FASHION_MNIST_CLASSES, read_idx  # noqa: E402
+import stages.extract  # noqa: E402
 from stages.extract import ExtractOptions, extract  # noqa: E402
 from pipeline.data.crops import cpu_split  # noqa: E402
 from pipeline.distributed import torch_threads  # noqa: E402
@@ -50,6 +51,8 @@ p.add_argument("--model-batches", default="4,16,64", help="bare forward batch si
 p.add_argument("--size", type=int, default=256, help="side of the JPEGs written from Fashion-MNIST")
 p.add_argument("--rounds", type=int, default=3, help="each pipeline runs once per round; ratios are medians over rounds")
 p.add_argument("--no-heap-reuse", action="store_true", help="leave glibc's malloc as it is (the CLI sets reuse_freed_memory)")
+p.add_argument("--inline-arm", action="store_true",
+               help="also run arra-pipe with each batch decoded when the models ask for it (no Prefetch thread) every round")
 args = p.parse_args()
 if not args.no_heap_reuse:
     reuse_freed_memory()  # as the CLI does for every command: all three pipelines below run under it
@@ -122,11 +125,29 @@ def official_run(r):
 
 
 # ---- 3. arra-pipe
-def arra_run(r):
-    opts = ExtractOptions(source=str(images), out=str(root / f"set-{r}"), tokenizer_path=codebook, teacher_resolution=R,
+class Inline:
+    """Prefetch's interface without its thread: each batch is decoded when the models ask for it."""
+
+    def __init__(self, batches, pin, depth):
+        self.batches = batches
+
+    def __enter__(self):
+        return self.batches
+
+    def __exit__(self, *exc):
+        pass
+
+
+def arra_run(r, inline=False):
+    out = root / f"set-{r}{'-inline' if inline else ''}"
+    opts = ExtractOptions(source=str(images), out=str(out), tokenizer_path=codebook, teacher_resolution=R,
                           workers=args.workers, batch_size=B, model_batch=args.model_batch, progress=False)
-    res, wall, busy = timed(lambda: extract(opts, log=lambda m: None))
-    return {"rate": res.rows / res.seconds, "wall_rate": res.rows / wall, "busy": busy, "res": res, "set": root / f"set-{r}"}
+    prefetch, stages.extract.Prefetch = stages.extract.Prefetch, Inline if inline else stages.extract.Prefetch
+    try:
+        res, wall, busy = timed(lambda: extract(opts, log=lambda m: None))
+    finally:
+        stages.extract.Prefetch = prefetch
+    return {"rate": res.rows / res.seconds, "wall_rate": res.rows / wall, "busy": busy, "res": res, "set": out}
 
 
 # ---- 4. bare batched forward on pre-decoded, pre-cropped uint8 tensors (no I/O, no decode), at extract's threads
@@ -151,13 +172,16 @@ for r in range(args.rounds):
     manifest = json.loads((arra["set"] / "manifest.json").read_text())
     M, split = manifest["compute"]["model_batch"], manifest["throughput"]
     sweep = {m: bare(m, split["model_threads"]) for m in sorted({int(x) for x in args.model_batches.split(",")} | {M})}
-    rounds.append((off, arra, sweep))
+    inline = arra_run(r, inline=True) if args.inline_arm else None
+    rounds.append((off, arra, sweep, inline))
     print(f"round {r + 1}: official {off['rate']:.1f} rows/s, arra-pipe {arra['rate']:.1f}, bare forward batch {M} "
           f"{sweep[M][0]:.1f}: {arra['rate'] / off['rate']:.2f}x the official loop, {arra['rate'] / sweep[M][0]:.1%} of "
-          f"the bare forward (others' CPU {off['busy']:.0%} / {arra['busy']:.0%} / {sweep[M][1]:.0%})", flush=True)
+          f"the bare forward (others' CPU {off['busy']:.0%} / {arra['busy']:.0%} / {sweep[M][1]:.0%})"
+          + (f"; decoded inline {inline['rate']:.1f} rows/s, {inline['rate'] / sweep[M][0]:.1%} of the bare forward "
+             f"(others' CPU {inline['busy']:.0%})" if inline else ""), flush=True)
 
 print(f"arra-pipe: model batch {M}, {split['decode_workers']} decode workers, {split['model_threads']} model threads")
-off, arra, sweep = rounds[-1]
+off, arra, sweep, _ = rounds[-1]
 res = arra["res"]
 payload = manifest["payload_bytes"] / res.rows
 (off_files, off_bytes, off_alloc), (arra_files, arra_bytes, arra_alloc) = off["sizes"], sizes(arra["set"])
@@ -165,8 +189,9 @@ same = sum(np.array_equal(off["codes"][Path(k).stem].numpy(), c)
            for shard in arra["set"].rglob("*.tar") for b in read_shard(shard)
            for k, c in zip(b.column("key").to_pylist(), b.column("codes").to_numpy(zero_copy_only=False)))
 median = lambda xs: float(np.median(xs))  # noqa: E731
-rates = {"official": [o["rate"] for o, _, _ in rounds], "loop": [a["rate"] for _, a, _ in rounds],
-         "wall": [a["wall_rate"] for _, a, _ in rounds], "bare": [s[M][0] for _, _, s in rounds]}
+rates = {"official": [o["rate"] for o, _, _, _ in rounds], "loop": [a["rate"] for _, a, _, _ in rounds],
+         "wall": [a["wall_rate"] for _, a, _, _ in rounds], "bare": [s[M][0] for _, _, s, _ in rounds],
+         "inline": [i["rate"] for _, _, _, i in rounds if i]}
 per_row = (arra_bytes / res.rows, arra_alloc / res.rows, arra_files / res.rows)
 rows = [("official (1 image, 2 torch.save files)", rates["official"], (off_bytes / N, off_alloc / N, off_files / N)),
         ("arra-pipe, loop (result.seconds)", rates["loop"], per_row),
@@ -187,6 +212,9 @@ print(f"official bytes/row / payload:      {off_bytes / N / payload:6.3f}x")
 print(f"end-to-end / bare forward:         {median(ratio('loop', 'bare')):6.1%} loop, {median(ratio('wall', 'bare')):6.1%} wall"
       f"   (goal >= 90 %)")
 print("bare forward by model batch:       " + ", ".join(
-    f"{m}: {median([s[m][0] for _, _, s in rounds]):.1f} rows/s ({median([s[M][0] / s[m][0] for _, _, s in rounds]):.2f}x the time of {M})"
+    f"{m}: {median([s[m][0] for _, _, s, _ in rounds]):.1f} rows/s ({median([s[M][0] / s[m][0] for _, _, s, _ in rounds]):.2f}x the time of {M})"
     for m in sweep))
+if rates["inline"]:
+    print(f"decoded inline (no Prefetch):      {median(ratio('inline', 'bare')):6.1%} of the bare forward, "
+          f"decode-ahead / inline {median(ratio('loop', 'inline')):.2f}x")
 tmp.cleanup()

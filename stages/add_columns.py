@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from pipeline import __version__, distributed
 from pipeline.data.crops import CropDataset, batch_loader, cpu_split, kept_crop_loader
+from pipeline.data.prefetch import Prefetch
 from pipeline.data.feature_stats import EMPTY_SUMS, add_sums, feature_sums, summarize
 from pipeline.data.featureset import (COLUMN_FORMAT, COLUMNS, IMAGE, MANIFEST, PROGRESS, VERSION, FeatureSet, caption_column,
                                  column_field, make_column_batch, schema_fields, shards_digest, write_shard)
@@ -95,7 +96,7 @@ def _add(fs: FeatureSet, opts: ExtractOptions, names: list[str], workers: int, l
     start, rows = time.perf_counter(), 0
     bar = tqdm(total=sum(s["rows"] for i, s in enumerate(shards) if i in mine), unit="row",
                desc=f"add {','.join(todo)} rank {ranks.rank}/{ranks.world}", disable=not (opts.progress and ranks.is_main))
-    with ShardWriter(str(fs.path), assemble) as writer:
+    with Prefetch(views, pin=device, depth=2) as views, ShardWriter(str(fs.path), assemble) as writer:
         for (i, member, keys), batch_views in zip(plan, views):
             writer.put(f"the columns of {shards[i]['name']}", i, keys, HostCopy({n: t(batch_views[t.input_size]) for n, t in todo.items()}))
             rows += len(keys)
@@ -195,8 +196,7 @@ def _source_views(fs: FeatureSet, opts: ExtractOptions, plan, todo: dict, device
 
     def row(key: str) -> int:  # the record extracted under `key`
         return dataset.holder(key) if key in dataset.claims else first[key]
-    loader = batch_loader(dataset, [[row(k) for k in keys.to_pylist()] for _, _, keys in plan], workers,
-                          pin_memory=device.type == "cuda")
+    loader = batch_loader(dataset, [[row(k) for k in keys.to_pylist()] for _, _, keys in plan], workers)
 
     def checked(batch):
         _, _, views, bad = batch

@@ -2,7 +2,8 @@
 
 Records are cut into fixed shards by position (shard s holds records [s*shard_size, (s+1)*shard_size)),
 and rank r owns the shards with s % world == r. Images are decoded and cropped in DataLoader
-workers; tokenizer and teachers run in the main process on fixed batches inside each shard, while
+workers (with none, on a thread of the main process, ahead of the models); tokenizer and teachers
+run in the main process on fixed batches inside each shard, while
 a writer thread copies their outputs to the host, encodes them and writes the shards. A shard is
 written atomically and then marked done in `progress/`, so a killed job re-run with the same
 command skips finished shards and redoes only the rest, giving the same rows byte for byte. The
@@ -38,6 +39,7 @@ from pipeline.data.featureset import (COLUMN_FORMAT, COLUMNS, FORMAT, IMAGE, MAN
                                  FeatureSet, caption_column, column_field, feature_column, make_batch, make_column_batch, make_schema,
                                  schema_fields, set_entries_to_remove, shards_digest, write_shard)
 from pipeline.data.crops import KEPT, cpu_split, crop_loader
+from pipeline.data.prefetch import Prefetch
 from pipeline.data.feature_stats import EMPTY_SUMS, add_sums, feature_sums, summarize
 from pipeline.data.files import atomic_write_bytes, atomic_write_json, read_json
 from pipeline.data.jobs import (JobError, JobResult, ShardWriter, check_same_job, job_lock, packages,
@@ -105,8 +107,7 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
     n_shards = max(1, math.ceil(len(records) / opts.shard_size))
     plan = _plan(out, len(records), n_shards, opts, ranks)
     loader = crop_loader(records, [c for _, _, c in plan], tokenizer.resolution, sorted({t.input_size for t in teachers.values()}),
-                         opts.teacher_view, opts.max_pixels, workers, pin_memory=device.type == "cuda",
-                         keep_images=opts.keep_images, max_side=opts.max_side,
+                         opts.teacher_view, opts.max_pixels, workers, keep_images=opts.keep_images, max_side=opts.max_side,
                          max_file_bytes=opts.source_options.max_file_bytes, jpeg_draft=opts.jpeg_draft)
     todo = sum(len(c) for _, _, c in plan)
     if ranks.is_main:
@@ -120,7 +121,7 @@ def _extract(opts: ExtractOptions, overwrite: bool, log) -> JobResult:
     bar = tqdm(total=todo, unit="row", desc=f"extract rank {ranks.rank}/{ranks.world}",
                disable=not (opts.progress and ranks.is_main), dynamic_ncols=True)
     start = time.perf_counter()
-    _run(plan, loader, tokenizer, teachers, model_batch, assemble, str(out), bar, encode)
+    _run(plan, loader, device, tokenizer, teachers, model_batch, assemble, str(out), bar, encode)
     seconds = time.perf_counter() - start
 
     distributed.barrier()
@@ -252,13 +253,14 @@ def _plan(out: Path, n_records: int, n_shards: int, opts: ExtractOptions, ranks)
     return plan
 
 
-def _run(plan: list, loader, tokenizer, teachers: dict, model_batch: int, assemble, where: str, bar,
+def _run(plan: list, loader, device, tokenizer, teachers: dict, model_batch: int, assemble, where: str, bar,
          captions=None) -> None:
-    """The models on each planned batch, their outputs handed to the writer thread (`assemble`);
-    `captions`: record indices -> caption features, when the set has them."""
+    """The models on each planned batch, decoded ahead (`Prefetch`: on its thread when there are no
+    decoding workers) and their outputs handed to the writer thread (`assemble`); `captions`: record
+    indices -> caption features, when the set has them."""
     n_rejects = 0
-    batches = iter(loader) if plan else iter(())  # fork the decoding workers before the writer thread starts
-    with ShardWriter(where, assemble) as writer:
+    batches = iter(loader) if plan else iter(())  # fork the decoding workers before the threads start
+    with Prefetch(batches, pin=device, depth=2) as batches, ShardWriter(where, assemble) as writer:
         for (s, last, _), (ok, crops, views, bad) in zip(plan, batches):
             outputs = HostCopy({**_forward(tokenizer, teachers, crops, views, model_batch),
                                 **(captions(ok) if captions else {})}) if ok else None

@@ -45,7 +45,8 @@ from pipeline.lm.caption_prefix import CAPTIONS_FILE, CaptionEmbedder
 from pipeline.lm.objective import Objective
 from pipeline.lm.rope2d import install
 from pipeline.options import flag_of
-from pipeline.data.train_data import Conditioner, Prefetch, TrainStream
+from pipeline.data.prefetch import Prefetch
+from pipeline.data.train_data import Conditioner, TrainStream
 from pipeline.lm.vocab import VocabLayout
 from pipeline.models.weights import deepspeed_loads_weights_only, load_torch
 from stages.options import TrainOptions

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.data.train_data import Prefetch
+from pipeline.data.prefetch import Prefetch
 from pipeline.models.weights import deepspeed_loads_weights_only, load_torch
 from stages.train import (TrainError, TrainOptions, deepspeed_config, rank_state, restore_rank_state, resume_tag,
                           step_figures)

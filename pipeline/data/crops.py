@@ -137,20 +137,21 @@ def _worker_init(_):
 
 
 def crop_loader(records: list[Record], batches: list[list[int]], resolution: int, teacher_sizes: list[int],
-                view: str, max_pixels: int, workers: int, pin_memory: bool = False, keep_images: bool = False,
+                view: str, max_pixels: int, workers: int, keep_images: bool = False,
                 max_side: int = DEFAULT_MAX_SIDE, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
                 jpeg_draft: bool = False) -> DataLoader:
     """A DataLoader that yields `collate` batches for exactly `batches` (lists of record indices), in order."""
     dataset = CropDataset(records, resolution, teacher_sizes, view, max_pixels, keep_images, max_side, max_file_bytes,
                           jpeg_draft)
-    return batch_loader(dataset, batches, workers, pin_memory)
+    return batch_loader(dataset, batches, workers)
 
 
-def batch_loader(dataset: CropDataset, batches: list[list[int]], workers: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader that yields `collate` batches of `dataset` for exactly `batches`, in order."""
+def batch_loader(dataset: CropDataset, batches: list[list[int]], workers: int) -> DataLoader:
+    """A DataLoader that yields `collate` batches of `dataset` for exactly `batches`, in order (its
+    consumers pin them for a GPU on their `Prefetch` thread)."""
     return DataLoader(dataset, batch_sampler=batches,
                       num_workers=workers, collate_fn=collate, worker_init_fn=_worker_init if workers else None,
-                      prefetch_factor=4 if workers else None, pin_memory=pin_memory)
+                      prefetch_factor=4 if workers else None)
 
 
 class KeptCropDataset(Dataset):
