@@ -1,13 +1,16 @@
 """How extraction spends a rank's CPUs and batches its model forwards: decode workers and model
 threads split the CPUs (recorded as throughput, outside the job), and the model batch, separate from
-the Arrow record batch, is chosen per device, recorded in `compute` and kept on resume; JPEG reduce-on-decode is an option
-recorded in `preprocess`."""
+the Arrow record batch, is chosen per device, recorded in `compute` and kept on resume; without
+decoding workers the next batch is decoded during the models' forward; JPEG reduce-on-decode is an
+option recorded in `preprocess`."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import write_image
-from pipeline.data.crops import cpu_split
+from pipeline.data.crops import CropDataset, cpu_split
 from pipeline.data.featureset import FeatureSet
 from pipeline.data.images import decode_rgb
 from pipeline.data.jobs import JobError
@@ -158,3 +161,24 @@ def test_a_new_default_model_batch_keeps_the_recorded_one_on_re_run_and_resume(c
     assert extract_stage._recorded_model_batch(tmp_path / "b", "cuda") is None
     extract(options(codebook, folder, tmp_path / "a"), overwrite=True, log=lambda m: None)
     assert FeatureSet.open(tmp_path / "a").manifest["compute"]["model_batch"] == 2
+
+
+def test_without_decoding_workers_the_next_batch_is_decoded_while_the_models_run(codebook, folder, tmp_path, monkeypatch):
+    """With 0 workers the models' process decodes too: on the Prefetch thread, so the next record
+    batch's images are decoded during this batch's forward, not after it (the same rows result)."""
+    events, real_forward, real_load = [], extract_stage._forward, CropDataset._load
+
+    def forward(*a):
+        events.append(("forward", threading.current_thread().name, time.perf_counter()))
+        time.sleep(0.3)
+        out = real_forward(*a)
+        events.append(("forward end", threading.current_thread().name, time.perf_counter()))
+        return out
+    monkeypatch.setattr(extract_stage, "_forward", forward)
+    monkeypatch.setattr(CropDataset, "_load", lambda self, r: events.append(("load", threading.current_thread().name, time.perf_counter())) or real_load(self, r))
+    extract(options(codebook, folder, tmp_path / "set", workers=0), log=lambda m: None)
+    assert {t for kind, t, _ in events if kind == "load"} == {"prefetch"}
+    assert {t for kind, t, _ in events if kind != "load"} == {"MainThread"}
+    first_end = next(at for kind, _, at in events if kind == "forward end")
+    assert sum(kind == "load" and at < first_end for kind, _, at in events) == 9  # all 3 batches decoded during the first forward
+    assert FeatureSet.open(tmp_path / "set").manifest["rows"] == 9
