@@ -184,7 +184,7 @@ class TrainStream:
         if self.teacher:
             out["feat"] = batch.column(feature_column(self.teacher)).flatten().to_numpy().reshape(n, -1)
         if self.captions:
-            out["caption"] = token_rows(batch.column(self.captions))  # one (tokens x dim) array a row, as stored
+            out["caption_features"] = token_rows(batch.column(self.captions))  # one (tokens x dim) array a row, as stored
         return out
 
     def epoch(self, epoch: int) -> Iterator[dict]:
@@ -220,9 +220,10 @@ class TrainStream:
             out["position_ids"] = token_positions(self.layout, out["attention_mask"], before_image)
         if "feat" in rows:
             out["teacher"] = torch.from_numpy(rows["feat"])  # float16 as stored; the loss casts on the device
-        if "caption" in rows:  # a dropped caption is the unconditional embedding whole
-            out["caption"], out["caption_len"] = right_aligned([None if d else c for c, d in zip(rows["caption"], drop)],
-                                                               self.layout.max_text_len, rows["caption"][0].shape[1])
+        if "caption_features" in rows:  # a dropped caption is the unconditional embedding whole
+            features = rows["caption_features"]
+            out["caption"], out["caption_len"] = right_aligned([None if d else f for f, d in zip(features, drop)],
+                                                               self.layout.max_text_len, features[0].shape[1])
         return out
 
 
