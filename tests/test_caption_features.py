@@ -196,3 +196,22 @@ def test_training_refuses_sets_without_the_column_and_models_that_are_no_preset(
         opts = TrainOptions(sets=[str(captioned)], run=str(tmp_path / "run"), condition="caption-features", **other)
         with pytest.raises(TrainError, match="caption-features is for presets"):
             caption_source(opts, sets)
+
+
+def test_a_damaged_caption_column_or_embedder_is_refused_by_name(captioned, tmp_path):
+    import shutil
+    from safetensors.torch import save_file
+    from pipeline.data.featureset import FeatureSetError
+    from pipeline.errors import ArraError
+    from pipeline.lm.caption_prefix import load_embedder
+    copy = tmp_path / "set"
+    shutil.copytree(captioned, copy)
+    tar = copy / FeatureSet.open(copy).columns[COLUMN]["shards"][0]["name"]
+    tar.write_bytes(tar.read_bytes()[:-700])
+    with pytest.raises(FeatureSetError, match=f"{COLUMN}/.*truncated or replaced.*extract --overwrite"):
+        FeatureSet.open(copy).table([COLUMN])
+    assert any(COLUMN in p for p in FeatureSet.open(copy).verify())
+    save_file({"uncond": torch.zeros(TOKENS, 8)}, str(tmp_path / "arra_captions.safetensors"))
+    record = {"file": "arra_captions.safetensors", "dim": DIM, "tokens": TOKENS}
+    with pytest.raises(ArraError, match="arra_captions.safetensors: not the caption embedder"):
+        load_embedder(tmp_path, record, 64)

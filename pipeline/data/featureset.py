@@ -435,7 +435,8 @@ class FeatureSet:
                                     f"{entry['bytes']} (truncated or replaced)", column)
 
     def _damaged(self, problem: str, column: str | None) -> FeatureSetError:
-        fix = (f"remove {self.path / COLUMNS / column} and add the column again" if column and column != IMAGE
+        fix = (f"remove {self.path / COLUMNS / column} and add the column again"
+               if column and column != IMAGE and self.columns[column]["kind"] == "teacher"
                else "re-extract the set (extract --overwrite)")
         return FeatureSetError(f"{self.path}/{problem}; `arra-pipe verify {self.path}` lists every damaged file; {fix}")
 

@@ -91,5 +91,8 @@ def load_embedder(model_dir: Path, record: dict, width: int) -> CaptionEmbedder:
     if not path.is_file():
         raise ArraError(f"{model_dir}: a caption-features model needs its caption embedder {record['file']} beside it")
     embedder = CaptionEmbedder(record["dim"], width, record["tokens"])
-    embedder.load_state_dict(load_file(str(path)))
+    try:
+        embedder.load_state_dict(load_file(str(path)))
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
+        raise ArraError(f"{path}: not the caption embedder {model_dir / 'arra_vocab.json'} describes ({exc})") from None
     return embedder.eval()
