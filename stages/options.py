@@ -142,7 +142,8 @@ class ExtractOptions:
     max_side: int = option(DEFAULT_MAX_SIDE, "Reject images with a side longer than this, from the header, before "
                                              "decoding.", min=1)
     workers: int | None = option(None, "DataLoader worker processes that decode and crop images; extract gives the "
-                                       "models' torch threads the rank's other CPUs [default: extract a quarter of this "
+                                       "models' torch threads the rank's other CPUs; with 0 the models' process decodes, on a "
+                                       "thread, one batch ahead of the models [default: extract a quarter of this "
                                        "rank's share of the CPUs it may use, other commands all but one].", min=0)
     progress: bool = option(True, "Show a progress bar.", negatable=True)
 
