@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -215,3 +216,24 @@ def test_a_damaged_caption_column_or_embedder_is_refused_by_name(captioned, tmp_
     record = {"file": "arra_captions.safetensors", "dim": DIM, "tokens": TOKENS}
     with pytest.raises(ArraError, match="arra_captions.safetensors: not the caption embedder"):
         load_embedder(tmp_path, record, 64)
+
+
+def test_a_sharded_checkpoint_index_names_only_files_beside_it(tmp_path):
+    """The shards an index names are hashed with it: plain file names in the checkpoint folder only (a
+    path out of it is refused, not read), and an index that is not one is refused naming it."""
+    from pipeline.models.weights import WeightsError, checkpoint_files
+    spec = {"name": "flan-t5-xl", "files": ["config.json", "model.safetensors.index.json|model.safetensors"]}
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model-1.safetensors").write_bytes(b"x")
+    (tmp_path.parent / "outside.safetensors").write_bytes(b"secret")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "model-1.safetensors", "b": "model-1.safetensors"}}))
+    assert checkpoint_files(spec, tmp_path) == [tmp_path / "config.json", index, tmp_path / "model-1.safetensors"]
+    for shard in ("../outside.safetensors", str(tmp_path.parent / "outside.safetensors"), ".."):
+        index.write_text(json.dumps({"weight_map": {"a": shard}}))
+        with pytest.raises(WeightsError, match=f"{re.escape(str(index))} names shards that are not plain file names"):
+            checkpoint_files(spec, tmp_path)
+    for text in ("{not json", "[1, 2]", json.dumps({"weight_map": {"a": 1, "b": "x"}})):
+        index.write_text(text)
+        with pytest.raises(WeightsError, match=f"{re.escape(str(index))} is not a checkpoint index"):
+            checkpoint_files(spec, tmp_path)

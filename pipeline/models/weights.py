@@ -138,7 +138,14 @@ def checkpoint_files(spec: dict, path: Path) -> list[Path]:
         return [path]
     files = pick(path, spec["files"]) or []
     for index in [f for f in files if f.name.endswith(".index.json")]:
-        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise WeightsError(f"{spec['name']}: {index} is not a checkpoint index (a JSON object with a weight_map of "
+                               f"file names): {exc}") from None
+        outside = [s for s in shards if not isinstance(s, str) or s != Path(s).name or s in ("", ".", "..")]
+        if outside:
+            raise WeightsError(f"{spec['name']}: {index} names shards that are not plain file names in {path}: {outside}")
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise WeightsError(f"{spec['name']}: {index} names shards that are not in {path}: {', '.join(missing)}")
