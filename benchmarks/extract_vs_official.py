@@ -158,10 +158,12 @@ x32 = torch.from_numpy(np.stack([to_array(c) for c in crops]))
 xr = torch.from_numpy(np.stack([to_array(resize_square(c, R)) for c in crops]))
 
 
+dataset = CropDataset(read_source(str(images)).records, tokenizer.resolution, [R], "crop", DEFAULT_MAX_PIXELS)
+
+
 def decode_cpu_seconds():
     """CPU seconds of extract's own decode + crop + teacher view for all N images, on one thread: what
     the models' 2 cores must also find time for when no worker decodes."""
-    dataset = CropDataset(read_source(str(images)).records, tokenizer.resolution, [R], "crop", DEFAULT_MAX_PIXELS)
     t = os.times()
     for i in range(len(dataset)):
         dataset[i]

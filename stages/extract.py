@@ -173,9 +173,11 @@ def _caption_encoder(opts: ExtractOptions, records, device, model_batch: int):
 
 
 def _encode_captions(encoder, captions: list[str], model_batch: int, rows: list[int]) -> dict:
-    """Caption features of records `rows`, padded to the encoder's max tokens, and their token counts."""
+    """Caption features of records `rows`, padded to the longest caption among them (not to the
+    encoder's max tokens: the padding is copied to the host and then cut off), and their token counts."""
     parts = [encoder.encode([captions[i] for i in rows[j:j + model_batch]]) for j in range(0, len(rows), model_batch)]
-    pad = lambda f: torch.nn.functional.pad(f, (0, 0, 0, encoder.max_tokens - f.shape[1]))  # noqa: E731
+    width = max(f.shape[1] for f, _ in parts)
+    pad = lambda f: torch.nn.functional.pad(f, (0, 0, 0, width - f.shape[1]))  # noqa: E731
     return {"caption": torch.cat([pad(f) for f, _ in parts]), "caption_len": torch.cat([n for _, n in parts])}
 
 
