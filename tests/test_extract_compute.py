@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from conftest import TEACHER_RES, write_image
 from pipeline import __version__
 from pipeline.data.crops import decode_workers
 from pipeline.models.frozen import FrozenModel
+from pipeline.models.image_tokenizers import save_kmeans_codebook
 from pipeline.models.registry import build
 from stages import add_columns, extract as extract_stage
 from pipeline.data.jobs import JobError, LATER_FIELDS
@@ -112,6 +115,20 @@ def test_a_set_made_before_the_later_fields_is_still_up_to_date(codebook, folder
     (out / "manifest.json").write_text(json.dumps(manifest))  # a recorded compute is compared
     with pytest.raises(JobError, match="compute.device: was 'cuda', now 'cpu'"):
         extract(options(codebook, folder, out), log=lambda m: None)
+
+
+def test_a_set_is_still_up_to_date_when_its_codebook_has_moved_but_not_when_its_bytes_differ(codebook, folder, tmp_path):
+    out, moved = tmp_path / "set", tmp_path / "elsewhere" / "codebook.safetensors"
+    extract(options(codebook, folder, out), log=lambda m: None)
+    moved.parent.mkdir()
+    shutil.copyfile(codebook, moved)
+    assert extract(options(str(moved), folder, out), log=lambda m: None).status == "up-to-date"
+
+    other = tmp_path / "other.safetensors"
+    save_kmeans_codebook(other, np.random.default_rng(1).random((64, 48), dtype=np.float32), patch=4, resolution=16)
+    with pytest.raises(JobError, match="tokenizer.weights_sha256: was") as refused:
+        extract(options(str(other), folder, out), log=lambda m: None)
+    assert "weights_path" not in str(refused.value)
 
 
 def test_an_older_unfinished_job_is_not_resumed(codebook, folder, tmp_path, monkeypatch):

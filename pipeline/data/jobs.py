@@ -60,10 +60,15 @@ def shard_name(s: int) -> str:
     return f"shard-{s:06d}"
 
 
+# where a model's weights were read from: provenance only, since the sha256 recorded beside it decides
+# the rows, so a codebook or checkpoint moved to another folder still makes the same job
+WHERE_ONLY = frozenset({"weights_path"})
+
+
 def diff(a, b, prefix: str = "") -> list[str]:
-    """Every leaf where two job records differ, as `dotted.key: was A, now B`."""
+    """Every leaf where two job records differ, as `dotted.key: was A, now B` (`WHERE_ONLY` keys aside)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [d for k in sorted(set(a) | set(b)) if k not in WHERE_ONLY for d in diff(a.get(k), b.get(k), f"{prefix}{k}.")]
     return [] if a == b else [f"{prefix[:-1]}: was {a!r}, now {b!r}"]
 
 
