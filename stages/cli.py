@@ -421,7 +421,7 @@ def evaluate(generated, reference, teachers, out, **kw):
 
 @main.command("run")
 @click.argument("experiment", default="fmnist-arra-base")
-@click.option("--scale", default="cpu", show_default=True, help="A [scales.*] table of the experiment (cpu, gpu).")
+@click.option("--scale", default="cpu", show_default=True, help="A [scales.*] table of the experiment: fmnist-arra-base has cpu, cpu-noclip (cpu without gradient clipping), gpu and smoke.")
 @click.option("--seeds", type=POSITIVE, default=1, show_default=True, help="Repeat every arm with seeds 0..N-1; the table gives mean ± sd.")
 @click.option("--ablations", is_flag=True, help="Also run the experiment's ablation arms (align layer, lambda).")
 @click.option("--out", "-o", default="runs/experiment", show_default=True, type=click.Path(file_okay=False))
